@@ -1,0 +1,3 @@
+from sweepbp.cli import main
+
+main()

@@ -1,0 +1,151 @@
+"""`python -m sweepbp`: check the whole sweep's configs, then hand over to Hydra.
+
+Before Hydra launches anything, every job of the sweep is composed and validated here with nothing heavy
+imported (no torch, transformers, Lightning or mlflow), so a typo costs well under two seconds and
+prints one line: `sweepbp: error: lora.r must be a positive integer, got 0`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+from sweepbp.config import GROUPS, ConfigError, register_schemas, to_run_config
+from sweepbp.uris import redact, unreachable_reason
+
+INFO_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve")
+MAX_PRECHECKED_JOBS = 512
+
+
+def config_dir() -> Path:
+    """The shipped conf/: inside the installed package, or at the root of a source checkout."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def user_config_dir() -> Path | None:
+    """./conf of the working folder: a user's own option files (e.g. conf/model/my_model.yaml)."""
+    folder = Path.cwd() / "conf"
+    return folder if folder.is_dir() and folder.resolve() != config_dir().resolve() else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    register_schemas()
+    problems, jobs = precheck(args)
+    if problems:
+        for line in problems:
+            print(f"sweepbp: error: {line}", file=sys.stderr)
+        raise SystemExit(2)
+    os.environ["SWEEPBP_SWEEP_SIZE"] = str(jobs)
+    sys.argv = [sys.argv[0], *args]
+    import hydra
+
+    from sweepbp.runner import run_task
+
+    hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(run_task)()
+
+
+def precheck(args: list[str]) -> tuple[list[str], int]:
+    """Problems of every job of the sweep (empty if none) and the number of jobs."""
+    from hydra._internal.utils import get_args_parser
+
+    parsed = get_args_parser().parse_args(args)
+    if any(getattr(parsed, flag, None) for flag in INFO_FLAGS):
+        return [], 1
+    try:
+        combos = expand(parsed.overrides, multirun=parsed.multirun)
+    except ConfigError as err:
+        return err.problems, 0
+    problems: list[str] = []
+    for combo in combos[:MAX_PRECHECKED_JOBS]:
+        for line in check_job(combo):
+            if line not in problems:
+                problems.append(line)
+    return problems, len(combos)
+
+
+def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override list of every job (the cartesian product, as Hydra's basic sweeper makes it)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError([f"malformed override: {str(err).splitlines()[0]}"]) from None
+    axes: list[list[str]] = []
+    for override in parsed:
+        key = override.get_key_element()
+        if key.startswith("hydra") or key.startswith("+hydra") or key.startswith("~hydra"):
+            continue
+        if override.is_sweep_override():
+            if not multirun:
+                raise ConfigError([f"{override.input_line} is a sweep: add -m (--multirun) to run each value"])
+            try:
+                values = list(override.sweep_string_iterator())
+            except Exception:  # glob() and other sweeps Hydra expands itself: checked per job instead
+                return [[]]
+            axes.append([f"{key}={v}" for v in values])
+        else:
+            axes.append([override.input_line])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def check_job(overrides: list[str]) -> list[str]:
+    """Compose one job like Hydra will and validate it; problems as one-liners."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="sweepbp"):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        return [_hydra_message(err, overrides)]
+    choices = dict(cfg.hydra.runtime.choices)
+    try:
+        run = to_run_config(_without_hydra(cfg), choices)
+    except ConfigError as err:
+        return err.problems
+    if run.cfg.tracking.name == "mlflow":
+        reason = unreachable_reason(run.cfg.tracking.uri)
+        if reason:
+            return [f"tracking.uri must be a reachable MLflow store, got {redact(run.cfg.tracking.uri)!r} ({reason})"]
+    return []
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def _hydra_message(err: Exception, overrides: list[str]) -> str:
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    if "Could not find" in first or "Could not load" in first:
+        for group in GROUPS:
+            chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == group]
+            if chosen and f"'{group}/{chosen[0]}'" in first:
+                return f"{group} must be one of {', '.join(available_options(group))}, got {chosen[0]!r}"
+    if "full_key" in text:
+        key = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if "full_key" in ln), "")
+        return f"{key}: {first}" if key else first
+    return first
+
+
+def available_options(group: str) -> list[str]:
+    """Option names of a config group: shipped YAML files plus the user's ./conf/<group>/."""
+    folders = [config_dir() / group]
+    user = user_config_dir()
+    if user is not None:
+        folders.append(user / group)
+    return sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
+

@@ -1,0 +1,293 @@
+"""Typed configuration schema of every config group, and its validation.
+
+Each group (`model`, `lora`, `memory`, `batch`, `trainer`, `data`, `tracking`) has a dataclass
+registered in Hydra's ConfigStore as `<group>/<name>_schema`; the YAML options under `conf/`
+extend them. `to_run_config` turns a composed DictConfig into a `RunConfig` and validates it
+without importing torch, transformers or mlflow, so bad input fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+GROUPS = ("model", "lora", "memory", "batch", "trainer", "data", "tracking")
+PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("eager", "sdpa")
+MODES = ("measure", "predict")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+# Linear sub-modules of the decoder families sweepbp builds from a config (Llama, Mistral, Qwen2 share them).
+LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """User error in the configuration: carries one line per problem, no traceback wanted."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+@dataclass
+class ModelConfig:
+    """The network to fine-tune."""
+
+    arch: str = "llama"  # HF model_type used to build a random-init model from `config`
+    config: dict[str, Any] = field(default_factory=dict)  # HF config fields of a random-init model
+    dtype: str = "float32"  # weight dtype: float32, bfloat16 or float16
+    attn_implementation: str = "sdpa"  # eager or sdpa: changes attention memory a lot
+    pretrained_path: Optional[str] = None  # local HF folder with safetensors weights; never the network
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapter (peft) put on the frozen base model."""
+
+    r: int = 8  # adapter rank: more capacity, more trainable memory
+    alpha: float = 16.0  # scaling numerator: the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR_MODULES))
+
+
+@dataclass
+class MemoryConfig:
+    """How activations are kept for the backward pass. `name` selects the strategy."""
+
+    name: str = "none"
+
+
+@dataclass
+class CkptMemoryConfig(MemoryConfig):
+    """Activation checkpointing: keep only layer inputs, recompute the layer in the backward."""
+
+    name: str = "ckpt"
+    every: int = 1  # checkpoint every k-th decoder layer; 1 = all layers
+
+
+@dataclass
+class BatchConfig:
+    """Shape of one optimizer step's batch."""
+
+    # sequences per step, or "auto" = the largest that fits budget_gb. Typed Any because OmegaConf 2.3
+    # cannot merge a nested Union[int, str] field; validate() checks it is a positive int or "auto".
+    size: Any = 4
+    seq_len: int = 128  # tokens per sequence
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop: steps, optimizer, precision, device."""
+
+    steps: int = 8  # steps in total, warm-up and traced step included
+    warmup_steps: int = 2  # first steps, excluded from timing (>= 1: step 1 allocates optimizer state)
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    seed: int = 0  # seeds weights, adapter and data
+    precision: str = "32-true"  # Lightning precision
+    accelerator: str = "auto"  # auto picks the GPU when there is one
+    devices: int = 1  # devices (processes) of one job
+
+
+@dataclass
+class DataConfig:
+    """Where the token batches come from. `name` selects synthetic tokens or a local text file."""
+
+    name: str = "synthetic"
+    path: Optional[str] = None  # text: a local UTF-8 file, tokenized bytewise
+
+
+@dataclass
+class TrackingConfig:
+    """Where each job is recorded. `name` is mlflow or none."""
+
+    name: str = "mlflow"
+    uri: str = "sqlite:///mlflow.db"  # MLflow tracking URI; relative sqlite paths are taken from the launch folder
+    experiment: str = "sweepbp"  # MLflow experiment name
+
+
+@dataclass
+class SweepbpConfig:
+    """The root: one job = one choice per group plus the top-level keys."""
+
+    model: ModelConfig = MISSING
+    lora: LoraConfig = MISSING
+    memory: MemoryConfig = MISSING
+    batch: BatchConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    data: DataConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    mode: str = "measure"  # measure: run it; predict: trace it on fake tensors
+    budget_gb: Optional[float] = None  # emulate a device with this much memory (GB = 1e9 bytes)
+    resume: bool = False  # skip jobs whose exact config already finished ok or oom in the store
+
+
+@dataclass
+class RunConfig:
+    """A validated job config plus the group options it was composed from."""
+
+    cfg: SweepbpConfig
+    choices: dict[str, str]  # group -> option name, e.g. memory -> ckpt
+
+    @property
+    def memory_name(self) -> str:
+        return self.cfg.memory.name
+
+
+SCHEMAS: dict[str, list[tuple[str, type]]] = {
+    "model": [("model", ModelConfig)],
+    "lora": [("lora", LoraConfig)],
+    "memory": [("none", MemoryConfig), ("ckpt", CkptMemoryConfig)],
+    "batch": [("batch", BatchConfig)],
+    "trainer": [("trainer", TrainerConfig)],
+    "data": [("data", DataConfig)],
+    "tracking": [("tracking", TrackingConfig)],
+}
+
+
+def register_schemas() -> None:
+    """Register every schema with Hydra's ConfigStore (`<group>/<name>_schema`)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="sweepbp_schema", node=SweepbpConfig)
+    for group, entries in SCHEMAS.items():
+        for name, schema in entries:
+            store.store(group=group, name=f"{name}_schema", node=schema)
+
+
+def to_run_config(cfg: DictConfig, choices: dict[str, str]) -> RunConfig:
+    """Convert a composed config to typed objects and validate it; raise ConfigError listing all problems."""
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except Exception as err:  # OmegaConf's own type errors (missing values, bad types)
+        raise ConfigError([_omegaconf_message(err)]) from None
+    assert isinstance(typed, SweepbpConfig)
+    problems = validate(typed)
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(cfg=typed, choices={g: choices.get(g, "") for g in GROUPS})
+
+
+def _omegaconf_message(err: Exception) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def validate(cfg: SweepbpConfig) -> list[str]:
+    """Every problem of a config, each as one line naming the key, the value and what is allowed."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, value: object, allowed: str) -> None:
+        if not ok:
+            problems.append(f"{key} must be {allowed}, got {value!r}")
+
+    m, lo, b, t = cfg.model, cfg.lora, cfg.batch, cfg.trainer
+    need(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {', '.join(DTYPES)}")
+    need(m.attn_implementation in ATTENTION, "model.attn_implementation", m.attn_implementation,
+         f"one of {', '.join(ATTENTION)}")
+    if m.pretrained_path is not None:
+        problems.extend(_pretrained_problems(m.pretrained_path))
+    elif not m.config:
+        problems.append("model.config must hold the HF config fields of a random-init model, got {}")
+    need(lo.r > 0, "lora.r", lo.r, "a positive integer")
+    need(lo.alpha > 0, "lora.alpha", lo.alpha, "a positive number")
+    need(0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "in [0, 1)")
+    need(len(lo.target_modules) > 0, "lora.target_modules", lo.target_modules, "a non-empty list")
+    if m.pretrained_path is None and m.arch in ("llama", "mistral", "qwen2"):
+        unknown = [x for x in lo.target_modules if x not in LLAMA_LINEAR_MODULES]
+        need(not unknown, "lora.target_modules", unknown, f"names of the model's linear layers ({', '.join(LLAMA_LINEAR_MODULES)})")
+    need(_positive_int_or_auto(b.size), "batch.size", b.size, "a positive integer or 'auto'")
+    if b.size == "auto":
+        need(cfg.budget_gb is not None, "batch.size", b.size, "an integer unless budget_gb is set ('auto' needs a budget)")
+    need(b.seq_len > 0, "batch.seq_len", b.seq_len, "a positive integer")
+    max_pos = m.config.get("max_position_embeddings") if m.pretrained_path is None else None
+    if isinstance(max_pos, int) and b.seq_len > 0:
+        need(b.seq_len <= max_pos, "batch.seq_len", b.seq_len, f"at most model.config.max_position_embeddings={max_pos}")
+    need(t.steps > 0, "trainer.steps", t.steps, "a positive integer")
+    need(t.warmup_steps >= 1, "trainer.warmup_steps", t.warmup_steps,
+         "at least 1 (the first step allocates optimizer state and is never timed)")
+    if t.steps > 0 and t.warmup_steps >= 1:
+        need(t.warmup_steps + 1 < t.steps, "trainer.warmup_steps", t.warmup_steps,
+             f"below trainer.steps - 1 = {t.steps - 1} (one traced step and at least one timed step follow)")
+    need(t.lr > 0, "trainer.lr", t.lr, "a positive number")
+    need(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "zero or positive")
+    need(t.precision in PRECISIONS, "trainer.precision", t.precision, f"one of {', '.join(PRECISIONS)}")
+    need(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, f"one of {', '.join(ACCELERATORS)}")
+    need(t.devices >= 1, "trainer.devices", t.devices, "a positive integer")
+    problems.extend(_memory_problems(cfg.memory))
+    problems.extend(_data_problems(cfg.data))
+    need(cfg.tracking.name in ("mlflow", "none"), "tracking.name", cfg.tracking.name, "mlflow or none")
+    need(cfg.mode in MODES, "mode", cfg.mode, f"one of {', '.join(MODES)}")
+    if cfg.budget_gb is not None:
+        need(cfg.budget_gb > 0, "budget_gb", cfg.budget_gb, "a positive number of GB (1e9 bytes)")
+    return problems
+
+
+def _positive_int_or_auto(size: object) -> bool:
+    if size == "auto":
+        return True
+    return isinstance(size, int) and not isinstance(size, bool) and size > 0
+
+
+def _pretrained_problems(path: str) -> list[str]:
+    folder = Path(os.path.expanduser(path))
+    if not folder.is_dir():
+        return [f"model.pretrained_path must be an existing local folder, got {path!r}"]
+    if not (folder / "config.json").is_file():
+        return [f"model.pretrained_path must hold a Hugging Face config.json, got {path!r}"]
+    if not any(folder.glob("*.safetensors")):
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+            return [f"model.pretrained_path must hold safetensors weights, got pickle weights only in {path!r} "
+                    "(refused: loading pickle can execute code)"]
+        return [f"model.pretrained_path must hold *.safetensors weights, got none in {path!r}"]
+    return []
+
+
+def _memory_problems(memory: MemoryConfig) -> list[str]:
+    every = getattr(memory, "every", None)
+    if every is not None and every < 1:
+        return [f"memory.every must be a positive integer (1 = every layer), got {every!r}"]
+    return []
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    if data.name not in ("synthetic", "text"):
+        return [f"data.name must be synthetic or text, got {data.name!r}"]
+    if data.name == "text":
+        if not data.path or not Path(os.path.expanduser(data.path)).is_file():
+            return [f"data.path must be an existing local text file, got {data.path!r}"]
+    return []
+
+
+def config_as_dict(cfg: SweepbpConfig) -> dict[str, Any]:
+    """The config as plain nested dicts and lists (JSON-ready)."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(container, dict)
+    return container  # type: ignore[return-value]
+
+
+def leaf_params(cfg: SweepbpConfig) -> dict[str, str]:
+    """Every leaf of the config under its dotted path, as strings (MLflow params)."""
+    container = config_as_dict(cfg)
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = str(node)
+
+    walk("", container)
+    return flat
+
+
+def config_yaml(cfg: SweepbpConfig) -> str:
+    """The resolved config as YAML, the artifact a rerun composes from."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

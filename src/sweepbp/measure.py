@@ -1,0 +1,355 @@
+"""Measurement: exact tensor-level memory accounting by category, and synchronised step timing.
+
+`MemoryTracker` is a TorchDispatchMode. Every tensor an operator returns is looked at once: a storage
+not seen before is counted with its exact byte size and given a category, and a finalizer on the
+storage subtracts it when PyTorch frees it. Storages that exist before tracking starts (weights,
+adapter, optimizer state, the batch) are registered explicitly. The same code counts real CPU or CUDA
+tensors and fake tensors (mode=predict), so a prediction is the same accounting as a measurement.
+
+What it cannot see: scratch memory inside one kernel (e.g. cuBLAS workspaces) and allocator rounding;
+on CUDA the allocator's own peaks are reported beside it for that reason.
+
+Only this module knows about allocators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+# Categories of device memory, in the order they claim a storage that fits several.
+PARAM, TRAINABLE, GRAD, OPTIMIZER, ACTIVATION, OTHER = (
+    "param", "trainable", "grad", "optimizer_state", "activation", "other")
+CATEGORIES = (PARAM, TRAINABLE, GRAD, OPTIMIZER, ACTIVATION, OTHER)
+HOST = "host"  # memory an offloading strategy keeps off the device
+
+_active: list["MemoryTracker"] = []
+
+
+def active_tracker() -> "MemoryTracker | None":
+    """The tracker counting right now, if any (strategies use it to mark recompute and offload)."""
+    return _active[-1] if _active else None
+
+
+@contextlib.contextmanager
+def layer_scope() -> Iterator[None]:
+    """Mark a decoder layer's body: allocations here during the backward are recomputed activations."""
+    tracker = active_tracker()
+    if tracker is None:
+        yield
+        return
+    tracker._layer_depth += 1
+    try:
+        yield
+    finally:
+        tracker._layer_depth -= 1
+
+
+@contextlib.contextmanager
+def host_scope() -> Iterator[None]:
+    """Mark copies made by an offloading strategy: counted as host memory, not device memory."""
+    tracker = active_tracker()
+    if tracker is None:
+        yield
+        return
+    tracker._host_depth += 1
+    try:
+        yield
+    finally:
+        tracker._host_depth -= 1
+
+
+@dataclass
+class MemorySample:
+    """Live bytes per category at one moment (used for the timeline chart)."""
+
+    phase: str
+    by_category: dict[str, int]
+    host: int
+
+
+@dataclass
+class MemoryReport:
+    """What a tracked region allocated: total peak, per-category split at that peak, per-category peaks."""
+
+    peak_bytes: int
+    at_peak: dict[str, int]
+    category_peaks: dict[str, int]
+    host_peak_bytes: int
+    start_bytes: int
+    timeline: list[MemorySample] = field(default_factory=list)
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        return {
+            f"{prefix}peak_memory_bytes": self.peak_bytes,
+            f"{prefix}param_bytes": self.at_peak[PARAM],
+            f"{prefix}trainable_param_bytes": self.at_peak[TRAINABLE],
+            f"{prefix}grad_bytes": self.category_peaks[GRAD],
+            f"{prefix}optimizer_state_bytes": self.category_peaks[OPTIMIZER],
+            f"{prefix}activation_bytes": self.category_peaks[ACTIVATION],
+            f"{prefix}other_bytes": self.at_peak[OTHER],
+            f"{prefix}host_offload_bytes": self.host_peak_bytes,
+        }
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Counts every storage created while active; optionally raises OOM past a byte budget.
+
+    `device_type` is the device whose memory is counted (cpu or cuda); storages elsewhere (the host,
+    for offloading on CUDA) count as host memory.
+    """
+
+    def __init__(self, device_type: str, budget_bytes: int | None = None, keep_timeline: bool = False):
+        super().__init__()
+        self.device_type = device_type
+        self.budget_bytes = budget_bytes
+        self.keep_timeline = keep_timeline
+        self.phase = "setup"
+        self._sizes: dict[int, tuple[int, str]] = {}  # storage key -> (bytes, category)
+        self._live = dict.fromkeys(CATEGORIES, 0)
+        self._live[HOST] = 0
+        self._total = 0
+        self._peak = 0
+        self._at_peak = dict(self._live)
+        self._category_peaks = dict(self._live)
+        self._start = 0
+        self._layer_depth = 0
+        self._host_depth = 0
+        self.timeline: list[MemorySample] = []
+
+    # -- registering what exists before tracking starts ---------------------------------------
+    def register(self, tensors: Iterable[torch.Tensor], category: str) -> None:
+        """Count already-existing tensors (weights, optimizer state, the batch) under a category."""
+        for tensor in tensors:
+            self._add(tensor, category)
+        self._start = self._total
+
+    def retag(self, tensor: torch.Tensor, category: str) -> None:
+        """Move a counted storage to another category (a gradient that landed in `param.grad`)."""
+        key = _storage_key(tensor)
+        entry = self._sizes.get(key)
+        if entry is None:
+            self._add(tensor, category)
+            return
+        size, old = entry
+        if old == category:
+            return
+        self._sizes[key] = (size, category)
+        self._live[old] -= size
+        self._live[category] += size
+        self._category_peaks[category] = max(self._category_peaks[category], self._live[category])
+
+    # -- the dispatch hook --------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self._add(tensor, self._category_for_new())
+        return out
+
+    def _category_for_new(self) -> str:
+        if self._host_depth:
+            return HOST
+        if self.phase == "forward" or (self.phase == "backward" and self._layer_depth):
+            return ACTIVATION
+        return OTHER
+
+    def _add(self, tensor: torch.Tensor, category: str) -> None:
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse or other storage-less tensors
+            return
+        key = storage._cdata
+        if key in self._sizes:
+            return
+        size = storage.nbytes()
+        if category != HOST and tensor.device.type != self.device_type:
+            category = HOST
+        self._sizes[key] = (size, category)
+        weakref.finalize(storage, self._free, key)
+        self._live[category] += size
+        if category == HOST:
+            self._category_peaks[HOST] = max(self._category_peaks[HOST], self._live[HOST])
+            return
+        self._total += size
+        self._category_peaks[category] = max(self._category_peaks[category], self._live[category])
+        if self._total > self._peak:
+            self._peak = self._total
+            self._at_peak = dict(self._live)
+        if self.keep_timeline:
+            self._sample()
+        if self.budget_bytes is not None and self._total > self.budget_bytes:
+            raise torch.OutOfMemoryError(
+                f"sweepbp budget: {self._total} bytes live exceed budget_gb={self.budget_bytes / 1e9:g} "
+                f"while allocating {size} bytes in the {self.phase} phase")
+
+    def _free(self, key: int) -> None:
+        size, category = self._sizes.pop(key)
+        self._live[category] -= size
+        if category != HOST:
+            self._total -= size
+            if self.keep_timeline:
+                self._sample()
+
+    def _sample(self) -> None:
+        self.timeline.append(MemorySample(self.phase, {c: self._live[c] for c in CATEGORIES}, self._live[HOST]))
+
+    # -- phases and results -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def phase_of(self, name: str) -> Iterator[None]:
+        previous, self.phase = self.phase, name
+        try:
+            yield
+        finally:
+            self.phase = previous
+
+    @property
+    def live_bytes(self) -> int:
+        return self._total
+
+    def report(self) -> MemoryReport:
+        at_peak = {c: self._at_peak[c] for c in CATEGORIES}
+        peaks = {c: self._category_peaks[c] for c in CATEGORIES}
+        return MemoryReport(self._peak, at_peak, peaks, self._category_peaks[HOST], self._start, list(self.timeline))
+
+    def __enter__(self):
+        _active.append(self)
+        self._peak = max(self._peak, self._total)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _active.remove(self)
+        return super().__exit__(*exc)
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+class StepTimer:
+    """Wall-clock phases of one step, with the device synchronised before every clock read."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.phases: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+
+    @property
+    def total(self) -> float:
+        return sum(self.phases.values())
+
+
+@dataclass
+class TimingSummary:
+    """Medians and spread over the timed (post-warm-up, untraced) steps."""
+
+    step_times: list[float]
+    fwd_times: list[float]
+    bwd_times: list[float]
+    optim_times: list[float]
+
+    def metrics(self, tokens_per_step: int, samples_per_step: int) -> dict[str, float]:
+        step = statistics.median(self.step_times)
+        q1, q3 = _quartiles(self.step_times)
+        fwd, bwd = statistics.median(self.fwd_times), statistics.median(self.bwd_times)
+        return {
+            "step_time_s": step,
+            "step_time_iqr_s": q3 - q1,
+            "step_time_min_s": min(self.step_times),
+            "step_time_max_s": max(self.step_times),
+            "fwd_time_s": fwd,
+            "bwd_time_s": bwd,
+            "optim_time_s": statistics.median(self.optim_times),
+            "bwd_fwd_ratio": bwd / fwd if fwd > 0 else float("nan"),
+            "tokens_per_s": tokens_per_step / step,
+            "samples_per_s": samples_per_step / step,
+            "timed_steps": len(self.step_times),
+            "train_time_s": sum(self.step_times),
+        }
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Allocator figures (CUDA) and process figures
+
+
+def reset_device_peaks(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_peaks(device: torch.device) -> dict[str, float]:
+    """The CUDA caching allocator's peaks since the last reset, and NVML's view of this process."""
+    if device.type != "cuda":
+        return {}
+    figures = {
+        "peak_allocated_bytes": float(torch.cuda.max_memory_allocated(device)),
+        "peak_reserved_bytes": float(torch.cuda.max_memory_reserved(device)),
+    }
+    nvml = _nvml_process_bytes(device)
+    if nvml is not None:
+        figures["nvml_process_bytes"] = float(nvml)
+    return figures
+
+
+def device_allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _nvml_process_bytes(device: torch.device) -> int | None:
+    try:
+        import os
+
+        import pynvml  # shipped with torch's CUDA builds as nvidia-ml-py
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid():
+                return int(proc.usedGpuMemory)
+    except Exception:  # NVML missing or not permitted: the figure is optional
+        return None
+    return None
+
+
+def rss_peak_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def tensors_of(obj: object) -> list[torch.Tensor]:
+    """Every tensor inside a nested structure (optimizer state, a batch dict)."""
+    return [x for x in tree_flatten(obj)[0] if isinstance(x, torch.Tensor)]

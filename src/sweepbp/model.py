@@ -1,0 +1,43 @@
+"""Building the base model: random init from a config, or a local safetensors checkpoint."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from sweepbp.config import ConfigError, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_config(model: ModelConfig):
+    """The Hugging Face config of a model option; its complaints become one-line errors."""
+    if model.pretrained_path is not None:
+        config = AutoConfig.from_pretrained(model.pretrained_path, local_files_only=True)
+    else:
+        try:
+            config = AutoConfig.for_model(model.arch, **model.config)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ConfigError([f"model.config is not a valid {model.arch} config: {str(err).splitlines()[0]}"]) from None
+    config.use_cache = False  # training: a KV cache only costs memory
+    return config
+
+
+def build_model(model: ModelConfig, device: torch.device, seed: int) -> PreTrainedModel:
+    """Build the model directly in its dtype on its device (no fp32 detour, no download)."""
+    dtype = DTYPES[model.dtype]
+    config = hf_config(model)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        if model.pretrained_path is not None:
+            built = AutoModelForCausalLM.from_pretrained(
+                model.pretrained_path, config=config, dtype=dtype, attn_implementation=model.attn_implementation,
+                local_files_only=True, use_safetensors=True)
+        else:
+            built = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation=model.attn_implementation)
+    return built.to(device)
+
+
+def max_positions(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None)

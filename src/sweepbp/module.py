@@ -1,0 +1,108 @@
+"""The Lightning module: one LoRA backpropagation step, timed or memory-traced, never both.
+
+Step order: `warmup_steps` untimed steps (the first allocates AdamW state), one memory-traced step
+(exact accounting, no timing), then timed steps (synchronised clocks, no tracing hook).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+
+from sweepbp.measure import (GRAD, OPTIMIZER, OTHER, PARAM, TRAINABLE, MemoryReport, MemoryTracker, StepTimer,
+                             active_tracker, tensors_of)
+from sweepbp.memory import AppliedMemory
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class LoraFinetune(L.LightningModule):
+    """AdamW on the adapter weights of a peft model, with manual optimization so each phase is visible."""
+
+    def __init__(self, model: torch.nn.Module, memory: AppliedMemory, lr: float, weight_decay: float,
+                 warmup_steps: int, budget_bytes: int | None, keep_timeline: bool = True,
+                 on_step: Callable[[int, float, float], None] | None = None):
+        super().__init__()
+        self.model = model
+        self.memory = memory
+        self.lr, self.weight_decay = lr, weight_decay
+        self.warmup_steps = warmup_steps
+        self.traced_step = warmup_steps  # the step right after warm-up is traced, not timed
+        self.budget_bytes = budget_bytes
+        self.keep_timeline = keep_timeline
+        self.on_step = on_step
+        self.automatic_optimization = False
+        self.losses: list[float] = []
+        self.timers: list[StepTimer] = []
+        self.trace: MemoryReport | None = None
+        self._tracker: MemoryTracker | None = None
+        for param in self.model.parameters():
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(_count_as_gradient)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if batch_idx == self.traced_step:
+            loss = self._traced_step(batch)
+        else:
+            timer = StepTimer(self.device)
+            loss = self._step(batch, timer.phase)
+            if batch_idx > self.traced_step:
+                self.timers.append(timer)
+        value = float(loss.detach())
+        self.losses.append(value)
+        if not math.isfinite(value):
+            raise Diverged(f"loss became {value} at step {batch_idx + 1}")
+        if self.on_step is not None:
+            self.on_step(batch_idx, value, self.timers[-1].total if self.timers and batch_idx > self.traced_step else 0.0)
+
+    def _step(self, batch: dict[str, torch.Tensor], phase: Callable[[str], contextlib.AbstractContextManager]) -> torch.Tensor:
+        optimizer = self.optimizers()
+        with phase("forward"), self.memory.forward_context():
+            loss = self.model(**batch).loss
+        with phase("backward"):
+            self.manual_backward(loss)
+        with phase("optim"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _traced_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        tracker = MemoryTracker(self.device.type, self.budget_bytes, keep_timeline=self.keep_timeline)
+        register_state(tracker, self.model, self.optimizers().optimizer, batch)
+        self._tracker = tracker
+        try:
+            with tracker:
+                loss = self._step(batch, tracker.phase_of)
+                loss = loss.detach()
+        finally:
+            self.trace = tracker.report()
+            self._tracker = None
+        return loss
+
+
+def register_state(tracker: MemoryTracker, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                   batch: object) -> None:
+    """Count what exists before the traced region: weights, adapter, optimizer state, the batch."""
+    tracker.register([p for p in model.parameters() if p.requires_grad], TRAINABLE)
+    tracker.register([p for p in model.parameters() if not p.requires_grad], PARAM)
+    tracker.register(list(model.buffers()), PARAM)
+    if optimizer is not None:
+        tracker.register(tensors_of(list(optimizer.state.values())), OPTIMIZER)
+    tracker.register(tensors_of(batch), OTHER)
+
+
+def _count_as_gradient(param: torch.Tensor) -> None:
+    tracker = active_tracker()
+    if tracker is not None and param.grad is not None:
+        tracker.retag(param.grad, GRAD)
+

@@ -1,0 +1,44 @@
+"""A live line per job: job i of N, step k of K, tokens/s so far. Quiet (one line per job) in CI."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from sweepbp.config import RunConfig
+
+
+def is_quiet() -> bool:
+    return bool(os.environ.get("CI")) or os.environ.get("SWEEPBP_QUIET") == "1"
+
+
+class ProgressLine:
+    """Called after every step; prints to stderr, overwriting the line on a terminal."""
+
+    def __init__(self, label: str, run: RunConfig):
+        self.label = label
+        self.steps = run.cfg.trainer.steps
+        self.tokens_per_step = run.cfg.batch.size * run.cfg.batch.seq_len if isinstance(run.cfg.batch.size, int) else 0
+        self.tty = sys.stderr.isatty()
+        self.quiet = is_quiet()
+        self.timed = 0.0
+        self.timed_steps = 0
+        self.last_print = 0.0
+
+    def __call__(self, step: int, loss: float, step_time: float) -> None:
+        if step_time > 0:
+            self.timed += step_time
+            self.timed_steps += 1
+        done = step + 1 == self.steps
+        if self.quiet and not done:
+            return
+        now = time.monotonic()
+        if not done and not self.tty and now - self.last_print < 5.0:
+            return  # a log file gets a line every 5 s, not one per step
+        self.last_print = now
+        rate = f"{self.timed_steps * self.tokens_per_step / self.timed:,.0f} tokens/s" if self.timed else "warming up"
+        line = f"[sweepbp] job {self.label} | step {step + 1}/{self.steps} | loss {loss:.4f} | {rate}"
+        end = "\n" if done or not self.tty else ""
+        sys.stderr.write(("\r\033[K" if self.tty else "") + line + end)
+        sys.stderr.flush()

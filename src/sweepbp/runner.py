@@ -1,0 +1,156 @@
+"""The Hydra task: validate, then run the job in its own process and record the result.
+
+Recording happens here, in the sweep process, never in the job's process: a job that crashes, runs out
+of memory or is killed still gets its results.json and its MLflow run closed with the right status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from sweepbp.config import ConfigError, RunConfig, config_as_dict, to_run_config
+from sweepbp.result import JobResult
+
+
+@dataclass
+class JobContext:
+    """Where a job sits: its folder, its sweep, its number."""
+
+    output_dir: Path
+    sweep_dir: Path | None
+    sweep_id: str | None
+    number: int
+    total: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.number + 1}/{self.total}" if self.sweep_id else "1/1"
+
+
+def job_context() -> JobContext:
+    hydra = HydraConfig.get()
+    output_dir = Path(hydra.runtime.output_dir)
+    if hydra.mode == RunMode.MULTIRUN:
+        sweep_dir = Path(hydra.sweep.dir).resolve()
+        total = int(os.environ.get("SWEEPBP_SWEEP_SIZE", "0")) or 1
+        return JobContext(output_dir, sweep_dir, sweep_id_of(sweep_dir), hydra.job.num, total)
+    return JobContext(output_dir, None, None, 0, 1)
+
+
+def sweep_id_of(sweep_dir: Path) -> str:
+    """A readable sweep id from the sweep folder (multirun/DATE/TIME -> DATE_TIME-<hash>)."""
+    digest = hashlib.sha1(str(sweep_dir).encode()).hexdigest()[:6]
+    return f"{sweep_dir.parent.name}_{sweep_dir.name}-{digest}"
+
+
+def config_hash(run: RunConfig) -> str:
+    """Identity of a job's measurement: the resolved config without the keys that cannot change it."""
+    data = config_as_dict(run.cfg)
+    for key in ("resume", "tracking"):
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_task(cfg: DictConfig) -> str:
+    """Hydra's task function: one job. Returns its status."""
+    context = job_context()
+    try:
+        run = to_run_config(cfg, dict(HydraConfig.get().runtime.choices))
+    except ConfigError as err:
+        for line in err.problems:
+            print(f"sweepbp: error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    result = record_job(run, context)
+    if context.sweep_id is None:
+        _print_outcome(result, context)
+        if result.status in ("failed", "killed"):
+            raise SystemExit(1)
+    return result.status
+
+
+def record_job(run: RunConfig, context: JobContext) -> JobResult:
+    from sweepbp.worker import JobInterrupted, run_isolated
+
+    recorder = _recorder(run)
+    digest = config_hash(run)
+    if run.cfg.resume and recorder is not None:
+        previous = recorder.find_finished(digest)
+        if previous is not None:
+            return _skipped(run, context, recorder, previous)
+    run_id = None
+    if recorder is not None:
+        parent = None
+        if context.sweep_id is not None:
+            parent = recorder.sweep_parent(context.sweep_id, context.sweep_dir, "sweepbp sweep")
+        tags = {"sweepbp.config_hash": digest, "sweepbp.job_dir": str(context.output_dir)}
+        if context.sweep_id is not None:
+            tags["sweepbp.sweep_id"] = context.sweep_id
+            tags["sweepbp.job_num"] = str(context.number)
+        run_id = recorder.start_job(run, _run_name(run), parent, tags)
+    try:
+        result = run_isolated(run, context.label)
+    except JobInterrupted as interrupted:
+        _finish(run, context, recorder, run_id, interrupted.result)
+        raise KeyboardInterrupt from None
+    _finish(run, context, recorder, run_id, result)
+    return result
+
+
+def _finish(run, context, recorder, run_id, result: JobResult) -> None:
+    if run_id is not None:
+        result.environment["mlflow_run_id"] = run_id
+    files = _write_job_files(context.output_dir, run, result)
+    if recorder is not None and run_id is not None:
+        recorder.finish_job(run_id, result, files)
+
+
+def _write_job_files(folder: Path, run: RunConfig, result: JobResult) -> list[Path]:
+    from sweepbp.config import config_yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "config.yaml"
+    config_path.write_text(config_yaml(run.cfg))
+    return [result.write(folder), config_path]
+
+
+def _skipped(run: RunConfig, context: JobContext, recorder, previous_run_id: str) -> JobResult:
+    """resume=true: reuse the recorded result of an identical finished job instead of running it again."""
+    result = recorder.result_of(previous_run_id)
+    result.environment["resumed_from_run_id"] = previous_run_id
+    result.write(context.output_dir)
+    print(f"[sweepbp] job {context.label}: already recorded as run {previous_run_id} "
+          f"({result.status}), skipped (resume=true)", file=sys.stderr)
+    return result
+
+
+def _recorder(run: RunConfig):
+    if run.cfg.tracking.name != "mlflow":
+        return None
+    from sweepbp.tracking import Recorder
+
+    return Recorder(run.cfg.tracking)
+
+
+def _run_name(run: RunConfig) -> str:
+    return f"{run.choices.get('model', 'model')} {run.memory_name} r={run.cfg.lora.r} b={run.cfg.batch.size}"
+
+
+def _print_outcome(result: JobResult, context: JobContext) -> None:
+    metrics = result.metrics
+    parts = [f"status={result.status}"]
+    for key, fmt in (("tokens_per_s", "{:,.0f}"), ("step_time_s", "{:.4f}"), ("peak_memory_bytes", "{:,.0f}"),
+                     ("activation_bytes", "{:,.0f}"), ("loss", "{:.4f}")):
+        if key in metrics:
+            parts.append(f"{key}={fmt.format(metrics[key])}")
+    if result.error:
+        parts.append(f"error={result.error}")
+    print(f"[sweepbp] {' '.join(parts)}\n[sweepbp] results: {context.output_dir / 'results.json'}", file=sys.stderr)

@@ -1,0 +1,64 @@
+"""Tracking URIs: resolving relative SQLite paths, redacting credentials, failing fast when unreachable.
+
+No mlflow import here: the command line checks the URI before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+SQLITE = "sqlite:///"
+
+
+def resolve_uri(uri: str, base: Path | None = None) -> str:
+    """Make a relative sqlite path absolute (against the launch folder), so every job uses one store."""
+    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
+        return SQLITE + str(((base or Path.cwd()) / uri[len(SQLITE):]).resolve())
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    if uri.startswith(SQLITE):
+        return Path(uri[len(SQLITE):])
+    return None
+
+
+def redact(uri: str) -> str:
+    """Hide user:password@ and token-like query values wherever a URI is printed or logged."""
+    parts = urlsplit(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = re.sub(r"(?i)((?:token|password|secret|key)[^=]*=)[^&]*", r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def unreachable_reason(uri: str, timeout_s: float = 3.0) -> str | None:
+    """Why a tracking URI cannot be used, or None. HTTP servers are asked for /health."""
+    scheme = urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+                if response.status >= 400:
+                    return f"HTTP {response.status}"
+        except urllib.error.HTTPError as err:
+            if err.code >= 500:
+                return f"HTTP {err.code}"
+        except (urllib.error.URLError, OSError) as err:
+            return str(getattr(err, "reason", err))
+        return None
+    if uri.startswith(SQLITE):
+        folder = resolve_uri(uri)[len(SQLITE):]
+        parent = Path(folder).parent
+        if not parent.is_dir():
+            return f"folder {parent} does not exist"
+        return None
+    if scheme in ("", "file"):
+        return None
+    if scheme in ("databricks", "postgresql", "mysql", "mssql"):
+        return None  # checked by MLflow itself when the first job opens the store
+    return f"unsupported scheme {scheme!r}"
