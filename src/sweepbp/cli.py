@@ -15,6 +15,8 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from sweepbp.config import GROUPS, ConfigError, register_schemas, to_run_config
+from sweepbp.redaction import install_log_redaction
+from sweepbp.signals import Stopped, stop_on_signals
 from sweepbp.uris import redact, unreachable_reason
 
 INFO_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve")
@@ -37,6 +39,18 @@ def user_config_dir() -> Path | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    stop_on_signals()  # SIGTERM stops a sweep as cleanly as Ctrl-C
+    install_log_redaction()
+    try:
+        _main(args)
+    except KeyboardInterrupt as stop:
+        code = stop.exit_code if isinstance(stop, Stopped) else 130
+        print(f"sweepbp: stopped ({stop}): the job that was running is recorded as killed, finished jobs are kept; "
+              "rerun the same command with resume=true to run the rest", file=sys.stderr)
+        raise SystemExit(code) from None
+
+
+def _main(args: list[str]) -> None:
     register_schemas()
     problems, jobs = precheck(args)
     if problems:

@@ -266,10 +266,20 @@ def _data_problems(data: DataConfig) -> list[str]:
 
 
 def config_as_dict(cfg: SweepbpConfig) -> dict[str, Any]:
-    """The config as plain nested dicts and lists (JSON-ready)."""
-    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    """The config as plain nested dicts and lists (JSON-ready), credentials in tracking.uri redacted."""
+    container = OmegaConf.to_container(_redacted(cfg), resolve=True)
     assert isinstance(container, dict)
     return container  # type: ignore[return-value]
+
+
+def _redacted(cfg: SweepbpConfig) -> DictConfig:
+    """The config as an OmegaConf node with tracking.uri redacted: what is written or logged, never used."""
+    from sweepbp.uris import redact
+
+    node = OmegaConf.structured(cfg)
+    if node.tracking.uri:
+        node.tracking.uri = redact(node.tracking.uri)
+    return node
 
 
 def leaf_params(cfg: SweepbpConfig) -> dict[str, str]:
@@ -289,5 +299,5 @@ def leaf_params(cfg: SweepbpConfig) -> dict[str, str]:
 
 
 def config_yaml(cfg: SweepbpConfig) -> str:
-    """The resolved config as YAML, the artifact a rerun composes from."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML, the artifact a rerun composes from (credentials redacted)."""
+    return OmegaConf.to_yaml(_redacted(cfg))

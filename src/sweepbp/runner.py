@@ -62,6 +62,9 @@ def config_hash(run: RunConfig) -> str:
 
 def run_task(cfg: DictConfig) -> str:
     """Hydra's task function: one job. Returns its status."""
+    from sweepbp.redaction import install_log_redaction
+
+    install_log_redaction()  # again: a joblib worker process never ran the command line's main()
     context = job_context()
     try:
         run = to_run_config(cfg, dict(HydraConfig.get().runtime.choices))
@@ -78,6 +81,7 @@ def run_task(cfg: DictConfig) -> str:
 
 
 def record_job(run: RunConfig, context: JobContext) -> JobResult:
+    from sweepbp.signals import Stopped, held
     from sweepbp.worker import JobInterrupted, run_isolated
 
     recorder = _recorder(run)
@@ -86,26 +90,38 @@ def record_job(run: RunConfig, context: JobContext) -> JobResult:
         previous = recorder.find_finished(digest)
         if previous is not None:
             return _skipped(run, context, recorder, previous)
-    run_id = None
-    if recorder is not None:
-        parent = None
-        if context.sweep_id is not None:
-            parent = recorder.sweep_parent(context.sweep_id, context.sweep_dir, "sweepbp sweep")
-        tags = {"sweepbp.config_hash": digest, "sweepbp.job_dir": str(context.output_dir)}
-        if context.sweep_id is not None:
-            tags["sweepbp.sweep_id"] = context.sweep_id
-            tags["sweepbp.job_num"] = str(context.number)
-        run_id = recorder.start_job(run, _run_name(run), parent, tags)
+    with held():  # a run is created with its tags and params, or not at all
+        run_id = _start_run(run, context, recorder, digest)
     try:
         result = run_isolated(run, context.label)
-    except JobInterrupted as interrupted:
-        _finish(run, context, recorder, run_id, interrupted.result)
-        raise KeyboardInterrupt from None
-    _finish(run, context, recorder, run_id, result)
+    except JobInterrupted as stop:
+        with held(raise_after=False):
+            _finish(run, context, recorder, run_id, stop.result)
+            if recorder is not None and context.sweep_id is not None:
+                recorder.close_sweep(context.sweep_id, "KILLED")
+        raise Stopped(stop.signum) from None
+    with held():  # a Ctrl-C now takes effect once this job's record is complete
+        _finish(run, context, recorder, run_id, result)
     return result
 
 
+def _start_run(run: RunConfig, context: JobContext, recorder, digest: str) -> str | None:
+    if recorder is None:
+        return None
+    parent = None
+    if context.sweep_id is not None:
+        parent = recorder.sweep_parent(context.sweep_id, context.sweep_dir, "sweepbp sweep")
+    tags = {"sweepbp.config_hash": digest, "sweepbp.job_dir": str(context.output_dir)}
+    if context.sweep_id is not None:
+        tags["sweepbp.sweep_id"] = context.sweep_id
+        tags["sweepbp.job_num"] = str(context.number)
+    return recorder.start_job(run, _run_name(run), parent, tags)
+
+
 def _finish(run, context, recorder, run_id, result: JobResult) -> None:
+    from sweepbp.redaction import redact_result
+
+    redact_result(result)
     if run_id is not None:
         result.environment["mlflow_run_id"] = run_id
     files = _write_job_files(context.output_dir, run, result)

@@ -63,8 +63,10 @@ class Recorder:
 
     def __init__(self, tracking: TrackingConfig):
         self.uri = resolve_uri(tracking.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        # MlflowClient opens the store at once, and opening a new SQLite file creates its schema:
+        # parallel jobs must take turns (mlflow PR #6490), or one fails with "table already exists".
         with _store_lock(self.uri):
+            self.client = MlflowClient(tracking_uri=self.uri)
             self.experiment_id = self._experiment(tracking.experiment)
 
     def _experiment(self, name: str) -> str:
@@ -90,13 +92,23 @@ class Recorder:
                       "mlflow.note.content": description}))
             return run.info.run_id
 
+    def close_sweep(self, sweep_id: str, status: str) -> None:
+        """End the sweep's parent run (FINISHED, FAILED or KILLED) once none of its jobs runs any more."""
+        for run in self.find_runs(f"tags.`{TAG_SWEEP}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'sweep'"):
+            with_retry(lambda r=run: self.client.set_terminated(r.info.run_id, status))
+
     def find_runs(self, filter_string: str, max_results: int = 5000):
         return with_retry(lambda: self.client.search_runs([self.experiment_id], filter_string,
                                                           max_results=max_results))
 
     def find_finished(self, config_hash: str) -> str | None:
-        """A run of this exact config that ended ok or oom (what resume skips)."""
-        for run in self.find_runs(f"tags.`{TAG_HASH}` = '{config_hash}'"):
+        """The oldest run of this exact config that ended ok or oom and was closed (what resume skips).
+
+        The status tag is written last but one and the run closed last (`finish_job`), so a run whose
+        recording was cut short (kill -9) is not FINISHED and is run again rather than reused half-made.
+        """
+        runs = self.find_runs(f"tags.`{TAG_HASH}` = '{config_hash}' and attributes.status = 'FINISHED'")
+        for run in sorted(runs, key=lambda r: r.info.start_time):
             if run.data.tags.get(TAG_STATUS) in ("ok", "oom"):
                 return run.info.run_id
         return None
@@ -116,21 +128,23 @@ class Recorder:
         return run_id
 
     def finish_job(self, run_id: str, result: JobResult, artifacts: list[Path]) -> None:
+        """Record a job's outcome. Order matters for kill -9: files and metrics first, the status tag and
+        the run's end state last, so a run that looks finished is complete."""
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, 0) for k, v in sorted(result.metrics.items()) if _is_number(v)]
         metrics += [Metric("loss", float(v), now, step) for step, v in enumerate(result.losses) if _finite(v)]
-        tags = [RunTag(TAG_STATUS, result.status)]
-        tags += [RunTag(f"sweepbp.env.{k}", str(v)[:5000]) for k, v in sorted(result.environment.items())
-                 if k != "traceback"]
+        tags = [RunTag(f"sweepbp.env.{k}", str(v)[:5000]) for k, v in sorted(result.environment.items())
+                if k != "traceback"]
         if result.error:
             tags.append(RunTag("sweepbp.error", result.error[:5000]))
+        for path in artifacts:
+            if path.exists():
+                with_retry(lambda p=path: self.client.log_artifact(run_id, str(p)))
         for i in range(0, len(metrics), BATCH * 10):  # MLflow takes 1000 metrics per batch
             with_retry(lambda chunk=metrics[i:i + BATCH * 10]: self.client.log_batch(run_id, metrics=chunk))
         for i in range(0, len(tags), BATCH):
             with_retry(lambda chunk=tags[i:i + BATCH]: self.client.log_batch(run_id, tags=chunk))
-        for path in artifacts:
-            if path.exists():
-                with_retry(lambda p=path: self.client.log_artifact(run_id, str(p)))
+        with_retry(lambda: self.client.set_tag(run_id, TAG_STATUS, result.status))
         with_retry(lambda: self.client.set_terminated(run_id, RUN_STATUS.get(result.status, "FAILED")))
 
     def log_files(self, run_id: str, paths: list[Path]) -> None:
