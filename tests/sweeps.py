@@ -57,7 +57,10 @@ class Sweep:
 
     def signal_group(self, signum: int) -> None:
         """What a terminal does on Ctrl-C (SIGINT) or what `kill -9 -PGID` does: every process of the sweep."""
-        os.killpg(self.process.pid, signum)
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:  # the sweep has already ended
+            pass
 
     def wait_for_file(self, path: Path, timeout: float) -> str:
         """The text of `path` once it has some; fails if the sweep ends first or the time runs out."""

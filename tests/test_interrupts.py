@@ -37,6 +37,8 @@ def test_ctrl_c_records_the_job_as_killed_and_resume_records_each_config_once(tm
     sweep = start_sweep(args, tmp_path, hang_seed_1(tmp_path))
     job_pid = int(sweep.wait_for_file(tmp_path / "job.pid", START_S))
     sweep.signal_group(signal.SIGINT)  # Ctrl-C in a terminal: the sweep and its job both get SIGINT
+    time.sleep(0.2)
+    sweep.signal_group(signal.SIGINT)  # an impatient second Ctrl-C changes nothing
 
     assert sweep.finish(STOP_S) == 130
     assert "Traceback" not in sweep.stderr and "resume=true" in sweep.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,12 @@ def run_task(cfg: DictConfig) -> str:
 
 
 def record_job(run: RunConfig, context: JobContext) -> JobResult:
-    from sweepbp.signals import Stopped, held
+    """Run one job in its own process and record it: MLflow run, results.json, config.yaml.
+
+    A stop (Ctrl-C, SIGTERM) during the job records it as `killed` with what it measured, closes the sweep's
+    parent run as KILLED and re-raises `Stopped`; a stop while a finished job is recorded waits for the record.
+    """
+    from sweepbp.signals import Stopped, held, ignore_signals
     from sweepbp.worker import JobInterrupted, run_isolated
 
     recorder = _recorder(run)
@@ -90,19 +96,26 @@ def record_job(run: RunConfig, context: JobContext) -> JobResult:
         previous = recorder.find_finished(digest)
         if previous is not None:
             return _skipped(run, context, recorder, previous)
-    with held():  # a run is created with its tags and params, or not at all
-        run_id = _start_run(run, context, recorder, digest)
+    run_id = None
     try:
+        with held():  # a run is created with its tags and params, or not at all
+            run_id = _start_run(run, context, recorder, digest)
         result = run_isolated(run, context.label)
-    except JobInterrupted as stop:
-        with held(raise_after=False):
-            _finish(run, context, recorder, run_id, stop.result)
-            if recorder is not None and context.sweep_id is not None:
-                recorder.close_sweep(context.sweep_id, "KILLED")
-        raise Stopped(stop.signum) from None
+    except KeyboardInterrupt as stop:  # the job's partial result, or a stop before the job started
+        ignore_signals()  # from here the sweep only records this job, then exits
+        partial = stop.result if isinstance(stop, JobInterrupted) else _not_started(run)
+        _finish(run, context, recorder, run_id, partial)
+        if recorder is not None and context.sweep_id is not None:
+            recorder.close_sweep(context.sweep_id, "KILLED")
+        raise Stopped(getattr(stop, "signum", signal.SIGINT)) from None
     with held():  # a Ctrl-C now takes effect once this job's record is complete
         _finish(run, context, recorder, run_id, result)
     return result
+
+
+def _not_started(run: RunConfig) -> JobResult:
+    return JobResult(status="killed", mode=run.cfg.mode, config=config_as_dict(run.cfg), choices=run.choices,
+                     error="stopped (Ctrl-C or SIGTERM) before the job started")
 
 
 def _start_run(run: RunConfig, context: JobContext, recorder, digest: str) -> str | None:

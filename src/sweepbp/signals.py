@@ -2,7 +2,8 @@
 
 The sweep process turns SIGINT and SIGTERM into `Stopped` (a KeyboardInterrupt that remembers the
 signal), so a `kill PID` stops a sweep as cleanly as Ctrl-C. While a finished job is being recorded,
-signals are held back (`held`) and take effect right after, so a record is never left half-written.
+signals are held back (`held`) and take effect right after, so a record is never left half-written;
+once a stop has been caught, later signals are ignored until the sweep has recorded the job and exited.
 A job process raises its interrupt exception once and ignores repeats (Lightning restores the handler
 it found after its own teardown, and the sweep forwards the signal a second time). A job process also
 dies with its sweep process (Linux), so `kill -9` of the sweep leaves no orphan holding the device.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -43,22 +45,42 @@ def stop_on_signals() -> None:
         signal.signal(signum, _raise_stopped)
 
 
+def ignore_signals() -> None:
+    """Ignore SIGINT and SIGTERM from now on (the sweep is already stopping)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _main_thread() -> bool:
+    """Python lets only the main thread set signal handlers (a threading joblib backend runs jobs elsewhere)."""
+    return threading.current_thread() is threading.main_thread()
+
+
 @contextmanager
 def stopping() -> Iterator[None]:
-    """`stop_on_signals` for the duration of a block, restoring the handlers found before it."""
+    """`stop_on_signals` for the duration of a block. On a normal exit the handlers found before it are
+    restored; when a stop leaves the block, further SIGINT/SIGTERM are ignored from then on, so nothing cuts
+    short the recording of what was stopped (the sweep exits right after it)."""
+    if not _main_thread():
+        yield
+        return
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     stop_on_signals()
     try:
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    except KeyboardInterrupt:
+        ignore_signals()
+        raise
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 @contextmanager
-def held(raise_after: bool = True) -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back during a block (recording a result); then raise `Stopped` if one came
-    and `raise_after` (False: a stop is already under way and a second Ctrl-C changes nothing)."""
+def held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back during a block (recording a result), then raise `Stopped` if one came."""
+    if not _main_thread():
+        yield
+        return
     pending: list[int] = []
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for signum in STOP_SIGNALS:
@@ -68,7 +90,7 @@ def held(raise_after: bool = True) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if pending and raise_after:
+    if pending:
         raise Stopped(pending[0])
 
 

@@ -4,6 +4,12 @@ The sweep process imports torch, Lightning, transformers and peft once but never
 touches CUDA, so a fork costs milliseconds and each job starts from the same clean state: no allocator
 history, no leaked tensors, no exception frames from an earlier job. The child sends its JobResult back
 as JSON and leaves with os._exit, so nothing of the parent (an MLflow connection) is torn down by it.
+
+Ctrl-C or SIGTERM stops the child through its own handler (status `killed`, with what it measured so far)
+and the sweep re-raises it as `JobInterrupted` once that partial result is back; see signals.py. The child
+dies with the sweep process. Forking also works from a joblib (loky) worker, which runs no torch op either;
+it does not work from a process that has run a multi-threaded torch op (GNU OpenMP's pool does not survive
+a fork, and the child hangs in its first parallel op).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import traceback
 
 from sweepbp.config import RunConfig
 from sweepbp.result import JobResult
-from sweepbp.signals import STOP_SIGNALS, Stopped, die_with_parent, held, raise_once, stopping
+from sweepbp.signals import STOP_SIGNALS, Stopped, die_with_parent, ignore_signals, raise_once, stopping
 
 GRACE_S = 60.0  # how long an interrupted child may take to hand back its partial result
 
@@ -54,12 +60,12 @@ def run_isolated(run: RunConfig, label: str) -> JobResult:
             sender.close()
             return _receive(receiver, child, run)
         except KeyboardInterrupt as stop:
-            with held(raise_after=False):  # a second Ctrl-C must not cut the partial result off
-                if child.pid is not None:
-                    _signal(child.pid, signal.SIGTERM)
-                    result = _receive(receiver, child, run, timeout=GRACE_S)
-                else:
-                    result = _lost(run, "interrupted before the job started")
+            ignore_signals()  # a second Ctrl-C must not cut the partial result off (stopping() keeps this)
+            if child.pid is not None:
+                _signal(child.pid, signal.SIGTERM)
+                result = _receive(receiver, child, run, timeout=GRACE_S)
+            else:
+                result = _lost(run, "interrupted before the job started")
             if result.status != "killed":
                 result.status, result.error = "killed", result.error or "interrupted (Ctrl-C or SIGTERM)"
             raise JobInterrupted(result, getattr(stop, "signum", signal.SIGINT)) from None
