@@ -117,7 +117,9 @@ class Recorder:
 
     def finish_job(self, run_id: str, result: JobResult, artifacts: list[Path]) -> None:
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in sorted(result.metrics.items()) if _is_number(v)]
+        # `loss` is logged as its per-step history only (MLflow shows the last step as its value).
+        metrics = [Metric(k, float(v), now, 0) for k, v in sorted(result.metrics.items())
+                   if _is_number(v) and not (k == "loss" and result.losses)]
         metrics += [Metric("loss", float(v), now, step) for step, v in enumerate(result.losses) if _finite(v)]
         tags = [RunTag(TAG_STATUS, result.status)]
         tags += [RunTag(f"sweepbp.env.{k}", str(v)[:5000]) for k, v in sorted(result.environment.items())
