@@ -214,3 +214,11 @@ def test_rerun_reproduces_the_loss_curve_from_the_store(sweep, server, tmp_path)
     assert again["config"] == original["config"] | {"tracking": again["config"]["tracking"]}
     new = _api(server, "/api/2.0/mlflow/runs/get?run_id=" + again["environment"]["mlflow_run_id"])["run"]
     assert {t["key"]: t["value"] for t in new["data"]["tags"]}["sweepbp.rerun_of"] == run_id
+
+
+def test_store_uri_is_printed_as_given():
+    """The report names its store: redacting credentials must not mangle an absolute SQLite path."""
+    from sweepbp.uris import redact
+
+    assert redact("sqlite:////tmp/sweep/mlflow.db") == "sqlite:////tmp/sweep/mlflow.db"
+    assert redact("http://user:secret@host:5000") == "http://***@host:5000"

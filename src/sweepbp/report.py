@@ -187,6 +187,8 @@ def report_sweep_folder(sweep_dir: Path, sweep_id: str) -> list[Path]:
         return []
     summary = summarize(records)
     files = write_report(summary, sweep_dir)
+    print(f"\n{table(summary)}\n\n" + "\n".join(answers(summary)) + f"\n\n[sweepbp] report: {sweep_dir}/summary.md",
+          flush=True)
     tracking = _tracking_of(records)
     if tracking is not None:
         from sweepbp.tracking import Recorder
@@ -194,8 +196,6 @@ def report_sweep_folder(sweep_dir: Path, sweep_id: str) -> list[Path]:
         recorder = Recorder(tracking)
         parent = recorder.sweep_parent(sweep_id, sweep_dir.resolve(), "sweepbp sweep")
         recorder.finish_sweep(parent, files, failed=any(r.status == "failed" for r in records))
-    print(f"\n{table(summary)}\n\n" + "\n".join(answers(summary)) + f"\n\n[sweepbp] report: {sweep_dir}/summary.md",
-          flush=True)
     return files
 
 
