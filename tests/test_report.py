@@ -71,7 +71,8 @@ def test_predicted_metrics_alone_make_a_report(tmp_path):
     header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
     assert "predicted_peak_memory_bytes" in header and "peak_memory_bytes" not in header
     assert (tmp_path / "tradeoff.png").read_bytes().startswith(PNG)
-    assert "Within 24 GB: nothing fits" in (tmp_path / "summary.md").read_text()  # no throughput to rank by
+    md = (tmp_path / "summary.md").read_text()  # no throughput to rank by: what fits the budget, what does not
+    assert "Within 24 GB (predicted peak memory): fits: memory=ckpt (20.00 GB); does not fit: memory=none (30.00 GB)" in md
     assert [f.name for f in files] == ["summary.csv", "summary.md", "tradeoff.png"]
 
 

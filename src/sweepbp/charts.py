@@ -11,7 +11,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from sweepbp.report import describe, fmt_bytes, metric_label
-from sweepbp.summary import GB, BASELINE, Summary, label, plotted
+from sweepbp.summary import BASELINE, GB, Summary, label, on_chart, plotted
 
 DPI = 110
 # Categories of the memory tracker, bottom to top of the stack, with what they hold.
@@ -41,7 +41,8 @@ def tradeoff_chart(summary: Summary, path: Path) -> Path:
     what the sweep varied, the Pareto frontier drawn, budgets as vertical lines; the rest listed beside."""
     x, y = summary.x, summary.y
     points = plotted(summary.records, x, y)
-    left_out = [r for r in summary.records if all(r is not p for p in points)]
+    shown = {id(r) for r in on_chart(summary.records, x, y)}
+    left_out = [r for r in summary.records if id(r) not in shown]
     fig = Figure(figsize=(10.5 if left_out else 8.0, 5.2), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     top = max([r.metric(x) or 0.0 for r in summary.records] + summary.budgets + [1.0])
@@ -50,16 +51,18 @@ def tradeoff_chart(summary: Summary, path: Path) -> Path:
         ax.set_xlim(0, top / size * 1.15)  # room for the labels of the rightmost points
         _scatter(ax, summary, points, size)
     elif any(r.metric(x) is not None for r in summary.records):
-        _memory_bars(ax, summary, size)  # e.g. mode=predict: memory only, no throughput
+        _memory_bars(ax, summary, unit, size)  # e.g. mode=predict: memory only, no throughput
     for budget in summary.budgets:
         ax.axvline(budget / size, color="#c44e52", linestyle="--", linewidth=1.2, label=f"budget {budget / GB:g} GB")
-        _at_budget(ax, summary, budget, size)
+        if points:  # on the bar chart the oom jobs are only listed beside it
+            _at_budget(ax, summary, budget, size)
     if points:
         ax.set_xlabel(f"{metric_label(x)} ({unit})  [{x}]")
         ax.set_ylabel(f"{metric_label(y)}  [{y}]")
         ax.set_ylim(0, max(r.metric(y) for r in points) * 1.12)
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"sweepbp: {metric_label(y)} against {metric_label(x)}, {len(summary.records)} jobs")
+    what = f"{metric_label(y)} against {metric_label(x)}" if points else f"{metric_label(x)} by job"
+    ax.set_title(f"sweepbp: {what}, {len(summary.records)} jobs")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
     if left_out:
@@ -96,15 +99,15 @@ def _scatter(ax, summary: Summary, points, size: float) -> None:
                 linewidth=1.2, zorder=2, label="Pareto frontier")
 
 
-def _memory_bars(ax, summary: Summary, size: float) -> None:
+def _memory_bars(ax, summary: Summary, unit: str, size: float) -> None:
     """When no job has the y metric, show each job's memory as a bar (still with budget lines)."""
     x = summary.x
     colors = _strategy_colors(summary)
-    shown = [r for r in summary.records if r.metric(x) is not None]
+    shown = on_chart(summary.records, x, summary.y)
     names = [f"job {r.job}: {describe(r, summary)}" for r in shown]
     ax.barh(names, [r.metric(x) / size for r in shown], color=[colors[r.strategy] for r in shown])
     ax.invert_yaxis()
-    ax.set_xlabel(f"{metric_label(x)} ({_unit(max(r.metric(x) for r in shown))[0] if shown else ''})  [{x}]")
+    ax.set_xlabel(f"{metric_label(x)} ({unit})  [{x}]")
 
 
 def _at_budget(ax, summary: Summary, budget: float, size: float) -> None:

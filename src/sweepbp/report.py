@@ -17,8 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from sweepbp.summary import (GB, STRATEGY, Record, Summary, fastest_within, label, metric_columns, plotted,
-                             summarize)
+from sweepbp.summary import GB, STRATEGY, Record, Summary, fastest_within, label, on_chart, plotted, summarize
 
 FILES = ("summary.csv", "summary.md", "tradeoff.png")
 TABLE_METRICS = ("tokens_per_s", "peak_memory_bytes", "activation_bytes", "step_time_s", "fwd_time_s", "bwd_time_s")
@@ -67,9 +66,8 @@ def markdown(summary: Summary) -> str:
 
 def table(summary: Summary) -> str:
     """A readable Markdown table (also what the terminal shows at the end of a sweep)."""
-    metrics = metric_columns(summary.records, [summary.x, summary.y])
-    metrics = [m for m in metrics if m.removeprefix("predicted_") in TABLE_METRICS or m in (summary.x, summary.y)]
-    header = ["job", *summary.keys, "status", *(_header(m) for m in metrics), "Pareto"]
+    metrics = [m for m in summary.metric_columns if m.removeprefix("predicted_") in TABLE_METRICS or m in (summary.x, summary.y)]
+    header = ["job", *summary.keys, "status", *(metric_label(m) for m in metrics), "Pareto"]
     frontier = {id(r) for r in summary.frontier}
     lines = [_md_row(header), _md_row(["---"] * len(header))]
     for r in summary.records:
@@ -83,7 +81,11 @@ def answers(summary: Summary) -> list[str]:
     """The answers in words: fastest within each budget, each strategy's cost, jobs not plotted."""
     x, y = summary.x, summary.y
     lines = ["## Fastest configuration within a memory budget", ""]
+    ranked = any(r.metric(y) is not None for r in summary.records)
     for budget in summary.budgets:
+        if not ranked:  # e.g. predictions only: no throughput to rank by, say what fits
+            lines.append(_fits_line(summary, budget))
+            continue
         best = fastest_within(summary.records, budget, x, y)
         if best is None:
             smallest = min(plotted(summary.records, x, y), key=lambda r: r.metric(x), default=None)
@@ -95,18 +97,30 @@ def answers(summary: Summary) -> list[str]:
         lines.append(f"- Any budget (the Pareto frontier: from this much {metric_label(x)}, this job is the fastest):")
         lines += [f"  - from {fmt_metric(x, r.metric(x))}: {describe(r, summary)}, {fmt_metric(y, r.metric(y))} "
                   f"{metric_label(y)}" for r in summary.frontier]
-    else:
+    elif ranked:
         lines.append(f"- No job finished ok with both {x} and {y}.")
     lines += ["", f"## What each memory strategy costs against {STRATEGY}=none at the same other settings", ""]
     lines += [_effect_line(e, summary) for e in summary.effects] or [
         f"- No pair of ok jobs differing only in the memory strategy (one of them {STRATEGY}=none)."]
-    shown = {id(r) for r in plotted(summary.records, x, y)}
+    shown = {id(r) for r in on_chart(summary.records, x, y)}
     failed = [r for r in summary.records if id(r) not in shown]
     if failed:
         lines += ["", "## Not on the chart", ""]
         lines += [f"- job {r.job} ({describe(r, summary)}): {r.status}" + (f": {r.error}" if r.error else "")
                   for r in failed]
     return lines
+
+
+def _fits_line(summary: Summary, budget: float) -> str:
+    sized = [r for r in summary.records if r.metric(summary.x) is not None]
+    fits = [r for r in sized if r.metric(summary.x) <= budget]
+    over = [r for r in sized if r.metric(summary.x) > budget]
+
+    def jobs(group: list[Record]) -> str:
+        return ", ".join(f"{describe(r, summary)} ({fmt_metric(summary.x, r.metric(summary.x))})" for r in group)
+
+    return (f"- Within {budget / GB:g} GB ({metric_label(summary.x)}): fits: {jobs(fits) or 'none'}; "
+            f"does not fit: {jobs(over) or 'none'}.")
 
 
 def _effect_line(effect, summary: Summary) -> str:
@@ -124,10 +138,8 @@ def _effect_line(effect, summary: Summary) -> str:
     return f"- {describe(r, summary)} (job {r.job}) vs job {base.job}: " + ("; ".join(parts) or "no metrics to compare")
 
 
-def describe(record: Record | None, summary: Summary) -> str:
+def describe(record: Record, summary: Summary) -> str:
     """`memory=ckpt r=8`: the strategy and what else the sweep varied."""
-    if record is None:
-        return "none"
     rest = label(record, summary.keys)
     head = f"{STRATEGY}={record.strategy}"
     return head if rest == record.strategy else f"{head} {rest}"
@@ -161,10 +173,6 @@ def fmt_bytes(value: float) -> str:
         if abs(value) >= size:
             return f"{value / size:.2f} {unit}"
     return f"{value:.0f} B"
-
-
-def _header(name: str) -> str:
-    return metric_label(name)
 
 
 def _raw(value: float | None) -> str:

@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      description="Rerun exactly the config an MLflow run recorded.")
     parser.add_argument("run_id", help="the MLflow run to reproduce")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
-                        help="MLflow store holding the run; the rerun is recorded there too (default: sqlite:///mlflow.db)")
+                        help="MLflow store holding the run, where the rerun is recorded too (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="job folder (default: outputs/rerun-RUN_ID)")
     parser.add_argument("--no-record", action="store_true", help="write results.json only, record no MLflow run")
     return parser.parse_args(argv)

@@ -168,6 +168,15 @@ def plotted(records: list[Record], x: str, y: str) -> list[Record]:
     return [r for r in records if r.status == "ok" and r.metric(x) is not None and r.metric(y) is not None]
 
 
+def on_chart(records: list[Record], x: str, y: str) -> list[Record]:
+    """The jobs the chart shows: points with both metrics, or, when no job has y (predictions only),
+    ok jobs with x (drawn as bars)."""
+    points = plotted(records, x, y)
+    if points or any(r.metric(y) is not None for r in records):
+        return points
+    return [r for r in records if r.status == "ok" and r.metric(x) is not None]
+
+
 def pareto_front(records: list[Record], x: str, y: str) -> list[Record]:
     """Jobs no other job beats on both axes (less x, more y), by increasing x."""
     front: list[Record] = []
