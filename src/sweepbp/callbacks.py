@@ -1,7 +1,8 @@
 """Hydra callbacks: what happens once a whole sweep has run.
 
 Jobs never raise for expected outcomes (oom, diverged, failed are recorded results), so Hydra always
-reaches `on_multirun_end`; the sweep's exit code is decided here: non-zero if any job `failed`.
+reaches `on_multirun_end`: the sweep's report (summary.csv, summary.md, tradeoff.png) is written and
+logged here, and the sweep's exit code is decided here: non-zero if any job `failed`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,20 @@ class SweepEnd(Callback):
         counts = Counter(r["status"] for r in results)
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         print(f"[sweepbp] sweep finished: {len(results)} jobs ({summary}) in {sweep_dir}", file=sys.stderr)
+        write_sweep_report(sweep_dir)
         if counts.get("failed"):
             print(f"[sweepbp] error: {counts['failed']} job(s) failed; see their results.json", file=sys.stderr)
             raise SystemExit(1)
+
+
+def write_sweep_report(sweep_dir: Path) -> None:
+    """The sweep's report into its folder and its parent MLflow run; a problem here never hides the
+    jobs' results or changes the exit code, so it is printed, not raised."""
+    from sweepbp.report import report_sweep_folder
+    from sweepbp.runner import sweep_id_of
+
+    try:
+        report_sweep_folder(sweep_dir, sweep_id_of(sweep_dir.resolve()))
+    except Exception as err:  # noqa: BLE001 (the report is a by-product; the runs are already recorded)
+        print(f"[sweepbp] warning: the sweep report could not be written: {type(err).__name__}: {err}",
+              file=sys.stderr)

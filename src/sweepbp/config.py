@@ -274,7 +274,11 @@ def config_as_dict(cfg: SweepbpConfig) -> dict[str, Any]:
 
 def leaf_params(cfg: SweepbpConfig) -> dict[str, str]:
     """Every leaf of the config under its dotted path, as strings (MLflow params)."""
-    container = config_as_dict(cfg)
+    return dotted_leaves(config_as_dict(cfg))
+
+
+def dotted_leaves(container: dict[str, Any]) -> dict[str, str]:
+    """Every leaf of a nested dict under its dotted path, as strings (a results.json config, too)."""
     flat: dict[str, str] = {}
 
     def walk(prefix: str, node: Any) -> None:

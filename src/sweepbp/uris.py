@@ -34,6 +34,8 @@ def redact(uri: str) -> str:
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
     query = re.sub(r"(?i)((?:token|password|secret|key)[^=]*=)[^&]*", r"\1***", parts.query)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return uri  # nothing to hide; urlunsplit would turn sqlite:////abs/path into sqlite://abs/path
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
