@@ -42,9 +42,9 @@ def test_llama3_8b_is_the_real_architecture():
 # Every bad input of issue 6 item 7: (command-line arguments, what the one line says, the value it names).
 # `{pickle_only}` is a folder holding config.json and pytorch_model.bin only.
 BAD_INPUT = [
-    (["model=nope"], "model must be one of llama3_8b, tiny", "'nope'"),
-    (["memory=foo"], "memory must be one of ckpt, none", "'foo'"),
-    (["lora=nope"], "lora must be one of all_linear, attn", "'nope'"),
+    (["model=nope"], "model must be one of ", "'nope'"),
+    (["memory=foo"], "memory must be one of ", "'foo'"),
+    (["lora=nope"], "lora must be one of ", "'nope'"),
     (["lora.r=0"], "lora.r must be a positive integer", "0"),
     (["lora.r=-3"], "lora.r must be a positive integer", "-3"),
     (["lora.alpha=0"], "lora.alpha must be a positive number", "0.0"),

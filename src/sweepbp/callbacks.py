@@ -1,8 +1,9 @@
 """Hydra callbacks: keeping credentials out of Hydra's snapshots, and what happens once a whole sweep ran.
 
 Jobs never raise for expected outcomes (oom, diverged, failed are recorded results), so Hydra always
-reaches `on_multirun_end`; the sweep's exit code is decided here: non-zero if any job `failed` or was
-`killed`; out-of-memory and diverged jobs are answers, not errors, and only counted.
+reaches `on_multirun_end`: the sweep's report (summary.csv, summary.md, tradeoff.png) is written and
+logged here, and the sweep's exit code is decided here: non-zero if any job `failed` or was `killed`;
+out-of-memory and diverged jobs are answers, not errors, and only counted.
 """
 
 from __future__ import annotations
@@ -66,18 +67,28 @@ class SweepEnd(Callback):
         lines, code = summary_lines(sweep_results(sweep_dir), sweep_dir)
         for line in lines:
             print(line, file=sys.stderr)
-        _close_parent_run(config, sweep_dir, "FAILED" if code else "FINISHED")
+        write_sweep_report(sweep_dir, _tracking_of(config))
         if code:
             raise SystemExit(code)
 
 
-def _close_parent_run(config: DictConfig, sweep_dir: Path, status: str) -> None:
-    """End the sweep's MLflow parent run (the jobs ran in other processes with the joblib launcher)."""
-    if config.tracking.name != "mlflow" or not any(sweep_dir.glob("*/results.json")):
-        return
+def _tracking_of(config: DictConfig):
+    """The sweep's tracking config with its real URI (the jobs' records hold it redacted)."""
     from sweepbp.config import TrackingConfig
-    from sweepbp.runner import sweep_id_of
-    from sweepbp.tracking import Recorder
 
-    tracking = TrackingConfig(name="mlflow", uri=config.tracking.uri, experiment=config.tracking.experiment)
-    Recorder(tracking).close_sweep(sweep_id_of(sweep_dir.resolve()), status)
+    if config.tracking.name != "mlflow":
+        return None
+    return TrackingConfig(name="mlflow", uri=config.tracking.uri, experiment=config.tracking.experiment)
+
+
+def write_sweep_report(sweep_dir: Path, tracking=None) -> None:
+    """The sweep's report into its folder and its parent MLflow run; a problem here never hides the
+    jobs' results or changes the exit code, so it is printed, not raised."""
+    from sweepbp.report import report_sweep_folder
+    from sweepbp.runner import sweep_id_of
+
+    try:
+        report_sweep_folder(sweep_dir, sweep_id_of(sweep_dir.resolve()), tracking)
+    except Exception as err:  # noqa: BLE001 (the report is a by-product; the runs are already recorded)
+        print(f"[sweepbp] warning: the sweep report could not be written: {type(err).__name__}: {err}",
+              file=sys.stderr)

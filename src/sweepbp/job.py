@@ -100,7 +100,7 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
 
 def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
     """Whatever was measured so far goes into the result, also when the fit stopped early."""
-    from sweepbp.measure import TimingSummary, device_peaks, rss_peak_bytes
+    from sweepbp.measure import TimingSummary, rss_peak_bytes
 
     if module.trace is not None:
         result.metrics.update(module.trace.metrics())
@@ -117,7 +117,11 @@ def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
     if "peak_memory_bytes" in result.metrics and result.metrics.get("inference_peak_bytes"):
         result.metrics["train_inference_memory_ratio"] = (
             result.metrics["peak_memory_bytes"] / result.metrics["inference_peak_bytes"])
-    result.metrics.update(device_peaks(device))
+    result.metrics.update(module.allocator_figures)
+    allocated = module.allocator_figures.get("peak_allocated_bytes")
+    if allocated and "peak_memory_bytes" in result.metrics:
+        # How far the exact tracker is from the CUDA allocator on the same traced step (GPU only).
+        result.metrics["tracker_vs_allocated_pct"] = 100.0 * (result.metrics["peak_memory_bytes"] - allocated) / allocated
     result.metrics["rss_peak_bytes"] = rss_peak_bytes()
 
 

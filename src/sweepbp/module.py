@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 from sweepbp.measure import (GRAD, OPTIMIZER, OTHER, PARAM, TRAINABLE, MemoryReport, MemoryTracker, StepTimer,
-                             active_tracker, tensors_of)
+                             active_tracker, device_peaks, reset_device_peaks, tensors_of)
 from sweepbp.memory import AppliedMemory
 
 
@@ -41,7 +41,7 @@ class LoraFinetune(L.LightningModule):
         self.losses: list[float] = []
         self.timers: list[StepTimer] = []
         self.trace: MemoryReport | None = None
-        self._tracker: MemoryTracker | None = None
+        self.allocator_figures: dict[str, float] = {}  # CUDA allocator peaks of the traced step
         for param in self.model.parameters():
             if param.requires_grad:
                 param.register_post_accumulate_grad_hook(_count_as_gradient)
@@ -79,14 +79,14 @@ class LoraFinetune(L.LightningModule):
     def _traced_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tracker = MemoryTracker(self.device.type, self.budget_bytes, keep_timeline=self.keep_timeline)
         register_state(tracker, self.model, self.optimizers().optimizer, batch)
-        self._tracker = tracker
+        reset_device_peaks(self.device)
         try:
             with tracker:
                 loss = self._step(batch, tracker.phase_of)
                 loss = loss.detach()
         finally:
             self.trace = tracker.report()
-            self._tracker = None
+            self.allocator_figures = device_peaks(self.device)
         return loss
 
 

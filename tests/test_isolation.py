@@ -1,0 +1,20 @@
+"""A job's numbers do not depend on which jobs ran before it (each job is a fresh forked process)."""
+
+from __future__ import annotations
+
+from conftest import FAST, compose
+from sweepbp.worker import run_isolated
+
+TRACKED = ("peak_memory_bytes", "activation_bytes", "param_bytes", "trainable_param_bytes", "grad_bytes",
+           "optimizer_state_bytes", "other_bytes", "inference_peak_bytes")
+
+
+def test_tracked_figures_are_identical_first_or_after_a_larger_job():
+    small = compose([*FAST, "batch.size=2", "tracking=none"])
+    large = compose([*FAST, "batch.size=8", "memory=none", "tracking=none"])
+    alone = run_isolated(small, "1/1")
+    run_isolated(large, "1/2")
+    after = run_isolated(small, "2/2")
+    assert alone.status == after.status == "ok"
+    assert {k: alone.metrics[k] for k in TRACKED} == {k: after.metrics[k] for k in TRACKED}
+    assert alone.losses == after.losses
