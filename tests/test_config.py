@@ -119,7 +119,8 @@ def test_bad_input_fails_before_anything_heavy_is_imported(tmp_path):
     probe = tmp_path / "imported.txt"
     code = ("import atexit, os, sys\n"
             "heavy = ('torch', 'transformers', 'lightning', 'mlflow')\n"
-            "atexit.register(lambda: open(os.environ['PROBE'], 'w').write(' '.join(m for m in heavy if m in sys.modules)))\n"
+            "loaded = lambda: ' '.join(m for m in heavy if m in sys.modules)\n"
+            "atexit.register(lambda: open(os.environ['PROBE'], 'w').write(loaded()))\n"
             "from sweepbp.cli import main\n"
             "main()")
     done = subprocess.run([sys.executable, "-c", code, "lora.r=0", "batch.seq_len=4096"], cwd=tmp_path,
