@@ -96,11 +96,12 @@ def train_step(model: torch.nn.Module, memory: AppliedMemory, batch: dict[str, t
     return loss
 
 
-def step_tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                 device_type: str | tuple[str, ...], budget_bytes: int | None, keep_timeline: bool) -> MemoryTracker:
+def step_tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict[str, torch.Tensor],
+                 device_type: str | tuple[str, ...], budget_bytes: int | None, keep_timeline: bool,
+                 kind: type[MemoryTracker] = MemoryTracker) -> MemoryTracker:
     """The exact tracker of one traced step, with the state that exists before it registered.
-    The same tracker counts real tensors (mode=measure) and fake ones (mode=predict)."""
-    tracker = MemoryTracker(device_type, budget_bytes, keep_timeline=keep_timeline)
+    The same tracker counts real tensors (mode=measure) and data-less ones (mode=predict passes its `kind`)."""
+    tracker = kind(device_type, budget_bytes, keep_timeline=keep_timeline)
     register_state(tracker, model, optimizer, batch)
     return tracker
 

@@ -21,15 +21,17 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from unittest import mock
 
 import torch
 
-from sweepbp.config import SweepbpConfig
-from sweepbp.measure import MemoryReport
+from sweepbp.config import RunConfig, SweepbpConfig
+from sweepbp.measure import MemoryReport, MemoryTracker
+from sweepbp.result import JobResult
 
 PREFIX = "predicted_"
+GB = 1e9
 
 
 @dataclass
@@ -82,7 +84,7 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
     from sweepbp.memory import apply_memory_strategy, assert_training_mode
     from sweepbp.model import build_model
     from sweepbp.module import count_gradients, make_optimizer, step_tracker, train_step
-    from sweepbp.target import precision_plugin, target_kernels
+    from sweepbp.target import meta_tracker, precision_plugin, target_kernels
 
     size = int(batch_size if batch_size is not None else cfg.batch.size)
     start = time.perf_counter()
@@ -91,20 +93,21 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
     with torch.device(meta):  # peft creates adapters on the default device before moving them
         model = apply_lora(build_model(cfg.model, meta, cfg.trainer.seed), cfg.lora)
     meta_trace = not cfg.trainer.precision.endswith("-mixed")  # autocast needs a real device type: fake CPU
-    with no_data(meta_trace, model, device) as counted, unpadded_sequences(), target_kernels(device, modelled, meta_trace):
+    with no_data(meta_trace, model, device) as counted, unpadded_sequences(), target_kernels(device, modelled):
         applied = apply_memory_strategy(model, cfg.memory, torch.device(device))
         model.train()
         assert_training_mode(model)
         batch = empty_batch(size, cfg.batch.seq_len, counted[0])
         parameters = parameter_counts(model, cfg.batch.seq_len)
-        inference = _inference_peak(model, batch, counted)
+        kind = meta_tracker(device) if meta_trace else MemoryTracker
+        inference = _inference_peak(model, batch, counted, kind)
         plugin = precision_plugin(cfg.trainer.precision, device, modelled)
         model = plugin.convert_module(model)  # Lightning converts at fit, after the inference measurement
         count_gradients(model)
         optimizer = make_optimizer(model, cfg.trainer.lr, cfg.trainer.weight_decay, foreach=_foreach(device, modelled))
         with plugin.train_step_context():  # Lightning runs every training_step inside it
             warm_optimizer(optimizer)
-            tracker = step_tracker(model, optimizer, batch, counted, None, keep_timeline)
+            tracker = step_tracker(model, optimizer, batch, counted, None, keep_timeline, kind)
             with tracker:
                 train_step(model, applied, batch, optimizer, _backward, tracker.phase_of)
             report = tracker.report()
@@ -141,11 +144,16 @@ def warm_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Bring AdamW to the state a real job's traced step starts from (after its warm-up steps):
     exp_avg, exp_avg_sq and step per adapter tensor, gradients freed. One step on zero gradients
     creates exactly that state without tracing a warm-up forward and backward."""
+    implementations = []
     for group in optimizer.param_groups:
+        implementations.append(group["foreach"])
+        group["foreach"] = True  # same state as the per-tensor loop (both start with `_init_group`), faster
         for param in group["params"]:
             param.grad = torch.zeros_like(param)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    for group, foreach in zip(optimizer.param_groups, implementations):
+        group["foreach"] = foreach
 
 
 def _foreach(device: str, modelled: list[str]) -> bool | None:
@@ -156,13 +164,12 @@ def _foreach(device: str, modelled: list[str]) -> bool | None:
     return None
 
 
-def _inference_peak(model: torch.nn.Module, batch: dict[str, torch.Tensor], counted: tuple[str, ...]) -> int:
+def _inference_peak(model: torch.nn.Module, batch: dict[str, torch.Tensor], counted: tuple[str, ...],
+                    kind: type[MemoryTracker]) -> int:
     """`job.measure_inference` without data: the same registration and tracker, no budget."""
-    from sweepbp.measure import MemoryTracker
-    from sweepbp.module import register_state
+    from sweepbp.module import step_tracker
 
-    tracker = MemoryTracker(counted)
-    register_state(tracker, model, None, batch)
+    tracker = step_tracker(model, None, batch, counted, None, False, kind)
     with torch.no_grad(), tracker, tracker.phase_of("inference"):
         model(**batch)
     return tracker.report().peak_bytes
@@ -186,3 +193,62 @@ def unpadded_sequences() -> Iterator[None]:
     with mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None), \
             mock.patch.object(PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None):
         yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions inside jobs
+
+
+def predict_job(run: RunConfig, result: JobResult) -> None:
+    """mode=predict: the job's record is its prediction. Over `budget_gb` it is an `oom` result (with
+    every predicted figure kept), as the real job would be."""
+    from sweepbp.autobatch import resolve_batch_size
+
+    device = target_device(run.cfg.trainer.accelerator)
+    result.environment["predicted_device"] = device
+    run = resolve_batch_size(run, device, result.metrics)
+    prediction = predict(run.cfg, device, keep_timeline=True)
+    _record(prediction, result)
+    result.metrics.update(prediction.parameters)
+    result.metrics["checkpointed_layers"] = float(prediction.checkpointed_layers)
+    result.timeline = [asdict(s) for s in prediction.report.timeline[:: max(1, len(prediction.report.timeline) // 2000)]]
+    budget = int(run.cfg.budget_gb * GB) if run.cfg.budget_gb is not None else None
+    if not prediction.fits(budget):
+        raise torch.OutOfMemoryError(f"predicted peak {prediction.peak_bytes:,} bytes exceeds "
+                                     f"budget_gb={run.cfg.budget_gb:g} on {device}")
+
+
+def add_prediction(cfg: SweepbpConfig, device: str, result: JobResult) -> None:
+    """mode=measure: log the job's prediction beside its measurement. A prediction that fails is noted
+    in the environment and never fails the measured job."""
+    result.environment["predicted_device"] = device
+    try:
+        _record(predict(cfg, device), result)
+    except Exception as err:  # the measurement is what the job is for
+        result.environment["prediction_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def prediction_errors(metrics: dict[str, float]) -> dict[str, float]:
+    """Signed relative errors of the prediction, in percent: (predicted - measured) / measured * 100.
+
+    `predicted_error_pct` compares with the exact tracker's `peak_memory_bytes`; on CUDA
+    `predicted_allocator_error_pct` compares with `torch.cuda.max_memory_allocated` (`peak_allocated_bytes`).
+    """
+    predicted = metrics.get(f"{PREFIX}peak_memory_bytes")
+    errors: dict[str, float] = {}
+    if predicted is None:
+        return errors
+    for name, measured in (("predicted_error_pct", "peak_memory_bytes"),
+                           ("predicted_allocator_error_pct", "peak_allocated_bytes"),
+                           ("predicted_inference_error_pct", "inference_peak_bytes")):
+        truth = metrics.get(measured)
+        guess = predicted if measured != "inference_peak_bytes" else metrics.get(f"{PREFIX}inference_peak_bytes")
+        if truth and guess is not None:
+            errors[name] = 100.0 * (guess - truth) / truth
+    return errors
+
+
+def _record(prediction: Prediction, result: JobResult) -> None:
+    result.metrics.update(prediction.metrics())
+    if prediction.modelled:
+        result.environment["predicted_kernels"] = "; ".join(prediction.modelled)

@@ -29,7 +29,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from sweepbp.measure import HOST, MemoryTracker
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -88,53 +89,65 @@ def sdpa(device: str, query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     return out, backend
 
 
-class MetaCopies(TorchDispatchMode):
-    """Keeps copies to a real device on meta, so an offloading strategy's host copies can be traced.
+class MetaTracker(MemoryTracker):
+    """The exact tracker for a meta trace; it also keeps copies to a real device on meta, so an offloading
+    strategy's host copies can be traced (one dispatch mode instead of two: each costs time per op).
 
     A copy that leaves the target's device type (to the CPU for a CUDA target), and any pinned buffer,
     counts as host memory, as in a real run. Real scalars made without a meta input stay real.
     """
 
-    def __init__(self, device: str):
-        super().__init__()
-        self.device = device
+    target = "cpu"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        wanted = kwargs.get("device")
+        wanted = kwargs.get("device") if kwargs else None
         if wanted is None or torch.device(wanted).type == "meta":
-            return func(*args, **kwargs)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        kwargs = dict(kwargs)
         pinned = bool(kwargs.get("pin_memory"))
         if not (pinned or any(isinstance(a, torch.Tensor) and a.is_meta for a in args)):
-            return func(*args, **kwargs)
+            return super().__torch_dispatch__(func, types, args, kwargs)
         kwargs["device"], kwargs["pin_memory"] = torch.device("meta"), False
         out = func(*args, **kwargs)
-        if pinned or torch.device(wanted).type != self.device:
-            _count_as_host(out)
+        if pinned or torch.device(wanted).type != self.target:
+            self.retag(out, HOST)
+        else:
+            self._add(out, self._category_for_new())
         return out
 
 
-def _count_as_host(tensor: torch.Tensor) -> None:
-    from sweepbp.measure import HOST, active_tracker
-
-    tracker = active_tracker()
-    if tracker is not None:
-        tracker.retag(tensor, HOST)
+def meta_tracker(device: str) -> type[MemoryTracker]:
+    """The tracker class of a meta trace for a `device` target."""
+    return type(f"MetaTracker_{device}", (MetaTracker,), {"target": device})
 
 
 @contextlib.contextmanager
-def target_kernels(device: str, modelled: list[str], meta: bool) -> Iterator[None]:
-    """While tracing: attention as the target runs it, and (meta trace) copies off meta kept on meta."""
+def target_kernels(device: str, modelled: list[str]) -> Iterator[None]:
+    """While tracing: attention as the target runs it."""
     from unittest import mock
 
     def attention(*args, **kwargs):
+        args, kwargs = _autocast(args, kwargs)
         out, backend = sdpa(device, *args, **kwargs)
         modelled.append(f"attention: the {device} dispatcher's {backend} SDPA kernel")
         return out
 
-    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", attention), \
-            (MetaCopies(device) if meta else contextlib.nullcontext()):
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", attention):
         yield
+
+
+def _autocast(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Autocast's cast of SDPA's inputs (SDPA is on its lower-precision list for CPU and CUDA): the backend
+    ops called instead are on no list, so the cast is applied here, as autocast would."""
+    if not torch.is_autocast_enabled("cpu"):  # the trace's device type when autocast is on (fake CPU)
+        return args, kwargs
+    dtype = torch.get_autocast_dtype("cpu")
+
+    def cast(value):
+        eligible = isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64
+        return value.to(dtype) if eligible else value
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
 def precision_plugin(precision: str, device: str, modelled: list[str]):
