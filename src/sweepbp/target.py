@@ -90,30 +90,69 @@ def sdpa(device: str, query, key, value, attn_mask=None, dropout_p=0.0, is_causa
 
 
 class MetaTracker(MemoryTracker):
-    """The exact tracker for a meta trace; it also keeps copies to a real device on meta, so an offloading
-    strategy's host copies can be traced (one dispatch mode instead of two: each costs time per op).
+    """The exact tracker for a meta trace, with two additions (one dispatch mode, since each costs time
+    per op):
 
-    A copy that leaves the target's device type (to the CPU for a CUDA target), and any pinned buffer,
-    counts as host memory, as in a real run. Real scalars made without a meta input stay real.
+    - copies to a real device stay on meta, so an offloading strategy's host copies can be traced. A copy
+      that leaves the target's device type (to the CPU for a CUDA target), and any pinned buffer, counts
+      as host memory, as in a real run. Real scalars made without a meta input stay real.
+    - pointwise ops repeat with the same shapes in every layer; their meta kernels are Python (about a
+      millisecond each), so the output layout of a functional pointwise op is remembered by its inputs'
+      layouts and reproduced with `empty_strided`, the same storage the kernel would make; an in-place
+      one returns its input, as the kernel does.
     """
 
     target = "cpu"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._layouts: dict[tuple, tuple] = {}
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         wanted = kwargs.get("device") if kwargs else None
-        if wanted is None or torch.device(wanted).type == "meta":
+        if wanted is not None and torch.device(wanted).type != "meta":
+            return self._copy_off_meta(func, args, dict(kwargs), torch.device(wanted))
+        if func._schema.name.endswith("_") and torch.Tag.pointwise in func.tags and args[0].is_meta:
+            return args[0]  # an in-place pointwise op returns its own, already counted, input
+        key = _pointwise_key(func, args, kwargs)
+        if key is None:
             return super().__torch_dispatch__(func, types, args, kwargs)
-        kwargs = dict(kwargs)
+        layout = self._layouts.get(key)
+        if layout is None:
+            out = func(*args, **(kwargs or {}))
+            self._layouts[key] = (out.shape, out.stride(), out.dtype)
+        else:
+            out = torch.empty_strided(layout[0], layout[1], dtype=layout[2], device="meta")
+        self._add(out, self._category_for_new())
+        return out
+
+    def _copy_off_meta(self, func, args, kwargs, wanted: torch.device):
         pinned = bool(kwargs.get("pin_memory"))
         if not (pinned or any(isinstance(a, torch.Tensor) and a.is_meta for a in args)):
-            return super().__torch_dispatch__(func, types, args, kwargs)
+            return super().__torch_dispatch__(func, (), args, kwargs)
         kwargs["device"], kwargs["pin_memory"] = torch.device("meta"), False
         out = func(*args, **kwargs)
-        if pinned or torch.device(wanted).type != self.target:
-            self.retag(out, HOST)
-        else:
-            self._add(out, self._category_for_new())
+        self._add(out, HOST if pinned or wanted.type != self.target else self._category_for_new())
         return out
+
+
+def _pointwise_key(func, args, kwargs) -> tuple | None:
+    """A cache key for a functional pointwise op on meta tensors returning one fresh tensor, else None."""
+    if torch.Tag.pointwise not in func.tags or func._schema.is_mutable or len(func._schema.returns) != 1:
+        return None
+    key: list = [func]
+    for value in (*args, *(kwargs or {}).values()):
+        if isinstance(value, torch.Tensor):
+            if not value.is_meta:
+                return None
+            key.append((value.shape, value.stride(), value.dtype))
+        elif isinstance(value, (int, float, bool, complex, str, type(None), torch.dtype)):
+            key.append((type(value), value))
+        else:
+            return None
+    if kwargs:
+        key.append(tuple(kwargs))
+    return tuple(key)
 
 
 def meta_tracker(device: str) -> type[MemoryTracker]:
