@@ -190,8 +190,11 @@ def unpadded_sequences() -> Iterator[None]:
     """
     from transformers import PreTrainedModel, masking_utils
 
-    with mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None), \
-            mock.patch.object(PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None):
+    with contextlib.ExitStack() as stack:
+        for owner, name, stand_in in ((masking_utils, "find_packed_sequence_indices", lambda position_ids: None),
+                                      (PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None)):
+            if hasattr(owner, name):  # older transformers releases lack one or the other
+                stack.enter_context(mock.patch.object(owner, name, stand_in))
         yield
 
 
@@ -208,7 +211,7 @@ def predict_job(run: RunConfig, result: JobResult) -> None:
     result.environment["predicted_device"] = device
     run = resolve_batch_size(run, device, result.metrics)
     prediction = predict(run.cfg, device, keep_timeline=True)
-    _record(prediction, result)
+    _record(run.cfg, prediction, result)
     result.metrics.update(prediction.parameters)
     result.metrics["checkpointed_layers"] = float(prediction.checkpointed_layers)
     result.timeline = [asdict(s) for s in prediction.report.timeline[:: max(1, len(prediction.report.timeline) // 2000)]]
@@ -223,7 +226,7 @@ def add_prediction(cfg: SweepbpConfig, device: str, result: JobResult) -> None:
     in the environment and never fails the measured job."""
     result.environment["predicted_device"] = device
     try:
-        _record(predict(cfg, device), result)
+        _record(cfg, predict(cfg, device), result)
     except Exception as err:  # the measurement is what the job is for
         result.environment["prediction_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
@@ -248,8 +251,14 @@ def prediction_errors(metrics: dict[str, float]) -> dict[str, float]:
     return errors
 
 
-def _record(prediction: Prediction, result: JobResult) -> None:
+def _record(cfg: SweepbpConfig, prediction: Prediction, result: JobResult) -> None:
+    from sweepbp.estimate import estimate
+    from sweepbp.model import hf_config
+
     result.metrics.update(prediction.metrics())
+    formula = estimate(cfg, hf_config(cfg.model), prediction.batch_size)
+    if formula is not None:
+        result.metrics.update(formula.metrics())
     if prediction.modelled:
         result.environment["predicted_kernels"] = "; ".join(prediction.modelled)
 
