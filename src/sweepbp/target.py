@@ -8,8 +8,8 @@ the same tensors whatever the device; where the device decides, `TargetDevice` d
   autograd saves what that kernel saves. CPU (sdp_utils_cpp.cpp): flash unless dropout > 0 or shapes forbid it, else
   math. CUDA on sm80+ (A100, H100, H200, L4, RTX 4090; sdp_utils.cpp): flash for 16-bit inputs without
   a mask: the output and an fp32 logsumexp (B, H, L) are saved; memory-efficient for fp32 or masked
-  inputs (logsumexp padded to a multiple of 32 in L); math otherwise, which keeps the (B, H, L, L)
-  attention matrix. cuDNN attention, preferred by some builds on sm90, saves the same output and
+  inputs without grouped KV heads (logsumexp padded to a multiple of 32 in L); math otherwise, which
+  keeps the (B, H, L, L) attention matrix (and, with grouped KV heads, K and V expanded to all heads). cuDNN attention, preferred by some builds on sm90, saves the same output and
   logsumexp as flash. Without this, meta tensors would always take the math path. The replacement is
   a patch of the module attribute, not a TorchFunctionMode: function modes are not active in the
   backward, where checkpointing recomputes attention.
@@ -55,7 +55,9 @@ def cuda_sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if attn_mask is None and query.dtype in HALF and d_q == d_k == d_v <= 256 and (square or not is_causal):
         return "flash"
     alignment = 8 if query.dtype in HALF else 4  # minimum GEMM alignment on sm80+
-    if d_q == d_k and d_q % alignment == 0 and d_v % alignment == 0 and query.dtype in (*HALF, torch.float32):
+    same_heads = query.shape[-3] == key.shape[-3] == value.shape[-3]  # its backward has no GQA (PyTorch 2.13)
+    if (d_q == d_k and d_q % alignment == 0 and d_v % alignment == 0 and same_heads
+            and query.dtype in (*HALF, torch.float32)):
         return "efficient"
     return "math"
 
