@@ -140,7 +140,9 @@ class MetaTracker(MemoryTracker):
 
 def _pointwise_key(func, args, kwargs) -> tuple | None:
     """A cache key for a functional pointwise op on meta tensors returning one fresh tensor, else None."""
-    if torch.Tag.pointwise not in func.tags or func._schema.is_mutable or len(func._schema.returns) != 1:
+    schema = func._schema
+    if torch.Tag.pointwise not in func.tags or schema.is_mutable or len(schema.returns) != 1 \
+            or schema.returns[0].alias_info is not None:
         return None
     key: list = [func]
     for value in (*args, *(kwargs or {}).values()):
