@@ -236,8 +236,8 @@ def config_of(result):
 
 def fetch_wheels(args: argparse.Namespace) -> int:
     """hydra-core, omegaconf and antlr4 (pure Python) into .whl/, for a machine without them or a network."""
-    folder = REPO / ".whl"
-    folder.mkdir(exist_ok=True)
+    folder = Path(args.dest).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip"]
     subprocess.run([*pip, "download", "--no-deps", "--only-binary=:all:", "-d", str(folder),
                     "hydra-core==1.3.2", "omegaconf==2.3.0"], check=True)
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     into.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     into.add_argument("--experiment", default="gpu-ground-truth")
     into.add_argument("--sweep-id", default=None)
-    sub.add_parser("fetch-wheels", help="wheels for a GPU machine without hydra-core/omegaconf")
+    wheels = sub.add_parser("fetch-wheels", help="wheels for a GPU machine without hydra-core/omegaconf")
+    wheels.add_argument("--dest", default=str(REPO / ".whl"))
     args = parser.parse_args(argv)
     if args.command == "run" and args.cpu_smoke and args.batch == "1,4":
         args.batch = "1"
