@@ -38,9 +38,15 @@ def run_job(run: RunConfig, progress=None) -> JobResult:
     start = time.perf_counter()
     try:
         _quiet_libraries()
-        device = pick_device(cfg.trainer.accelerator)
-        result.environment.update(device_environment(device, cfg.trainer.seed))
-        _fit_and_measure(run, device, result, progress, start)
+        if cfg.mode == "predict":
+            from sweepbp.predict import predict_job
+
+            result.environment.update(device_environment(torch.device("cpu"), cfg.trainer.seed))
+            predict_job(run, result)
+        else:
+            device = pick_device(cfg.trainer.accelerator)
+            result.environment.update(device_environment(device, cfg.trainer.seed))
+            _fit_and_measure(run, device, result, progress, start)
         result.status = "ok"
     except torch.OutOfMemoryError as err:
         result.status, result.error = "oom", _one_line(err)
@@ -66,9 +72,13 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
     from sweepbp.lora import apply_lora
     from sweepbp.memory import apply_memory_strategy, assert_training_mode
     from sweepbp.model import build_model
+    from sweepbp.autobatch import resolve_batch_size
     from sweepbp.module import LoraFinetune
+    from sweepbp.predict import add_prediction
 
+    run = resolve_batch_size(run, device.type, result.metrics)  # batch.size=auto
     cfg = run.cfg
+    add_prediction(cfg, device.type, result)  # before the real model exists: it costs no device memory
     budget = int(cfg.budget_gb * GB) if cfg.budget_gb is not None else None
     if budget is not None and device.type == "cuda":
         cap_device_memory(device, budget)
@@ -101,6 +111,7 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
 def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
     """Whatever was measured so far goes into the result, also when the fit stopped early."""
     from sweepbp.measure import TimingSummary, rss_peak_bytes
+    from sweepbp.predict import prediction_errors
 
     if module.trace is not None:
         result.metrics.update(module.trace.metrics())
@@ -123,6 +134,7 @@ def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
         # How far the exact tracker is from the CUDA allocator on the same traced step (GPU only).
         result.metrics["tracker_vs_allocated_pct"] = 100.0 * (result.metrics["peak_memory_bytes"] - allocated) / allocated
     result.metrics["rss_peak_bytes"] = rss_peak_bytes()
+    result.metrics.update(prediction_errors(result.metrics))
 
 
 def measure_inference(model: torch.nn.Module, batch: dict, device: torch.device, budget: int | None) -> dict[str, float]:

@@ -104,12 +104,15 @@ class MemoryTracker(TorchDispatchMode):
     """Counts every storage created while active; optionally raises OOM past a byte budget.
 
     `device_type` is the device whose memory is counted (cpu or cuda); storages elsewhere (the host,
-    for offloading on CUDA) count as host memory.
+    for offloading on CUDA) count as host memory. mode=predict passes several types: its trace runs on
+    `meta` tensors, next to the real CPU scalars an optimizer keeps (device memory when predicting for CPU).
     """
 
-    def __init__(self, device_type: str, budget_bytes: int | None = None, keep_timeline: bool = False):
+    def __init__(self, device_type: str | tuple[str, ...], budget_bytes: int | None = None,
+                 keep_timeline: bool = False):
         super().__init__()
-        self.device_type = device_type
+        self.device_types = (device_type,) if isinstance(device_type, str) else tuple(device_type)
+        self.device_type = self.device_types[0]
         self.budget_bytes = budget_bytes
         self.keep_timeline = keep_timeline
         self.phase = "setup"
@@ -171,7 +174,7 @@ class MemoryTracker(TorchDispatchMode):
         if key in self._sizes:
             return
         size = storage.nbytes()
-        if category != HOST and tensor.device.type != self.device_type:
+        if category != HOST and tensor.device.type not in self.device_types:
             category = HOST
         self._sizes[key] = (size, category)
         weakref.finalize(storage, self._free, key)

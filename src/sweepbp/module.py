@@ -42,13 +42,10 @@ class LoraFinetune(L.LightningModule):
         self.timers: list[StepTimer] = []
         self.trace: MemoryReport | None = None
         self.allocator_figures: dict[str, float] = {}  # CUDA allocator peaks of the traced step
-        for param in self.model.parameters():
-            if param.requires_grad:
-                param.register_post_accumulate_grad_hook(_count_as_gradient)
+        count_gradients(self.model)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        return make_optimizer(self.model, self.lr, self.weight_decay)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         if batch_idx == self.traced_step:
@@ -66,28 +63,57 @@ class LoraFinetune(L.LightningModule):
             self.on_step(batch_idx, value, self.timers[-1].total if self.timers and batch_idx > self.traced_step else 0.0)
 
     def _step(self, batch: dict[str, torch.Tensor], phase: Callable[[str], contextlib.AbstractContextManager]) -> torch.Tensor:
-        optimizer = self.optimizers()
-        with phase("forward"), self.memory.forward_context():
-            loss = self.model(**batch).loss
-        with phase("backward"):
-            self.manual_backward(loss)
-        with phase("optim"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss
+        return train_step(self.model, self.memory, batch, self.optimizers(), self.manual_backward, phase)
 
     def _traced_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tracker = MemoryTracker(self.device.type, self.budget_bytes, keep_timeline=self.keep_timeline)
-        register_state(tracker, self.model, self.optimizers().optimizer, batch)
+        tracker = step_tracker(self.model, self.optimizers().optimizer, batch, self.device.type, self.budget_bytes,
+                               self.keep_timeline)
         reset_device_peaks(self.device)
         try:
             with tracker:
-                loss = self._step(batch, tracker.phase_of)
-                loss = loss.detach()
+                return self._step(batch, tracker.phase_of).detach()
         finally:
-            self.trace = tracker.report()
+            self.trace = tracker.report()  # also when the budget ran out mid-step
             self.allocator_figures = device_peaks(self.device)
-        return loss
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   foreach: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW on the trainable (adapter) weights. `foreach=None` is PyTorch's per-device default (mode=predict
+    passes the target device's choice, since its trace runs on fake CPU tensors)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, foreach=foreach)
+
+
+def train_step(model: torch.nn.Module, memory: AppliedMemory, batch: dict[str, torch.Tensor], optimizer,
+               backward: Callable[[torch.Tensor], None],
+               phase: Callable[[str], contextlib.AbstractContextManager]) -> torch.Tensor:
+    """One LoRA step: forward (under the strategy's context), backward, AdamW step, gradients freed."""
+    with phase("forward"), memory.forward_context():
+        loss = model(**batch).loss
+    with phase("backward"):
+        backward(loss)
+    with phase("optim"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def step_tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict[str, torch.Tensor],
+                 device_type: str | tuple[str, ...], budget_bytes: int | None, keep_timeline: bool,
+                 kind: type[MemoryTracker] = MemoryTracker) -> MemoryTracker:
+    """The exact tracker of one traced step, with the state that exists before it registered.
+    The same tracker counts real tensors (mode=measure) and data-less ones (mode=predict passes its `kind`)."""
+    tracker = kind(device_type, budget_bytes, keep_timeline=keep_timeline)
+    register_state(tracker, model, optimizer, batch)
+    return tracker
+
+
+def count_gradients(model: torch.nn.Module) -> None:
+    """Adapter gradients, once accumulated into `param.grad`, count as gradients rather than temporaries."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(_count_as_gradient)
 
 
 def register_state(tracker: MemoryTracker, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -45,6 +45,9 @@ def preload(arch: str) -> None:
         importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
     except ImportError:
         pass
+    from sweepbp.predict import warm_up
+
+    warm_up()  # every job predicts its memory; on meta tensors, so no CUDA and no allocator is touched
 
 
 def run_isolated(run: RunConfig, label: str) -> JobResult:

@@ -1,0 +1,150 @@
+"""A closed-form cross-check of the trace-based prediction: memory of a Llama-style decoder with LoRA.
+
+No tracing, no model: only the HF config fields. It states, term by term, where the memory of a LoRA
+step goes, and is reported beside the traced prediction as `formula_*` metrics. It is not exact;
+docs/predict.md lists what it leaves out and how far it lands from the trace. The symbols:
+
+  T tokens per step (batch x seq_len), L layers, h hidden size, i MLP size, V vocabulary,
+  q = heads x head_dim, kv = kv_heads x head_dim, r LoRA rank,
+  s bytes per activation element (the weights' dtype), a bytes per adapter element (peft keeps
+  the adapters of a 16-bit model in fp32; bf16-true precision casts everything to 2 bytes).
+
+Weights W: embeddings V*h, lm_head V*h (unless tied), per layer h*q + 2*h*kv + q*h + 3*h*i + 2*h, a
+final norm h; times s. Adapter A: r*(in + out) per adapted linear, times a. Gradients A, AdamW 2A.
+Per token and layer, saved for the backward (`layer_bytes_per_token`); the loss transient per token is
+the logits in s bytes, their fp32 copy and the fp32 log-softmax the backward keeps, (s + 8) * V, in the
+forward; in the backward the saved log-softmax, its incoming gradient and its input gradient, 12 * V (fp32).
+
+  none:  peak = W + 4A + L * layer * T + max(s + 8, 12) * V * T
+  ckpt:  peak = W + 4A + (n * s * h + (L - n) * layer) * T + max(s + 8, 12) * V * T,  n = checkpointed layers
+  activations (the peak of what the forward allocates) = the saved part above + (s + 8) * V * T
+  inference peak = W + A + (s + 8) * V * T   (the loss is computed, as in a job's inference pass)
+
+The peak is taken where the backward starts: all saved activations, the loss gradients, the adapter,
+its gradient buffer's worth (4A: weights, gradients, two AdamW moments). Under ckpt the recompute of one
+layer during the backward is smaller than that for Llama shapes, so it is not added.
+
+Other memory strategies have no formula (the `formula_*` metrics are then absent).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sweepbp.config import SweepbpConfig
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP32 = 4
+
+
+@dataclass
+class Shape:
+    """The few numbers of a Llama-style decoder the formula needs."""
+
+    layers: int
+    hidden: int
+    mlp: int
+    vocab: int
+    q: int  # heads * head_dim
+    kv: int  # kv_heads * head_dim
+    heads: int
+    tied: bool
+
+    @classmethod
+    def of(cls, config) -> "Shape":
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size,
+                   heads * head_dim, kv_heads * head_dim, heads, bool(getattr(config, "tie_word_embeddings", False)))
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear of one layer."""
+        h, i, q, kv = self.hidden, self.mlp, self.q, self.kv
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def parameters(self) -> int:
+        """Parameter count of the base model."""
+        per_layer = sum(n_in * n_out for n_in, n_out in self.linears().values()) + 2 * self.hidden
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return embeddings + self.layers * per_layer + self.hidden
+
+
+@dataclass
+class Estimate:
+    """The formula's terms for one job, in bytes."""
+
+    param_bytes: int
+    trainable_param_bytes: int
+    optimizer_state_bytes: int
+    activation_bytes: int  # saved for the backward by the decoder layers, plus the forward's loss transient
+    loss_bytes: int  # the loss transient where the backward starts
+    peak_memory_bytes: int
+    inference_peak_bytes: int
+
+    def metrics(self) -> dict[str, float]:
+        return {f"formula_{name}": float(value) for name, value in self.__dict__.items()}
+
+
+def layer_bytes_per_token(shape: Shape, s: int, a: int, r: int, targets: set[str], eager: bool, seq_len: int) -> int:
+    """Bytes one decoder layer saves for the backward, per token (HF Llama + peft LoRA, dropout 0).
+
+    Frozen linears save nothing (their input gradient needs only the weight); a LoRA adapter saves its
+    input, cast to the adapter dtype (one shared copy when a == s), and its rank-r intermediate. Each
+    RMSNorm saves its fp32 input and a (T, 1) rsqrt. Attention saves q, k, v after RoPE and, for SDPA's
+    fused kernels, the output and an fp32 logsumexp per head; eager attention keeps k and v expanded to
+    all heads and the (heads, seq) probabilities in fp32 and in s. The MLP saves gate, up and silu(gate).
+    """
+    h, i, q, kv = shape.hidden, shape.mlp, shape.q, shape.kv
+    linears = shape.linears()
+
+    def adapter_inputs(names: list[str], width: int) -> int:
+        chosen = [n for n in names if n in targets]
+        if not chosen:
+            return 0
+        return len(chosen) * a * width if a != s else s * width
+
+    total = 2 * (FP32 * h + FP32)  # two RMSNorms
+    total += adapter_inputs(["q_proj", "k_proj", "v_proj"], h) + adapter_inputs(["gate_proj", "up_proj"], h)
+    total += adapter_inputs(["o_proj"], q) + adapter_inputs(["down_proj"], i)
+    total += sum(a * r for name in linears if name in targets)
+    if eager:
+        total += s * q + 2 * s * q + (FP32 + s) * shape.heads * seq_len
+    else:
+        total += s * (q + 2 * kv) + s * q + FP32 * shape.heads
+    total += 3 * s * i
+    return total
+
+
+def estimate(cfg: SweepbpConfig, config, batch_size: int) -> Estimate | None:
+    """The formula for `cfg` at `batch_size`; `config` is the model's HF config. None for strategies
+    without a formula."""
+    name = cfg.memory.name
+    if name not in ("none", "ckpt"):
+        return None
+    shape = Shape.of(config)
+    s = DTYPE_BYTES[cfg.model.dtype]
+    if cfg.trainer.precision in ("bf16-true", "16-true"):
+        s, a = 2, 2
+    else:
+        a = 4 if s == 2 else s  # peft upcasts 16-bit adapters to fp32
+    tokens = batch_size * cfg.batch.seq_len
+    targets = set(cfg.lora.target_modules)
+    adapter = sum(cfg.lora.r * (n_in + n_out) for n, (n_in, n_out) in shape.linears().items() if n in targets)
+    adapter_bytes = shape.layers * adapter * a
+    weights = shape.parameters() * s
+    layer = layer_bytes_per_token(shape, s, a, cfg.lora.r, targets, cfg.model.attn_implementation == "eager",
+                                  cfg.batch.seq_len)
+    if name == "ckpt":
+        kept = math.ceil(shape.layers / cfg.memory.every)  # type: ignore[attr-defined]
+        saved = (kept * s * shape.hidden + (shape.layers - kept) * layer) * tokens
+    else:
+        saved = shape.layers * layer * tokens
+    forward_loss = (s + 8) * shape.vocab * tokens  # logits, their fp32 copy, the saved log-softmax
+    backward_loss = max(s + 8, 3 * FP32) * shape.vocab * tokens  # + the log-softmax's gradient in and out
+    return Estimate(param_bytes=weights, trainable_param_bytes=adapter_bytes, optimizer_state_bytes=2 * adapter_bytes,
+                    activation_bytes=saved + forward_loss, loss_bytes=backward_loss,
+                    peak_memory_bytes=weights + 4 * adapter_bytes + saved + backward_loss,
+                    inference_peak_bytes=weights + adapter_bytes + forward_loss)

@@ -1,0 +1,284 @@
+"""mode=predict: a job's own training step run on tensors without data, counted by the exact tracker.
+
+The prediction takes the path of a real job (build_model -> apply_lora -> apply_memory_strategy ->
+inference peak -> precision plugin -> AdamW in its steady state -> one traced forward/backward/AdamW
+step through `module.train_step`), but on `meta` tensors: each has a shape, a dtype and a storage size
+and no data, so Llama-3.1-8B fits on a laptop and a step takes seconds. `measure.MemoryTracker` counts
+the meta storages exactly as it counts real ones.
+
+Jobs with `*-mixed` precision trace on fake CPU tensors (`FakeTensorMode`) instead, because autocast only
+acts on tensors of a real device type: the same accounting, several times slower.
+
+The kernels whose choice depends on the device (attention, AdamW's implementation) are picked for the
+target device by `target.py`, for CPU as for CUDA; the target is part of every prediction
+(`Prediction.device`). Data-dependent branches cannot be decided without data: sweepbp's batches hold
+one unpadded sequence per row, and `unpadded_sequences` decides transformers' two such branches the way
+that data does. The CPU test (predicted == measured for every strategy) is what catches a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from unittest import mock
+
+import torch
+
+from sweepbp.config import RunConfig, SweepbpConfig
+from sweepbp.measure import MemoryReport, MemoryTracker
+from sweepbp.result import JobResult
+
+PREFIX = "predicted_"
+GB = 1e9
+
+
+@dataclass
+class Prediction:
+    """What one job's step would allocate on `device`, by category, without running it."""
+
+    device: str  # the device type predicted for: cpu or cuda
+    batch_size: int
+    report: MemoryReport  # the traced training step
+    inference_peak_bytes: int
+    parameters: dict[str, float]  # trainable_params, frozen_params, flops_per_token
+    checkpointed_layers: int
+    seconds: float  # wall time of the prediction itself
+    modelled: list[str] = field(default_factory=list)  # what was chosen for the target rather than traced
+
+    @property
+    def peak_bytes(self) -> int:
+        """The larger of the training and inference peaks: what must fit."""
+        return max(self.report.peak_bytes, self.inference_peak_bytes)
+
+    def fits(self, budget_bytes: int | None) -> bool:
+        return budget_bytes is None or self.peak_bytes <= budget_bytes
+
+    def metrics(self) -> dict[str, float]:
+        """`predicted_`-prefixed twins of the measured memory metrics, plus the prediction's own cost."""
+        figures = {k: float(v) for k, v in self.report.metrics(prefix=PREFIX).items()}
+        figures[f"{PREFIX}inference_peak_bytes"] = float(self.inference_peak_bytes)
+        if self.inference_peak_bytes:
+            figures[f"{PREFIX}train_inference_memory_ratio"] = self.report.peak_bytes / self.inference_peak_bytes
+        figures["predict_time_s"] = self.seconds
+        return figures
+
+
+def target_device(accelerator: str) -> str:
+    """The device type a job with this `trainer.accelerator` runs on (cuda or cpu).
+
+    `accelerator=gpu` names CUDA even on a machine without one: that is how a laptop predicts for a GPU.
+    """
+    if accelerator in ("gpu", "cuda"):
+        return "cuda"
+    from sweepbp.job import pick_device
+
+    return pick_device(accelerator).type
+
+
+def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep_timeline: bool = False) -> Prediction:
+    """Trace one steady-state training step of `cfg` without data, for a `device` (cpu or cuda) target."""
+    from sweepbp.job import parameter_counts
+    from sweepbp.lora import apply_lora
+    from sweepbp.memory import apply_memory_strategy, assert_training_mode
+    from sweepbp.model import build_model
+    from sweepbp.module import count_gradients, make_optimizer, step_tracker, train_step
+    from sweepbp.target import meta_tracker, precision_plugin, target_kernels
+
+    size = int(batch_size if batch_size is not None else cfg.batch.size)
+    start = time.perf_counter()
+    modelled: list[str] = []
+    meta = torch.device("meta")
+    with torch.device(meta):  # peft creates adapters on the default device before moving them
+        model = apply_lora(build_model(cfg.model, meta, cfg.trainer.seed), cfg.lora)
+    meta_trace = not cfg.trainer.precision.endswith("-mixed")  # autocast needs a real device type: fake CPU
+    with no_data(meta_trace, model, device) as counted, unpadded_sequences(), target_kernels(device, modelled):
+        applied = apply_memory_strategy(model, cfg.memory, torch.device(device))
+        model.train()
+        assert_training_mode(model)
+        batch = empty_batch(size, cfg.batch.seq_len, counted[0])
+        parameters = parameter_counts(model, cfg.batch.seq_len)
+        kind = meta_tracker(device) if meta_trace else MemoryTracker
+        inference = _inference_peak(model, batch, counted, kind)
+        plugin = precision_plugin(cfg.trainer.precision, device, modelled)
+        model = plugin.convert_module(model)  # Lightning converts at fit, after the inference measurement
+        count_gradients(model)
+        optimizer = make_optimizer(model, cfg.trainer.lr, cfg.trainer.weight_decay, foreach=_foreach(device, modelled))
+        with plugin.train_step_context():  # Lightning runs every training_step inside it
+            warm_optimizer(optimizer)
+            tracker = step_tracker(model, optimizer, batch, counted, None, keep_timeline, kind)
+            with tracker:
+                train_step(model, applied, batch, optimizer, _backward, tracker.phase_of)
+            report = tracker.report()
+    return Prediction(device=device, batch_size=size, report=report, inference_peak_bytes=inference,
+                      parameters=parameters, checkpointed_layers=applied.checkpointed_layers,
+                      seconds=time.perf_counter() - start, modelled=sorted(set(modelled)))
+
+
+@contextlib.contextmanager
+def no_data(meta: bool, model: torch.nn.Module, device: str) -> Iterator[tuple[str, ...]]:
+    """The tensors the trace runs on; yields the device types whose storages count as device memory.
+
+    meta: the model stays on meta. Real CPU scalars beside it (AdamW's step counters) are device memory
+    for a CPU target and host memory for a CUDA one, as in a real run. Otherwise (autocast) the meta
+    model is materialised as fake CPU tensors.
+    """
+    if meta:
+        yield ("meta", "cpu") if device == "cpu" else ("meta",)
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        yield ("cpu",)
+
+
+def empty_batch(size: int, seq_len: int, device: str) -> dict[str, torch.Tensor]:
+    """A batch shaped like `data.TokenBatches` items: input_ids and labels, two int64 storages."""
+    tokens = torch.zeros(size, seq_len, dtype=torch.long, device=device)
+    return {"input_ids": tokens, "labels": tokens.clone()}
+
+
+def warm_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Bring AdamW to the state a real job's traced step starts from (after its warm-up steps):
+    exp_avg, exp_avg_sq and step per adapter tensor, gradients freed. One step on zero gradients
+    creates exactly that state without tracing a warm-up forward and backward."""
+    implementations = []
+    for group in optimizer.param_groups:
+        implementations.append(group["foreach"])
+        group["foreach"] = True  # same state as the per-tensor loop (both start with `_init_group`), faster
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, foreach in zip(optimizer.param_groups, implementations):
+        group["foreach"] = foreach
+
+
+def _foreach(device: str, modelled: list[str]) -> bool | None:
+    """AdamW's implementation as PyTorch picks it on the target: foreach on CUDA, a per-tensor loop on CPU."""
+    if device == "cuda":
+        modelled.append("optimizer: AdamW foreach (the CUDA default)")
+        return True
+    return None
+
+
+def _inference_peak(model: torch.nn.Module, batch: dict[str, torch.Tensor], counted: tuple[str, ...],
+                    kind: type[MemoryTracker]) -> int:
+    """`job.measure_inference` without data: the same registration and tracker, no budget."""
+    from sweepbp.module import step_tracker
+
+    tracker = step_tracker(model, None, batch, counted, None, False, kind)
+    with torch.no_grad(), tracker, tracker.phase_of("inference"):
+        model(**batch)
+    return tracker.report().peak_bytes
+
+
+def _backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+@contextlib.contextmanager
+def unpadded_sequences() -> Iterator[None]:
+    """Decide transformers' data-dependent checks as sweepbp's data does: one unpadded sequence per row.
+
+    On real data `find_packed_sequence_indices` reads the position ids and returns None for unpacked
+    batches, so SDPA runs its causal kernel without a mask; without data it would build an explicit
+    (batch, 1, seq, seq) mask the real run never has. The padding warning reads token values (only when
+    the config has a pad token; nothing it allocates outlives the check).
+    """
+    from transformers import PreTrainedModel, masking_utils
+
+    with contextlib.ExitStack() as stack:
+        for owner, name, stand_in in ((masking_utils, "find_packed_sequence_indices", lambda position_ids: None),
+                                      (PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None)):
+            if hasattr(owner, name):  # older transformers releases lack one or the other
+                stack.enter_context(mock.patch.object(owner, name, stand_in))
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions inside jobs
+
+
+def predict_job(run: RunConfig, result: JobResult) -> None:
+    """mode=predict: the job's record is its prediction. Over `budget_gb` it is an `oom` result (with
+    every predicted figure kept), as the real job would be."""
+    from sweepbp.autobatch import resolve_batch_size
+
+    device = target_device(run.cfg.trainer.accelerator)
+    result.environment["predicted_device"] = device
+    run = resolve_batch_size(run, device, result.metrics)
+    prediction = predict(run.cfg, device, keep_timeline=True)
+    _record(run.cfg, prediction, result)
+    result.metrics.update(prediction.parameters)
+    result.metrics["checkpointed_layers"] = float(prediction.checkpointed_layers)
+    result.timeline = [asdict(s) for s in prediction.report.timeline[:: max(1, len(prediction.report.timeline) // 2000)]]
+    budget = int(run.cfg.budget_gb * GB) if run.cfg.budget_gb is not None else None
+    if not prediction.fits(budget):
+        raise torch.OutOfMemoryError(f"predicted peak {prediction.peak_bytes:,} bytes exceeds "
+                                     f"budget_gb={run.cfg.budget_gb:g} on {device}")
+
+
+def add_prediction(cfg: SweepbpConfig, device: str, result: JobResult) -> None:
+    """mode=measure: log the job's prediction beside its measurement. A prediction that fails is noted
+    in the environment and never fails the measured job."""
+    result.environment["predicted_device"] = device
+    try:
+        _record(cfg, predict(cfg, device), result)
+    except Exception as err:  # the measurement is what the job is for
+        result.environment["prediction_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def prediction_errors(metrics: dict[str, float]) -> dict[str, float]:
+    """Signed relative errors of the prediction, in percent: (predicted - measured) / measured * 100.
+
+    `predicted_error_pct` compares with the exact tracker's `peak_memory_bytes`; on CUDA
+    `predicted_allocator_error_pct` compares with `torch.cuda.max_memory_allocated` (`peak_allocated_bytes`).
+    """
+    predicted = metrics.get(f"{PREFIX}peak_memory_bytes")
+    errors: dict[str, float] = {}
+    if predicted is None:
+        return errors
+    for name, measured in (("predicted_error_pct", "peak_memory_bytes"),
+                           ("predicted_allocator_error_pct", "peak_allocated_bytes"),
+                           ("predicted_inference_error_pct", "inference_peak_bytes")):
+        truth = metrics.get(measured)
+        guess = predicted if measured != "inference_peak_bytes" else metrics.get(f"{PREFIX}inference_peak_bytes")
+        if truth and guess is not None:
+            errors[name] = 100.0 * (guess - truth) / truth
+    return errors
+
+
+def _record(cfg: SweepbpConfig, prediction: Prediction, result: JobResult) -> None:
+    from sweepbp.estimate import estimate
+    from sweepbp.model import hf_config
+
+    result.metrics.update(prediction.metrics())
+    formula = estimate(cfg, hf_config(cfg.model), prediction.batch_size)
+    if formula is not None:
+        result.metrics.update(formula.metrics())
+    if prediction.modelled:
+        result.environment["predicted_kernels"] = "; ".join(prediction.modelled)
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Trace a one-layer model once, so forked jobs inherit warm caches (lazy imports, dispatch tables,
+    ABC checks): about a second less per job. Meta tensors only: no CUDA, no allocator is touched."""
+    global _warm
+    if _warm:
+        return
+    from sweepbp.config import (BatchConfig, DataConfig, LoraConfig, MemoryConfig, ModelConfig, TrackingConfig,
+                                TrainerConfig)
+
+    shape = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1}
+    micro = SweepbpConfig(model=ModelConfig(config=shape), lora=LoraConfig(r=2), memory=MemoryConfig(),
+                          batch=BatchConfig(size=1, seq_len=8), trainer=TrainerConfig(), data=DataConfig(),
+                          tracking=TrackingConfig(name="none"))
+    predict(micro, "cpu")
+    _warm = True

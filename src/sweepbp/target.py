@@ -1,0 +1,215 @@
+"""The target device of a prediction: the kernels it would choose, decided explicitly for the data-less trace.
+
+mode=predict traces on `meta` tensors (fake CPU tensors under autocast). Most of a LoRA step allocates
+the same tensors whatever the device; where the device decides, `TargetDevice` decides as the target:
+
+- Attention (`F.scaled_dot_product_attention`): `target_kernels` replaces it, for the trace, by `sdpa`,
+  which calls the backend op the target's dispatcher would pick (as PyTorch's composite calls it), so
+  autograd saves what that kernel saves. CPU (sdp_utils_cpp.cpp): flash unless dropout > 0 or shapes forbid it, else
+  math. CUDA on sm80+ (A100, H100, H200, L4, RTX 4090; sdp_utils.cpp): flash for 16-bit inputs without
+  a mask: the output and an fp32 logsumexp (B, H, L) are saved; memory-efficient for fp32 or masked
+  inputs without grouped KV heads (logsumexp padded to a multiple of 32 in L); math otherwise, which
+  keeps the (B, H, L, L) attention matrix (and, with grouped KV heads, K and V expanded to all heads). cuDNN attention, preferred by some builds on sm90, saves the same output and
+  logsumexp as flash. Without this, meta tensors would always take the math path. The replacement is
+  a patch of the module attribute, not a TorchFunctionMode: function modes are not active in the
+  backward, where checkpointing recomputes attention.
+- AdamW: foreach on CUDA (temporaries for all adapter tensors at once), a per-tensor loop on CPU
+  (`predict._foreach`).
+- Copies to a real device (an offloading strategy's host copies) stay on meta, counted as host memory
+  when they leave the target device.
+- `*-mixed` precision for a CUDA target is traced with CPU autocast, whose cast lists differ slightly.
+
+Not modelled (docs/predict.md): memory a kernel allocates for itself (flash/cuDNN backward scratch,
+cuBLAS workspace), the CUDA caching allocator's rounding and fragmentation, the CUDA context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from sweepbp.measure import HOST, MemoryTracker
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def cpu_sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                     dropout_p: float, is_causal: bool) -> str:
+    """The SDPA backend PyTorch's CPU dispatcher picks (use_flash_attention_cpp): flash, else math."""
+    dense = query.dim() == key.dim() == value.dim() == 4
+    same_dim = query.shape[-1] == key.shape[-1] == value.shape[-1]
+    unit_stride = all(t.stride(-1) == 1 for t in (query, key, value))
+    dtypes = (torch.float32, torch.float64, *HALF)
+    if dropout_p == 0.0 and dense and same_dim and unit_stride and query.dtype in dtypes:
+        return "flash"
+    return "math"
+
+
+def cuda_sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                      dropout_p: float, is_causal: bool) -> str:
+    """The SDPA backend PyTorch's CUDA dispatcher picks on sm80+ (flash > efficient > math)."""
+    d_q, d_k, d_v = query.shape[-1], key.shape[-1], value.shape[-1]
+    square = query.shape[-2] == key.shape[-2]
+    if attn_mask is None and query.dtype in HALF and d_q == d_k == d_v <= 256 and (square or not is_causal):
+        return "flash"
+    alignment = 8 if query.dtype in HALF else 4  # minimum GEMM alignment on sm80+
+    same_heads = query.shape[-3] == key.shape[-3] == value.shape[-3]  # its backward has no GQA (PyTorch 2.13)
+    if (d_q == d_k and d_q % alignment == 0 and d_v % alignment == 0 and same_heads
+            and query.dtype in (*HALF, torch.float32)):
+        return "efficient"
+    return "math"
+
+
+def sdpa(device: str, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+         enable_gqa=False) -> tuple[torch.Tensor, str]:
+    """`F.scaled_dot_product_attention` as `device` runs it: the chosen backend's own op, called as PyTorch's
+    composite calls it (bool masks made additive first). Returns the output and the backend's name."""
+    choose = cuda_sdpa_backend if device == "cuda" else cpu_sdpa_backend
+    backend = choose(query, key, value, attn_mask, dropout_p, is_causal)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        zero = torch.scalar_tensor(0.0, dtype=query.dtype, device=attn_mask.device)
+        attn_mask = torch.where(attn_mask.logical_not(), float("-inf"), zero)
+    aten = torch.ops.aten
+    if backend == "flash" and device == "cpu":
+        out = aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
+                                                               attn_mask=attn_mask, scale=scale)[0]
+    elif backend == "flash":
+        pad = (-query.shape[-1]) % 8  # CUDA's composite pads the head dim to a multiple of 8 for flash
+        padded = [torch.nn.functional.pad(t, (0, pad)) if pad else t for t in (query, key, value)]
+        scale = scale if scale is not None else query.shape[-1] ** -0.5
+        out = aten._scaled_dot_product_flash_attention(*padded, dropout_p, is_causal, False, scale=scale)[0]
+        out = out[..., :query.shape[-1]] if pad else out
+    elif backend == "efficient":
+        grad = query.requires_grad or key.requires_grad or value.requires_grad
+        out = aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, grad, dropout_p, is_causal,
+                                                           scale=scale)[0]
+    else:
+        out = aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
+                                                      scale=scale, enable_gqa=enable_gqa)[0]
+    return out, backend
+
+
+class MetaTracker(MemoryTracker):
+    """The exact tracker for a meta trace, with two additions (one dispatch mode, since each costs time
+    per op):
+
+    - copies to a real device stay on meta, so an offloading strategy's host copies can be traced. A copy
+      that leaves the target's device type (to the CPU for a CUDA target), and any pinned buffer, counts
+      as host memory, as in a real run. Real scalars made without a meta input stay real.
+    - pointwise ops repeat with the same shapes in every layer; their meta kernels are Python (about a
+      millisecond each), so the output layout of a functional pointwise op is remembered by its inputs'
+      layouts and reproduced with `empty_strided`, the same storage the kernel would make; an in-place
+      one returns its input, as the kernel does.
+    """
+
+    target = "cpu"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._layouts: dict[tuple, tuple] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        wanted = kwargs.get("device") if kwargs else None
+        if wanted is not None and torch.device(wanted).type != "meta":
+            return self._copy_off_meta(func, args, dict(kwargs), torch.device(wanted))
+        if func._schema.name.endswith("_") and torch.Tag.pointwise in func.tags and args[0].is_meta:
+            return args[0]  # an in-place pointwise op returns its own, already counted, input
+        key = _pointwise_key(func, args, kwargs)
+        if key is None:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        layout = self._layouts.get(key)
+        if layout is None:
+            out = func(*args, **(kwargs or {}))
+            self._layouts[key] = (out.shape, out.stride(), out.dtype)
+        else:
+            out = torch.empty_strided(layout[0], layout[1], dtype=layout[2], device="meta")
+        self._add(out, self._category_for_new())
+        return out
+
+    def _copy_off_meta(self, func, args, kwargs, wanted: torch.device):
+        pinned = bool(kwargs.get("pin_memory"))
+        if not (pinned or any(isinstance(a, torch.Tensor) and a.is_meta for a in args)):
+            return super().__torch_dispatch__(func, (), args, kwargs)
+        kwargs["device"], kwargs["pin_memory"] = torch.device("meta"), False
+        out = func(*args, **kwargs)
+        self._add(out, HOST if pinned or wanted.type != self.target else self._category_for_new())
+        return out
+
+
+def _pointwise_key(func, args, kwargs) -> tuple | None:
+    """A cache key for a functional pointwise op on meta tensors returning one fresh tensor, else None."""
+    schema = func._schema
+    if torch.Tag.pointwise not in func.tags or schema.is_mutable or len(schema.returns) != 1 \
+            or schema.returns[0].alias_info is not None:
+        return None
+    key: list = [func]
+    for value in (*args, *(kwargs or {}).values()):
+        if isinstance(value, torch.Tensor):
+            if not value.is_meta:
+                return None
+            key.append((value.shape, value.stride(), value.dtype))
+        elif isinstance(value, (int, float, bool, complex, str, type(None), torch.dtype)):
+            key.append((type(value), value))
+        else:
+            return None
+    if kwargs:
+        key.append(tuple(kwargs))
+    return tuple(key)
+
+
+def meta_tracker(device: str) -> type[MemoryTracker]:
+    """The tracker class of a meta trace for a `device` target."""
+    return type(f"MetaTracker_{device}", (MetaTracker,), {"target": device})
+
+
+@contextlib.contextmanager
+def target_kernels(device: str, modelled: list[str]) -> Iterator[None]:
+    """While tracing: attention as the target runs it."""
+    from unittest import mock
+
+    def attention(*args, **kwargs):
+        args, kwargs = _autocast(args, kwargs)
+        out, backend = sdpa(device, *args, **kwargs)
+        modelled.append(f"attention: the {device} dispatcher's {backend} SDPA kernel")
+        return out
+
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", attention):
+        yield
+
+
+def _autocast(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Autocast's cast of SDPA's inputs (SDPA is on its lower-precision list for CPU and CUDA): the backend
+    ops called instead are on no list, so the cast is applied here, as autocast would."""
+    if not torch.is_autocast_enabled("cpu"):  # the trace's device type when autocast is on (fake CPU)
+        return args, kwargs
+    dtype = torch.get_autocast_dtype("cpu")
+
+    def cast(value):
+        eligible = isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64
+        return value.to(dtype) if eligible else value
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def precision_plugin(precision: str, device: str, modelled: list[str]):
+    """The Lightning precision plugin a real job's Trainer uses (as its accelerator connector picks it).
+
+    Its `convert_module` and `train_step_context` are what a real fit applies to the module and around
+    every training step.
+    """
+    from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+
+    if precision in ("16-true", "bf16-true"):
+        return HalfPrecision(precision)  # type: ignore[arg-type]
+    if precision in ("32-true", "32"):
+        return Precision()
+    if precision == "64-true":
+        return DoublePrecision()
+    if device == "cuda":
+        modelled.append(f"precision: {precision} traced with CPU autocast (CUDA's cast lists differ slightly)")
+    # Lightning turns 16-mixed on CPU into bf16-mixed; the GradScaler of 16-mixed on CUDA keeps a few scalars.
+    flag = "bf16-mixed" if precision == "16-mixed" and device == "cpu" else precision
+    scaler = None if flag == "bf16-mixed" else torch.amp.GradScaler("cpu", enabled=False)
+    return MixedPrecision(flag, "cpu", scaler=scaler)  # type: ignore[arg-type]

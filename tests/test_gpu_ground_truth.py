@@ -1,0 +1,53 @@
+"""The GPU ground-truth script's CPU path: the same sweep, records, tables and MLflow import with the tiny
+model, so the GPU run (docs/gpu-ground-truth.md) does not fail on a typo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+from sweepbp.cli import available_options
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from gpu_ground_truth import DEFAULT_MEMORY  # noqa: E402
+
+SCRIPT = REPO / "benchmarks" / "gpu_ground_truth.py"
+
+
+def test_cpu_smoke_runs_the_sweep_writes_the_tables_and_imports_into_mlflow(tmp_path):
+    # One thread: tiny ops on a busy 2-core machine otherwise spin in OpenMP (seconds per step).
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CI": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "gt"
+    done = subprocess.run([sys.executable, str(SCRIPT), "run", "--cpu-smoke", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    strategies = [m for m in DEFAULT_MEMORY.split(",") if m in available_options("memory")]  # those that exist
+    results = json.loads((out / "results.json").read_text())
+    modes = sorted((r["mode"], r["config"]["memory"]["name"]) for r in results)
+    assert modes == sorted((mode, m) for mode in ("measure", "predict") for m in strategies)
+    assert all(r["status"] == "ok" for r in results), [r.get("error") for r in results]
+    for r in results:
+        if r["mode"] == "measure":
+            assert r["metrics"]["predicted_error_pct"] == 0.0
+    table = (out / "h200.md").read_text()
+    assert "| none | 1 | ok |" in table and "| ckpt | 1 | ok |" in table
+    assert "+0.0%" in table and "## The claims" in table and "checkpointing trades speed for memory" in table
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    imported = subprocess.run([sys.executable, str(SCRIPT), "import", str(out / "results.json"),
+                               "--tracking-uri", store, "--experiment", "h200"], env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("h200")
+    jobs = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    assert len(jobs) == len(results)
+    predicted = [r for r in jobs if r.data.tags["sweepbp.mode"] == "predict"]
+    assert predicted and all(r.data.tags["sweepbp.env.predicted_device"] == "cpu" for r in predicted)
+    assert all(r.data.metrics["predicted_peak_memory_bytes"] > 0 for r in jobs)
+    assert sorted(r.data.params["memory.name"] for r in jobs) == sorted(m for _, m in modes)

@@ -1,0 +1,143 @@
+"""mode=predict: the data-less trace equals the measurement on CPU, maps Llama-3.1-8B in seconds, and
+batch.size=auto finds the exact fitting boundary."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import FAST, compose
+from sweepbp.autobatch import BatchSearch, largest_fitting
+from sweepbp.cli import available_options
+from sweepbp.job import run_job
+from sweepbp.predict import predict
+
+MEASURED = ["peak_memory_bytes", "param_bytes", "trainable_param_bytes", "grad_bytes", "optimizer_state_bytes",
+            "activation_bytes", "other_bytes", "host_offload_bytes", "inference_peak_bytes"]
+
+
+def assert_prediction_exact(metrics: dict[str, float]) -> None:
+    for name in MEASURED:
+        assert metrics[f"predicted_{name}"] == metrics[name], name
+    assert metrics["predicted_error_pct"] == 0.0
+    assert metrics["predicted_inference_error_pct"] == 0.0
+
+
+@pytest.mark.parametrize("strategy", available_options("memory"))
+def test_measured_run_logs_an_exact_prediction_for_every_strategy(strategy):
+    result = run_job(compose([*FAST, "tracking=none", f"memory={strategy}"]))
+    assert result.status == "ok", result.error
+    assert "prediction_error" not in result.environment
+    assert result.environment["predicted_device"] == "cpu"
+    assert_prediction_exact(result.metrics)
+    assert result.metrics["predict_time_s"] > 0
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.attn_implementation=eager", "trainer.precision=bf16-true", "memory=ckpt", "memory.every=2",
+     "lora=attn", "batch.seq_len=33"],
+    ["trainer.precision=bf16-mixed"],  # autocast: traced on fake CPU tensors instead of meta
+], ids=["eager-bf16true-every2-attn", "bf16-mixed"])
+def test_prediction_is_exact_beyond_the_defaults(overrides):
+    result = run_job(compose([*FAST, "tracking=none", *overrides]))
+    assert result.status == "ok", result.error
+    assert_prediction_exact(result.metrics)
+
+
+def test_predict_mode_records_the_prediction_and_its_target():
+    result = run_job(compose([*FAST, "tracking=none", "mode=predict", "memory=ckpt"]))
+    assert result.status == "ok", result.error
+    assert result.mode == "predict"
+    assert result.environment["predicted_device"] == "cpu"
+    assert "flash" in result.environment["predicted_kernels"]
+    assert result.metrics["predicted_peak_memory_bytes"] > result.metrics["predicted_inference_peak_bytes"] > 0
+    assert "peak_memory_bytes" not in result.metrics  # nothing was measured
+    assert result.metrics["checkpointed_layers"] == 4
+    assert result.timeline and {s["phase"] for s in result.timeline} >= {"forward", "backward", "optim"}
+    assert result.metrics["formula_peak_memory_bytes"] > 0
+
+
+def test_predict_mode_over_budget_is_an_oom_result_with_its_figures():
+    result = run_job(compose([*FAST, "tracking=none", "mode=predict", "budget_gb=0.001"]))
+    assert result.status == "oom"
+    assert "exceeds budget_gb=0.001" in result.error
+    assert result.metrics["predicted_peak_memory_bytes"] > 1e6
+
+
+def llama31_8b_parameters() -> int:
+    """Llama-3.1-8B's parameter count from its published config (hidden 4096, MLP 14336, 32 layers,
+    32 heads of 128, 8 KV heads, vocabulary 128256, untied embeddings)."""
+    h, i, layers, vocab, kv = 4096, 14336, 32, 128256, 8 * 128
+    attention = h * h + 2 * h * kv + h * h
+    mlp = 3 * h * i
+    norms = 2 * h
+    return 2 * vocab * h + layers * (attention + mlp + norms) + h
+
+
+def test_llama3_8b_predicts_on_cpu_with_exact_weights():
+    assert llama31_8b_parameters() == 8_030_261_248
+    cfg = compose(["model=llama3_8b", "mode=predict", "lora.r=16", "batch.size=1", "batch.seq_len=2048"]).cfg
+    prediction = predict(cfg, "cuda")
+    metrics = prediction.metrics()
+    rotary = 2 * 64 * 4  # inv_freq and original_inv_freq buffers: head_dim / 2 fp32 values each
+    assert metrics["predicted_param_bytes"] == 2 * llama31_8b_parameters() + rotary  # bf16 weights
+    adapter = 16 * sum(n_in + n_out for n_in, n_out in
+                       [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336), (4096, 14336),
+                        (14336, 4096)])
+    assert metrics["predicted_trainable_param_bytes"] == 32 * adapter * 4  # peft keeps bf16 models' adapters fp32
+    assert metrics["predicted_grad_bytes"] == metrics["predicted_trainable_param_bytes"]
+    assert "attention: the cuda dispatcher's flash SDPA kernel" in prediction.modelled
+    assert "optimizer: AdamW foreach (the CUDA default)" in prediction.modelled
+    # bf16 LoRA step at seq 2048 on a GPU: weights (16.1 GB) + saved activations + fp32 loss; far below 8B x 16 bytes
+    assert 16.1e9 < prediction.inference_peak_bytes < prediction.report.peak_bytes < 60e9
+
+
+def test_cuda_prediction_saves_what_cuda_attention_saves():
+    """fp32 attention: CPU runs its flash kernel (logsumexp of L per head), CUDA the memory-efficient one,
+    whose logsumexp is padded to a multiple of 32 in L (33 -> 64); with grouped KV heads CUDA has no fused
+    fp32 kernel and falls back to math, which keeps the attention matrix."""
+    plain = compose([*FAST, "batch.seq_len=33", "mode=predict", "model.config.num_key_value_heads=4"]).cfg
+    cpu, cuda = predict(plain, "cpu"), predict(plain, "cuda")
+    assert "attention: the cpu dispatcher's flash SDPA kernel" in cpu.modelled
+    assert "attention: the cuda dispatcher's efficient SDPA kernel" in cuda.modelled
+    layers, batch, heads = 4, 2, 4
+    extra = layers * batch * heads * (64 - 33) * 4
+    rng_scalars = layers * 2 * 8  # the kernel's int64 seed and offset (host memory on a GPU, counted here)
+    assert cuda.report.category_peaks["activation"] - cpu.report.category_peaks["activation"] == extra + rng_scalars
+    grouped = predict(compose([*FAST, "batch.seq_len=33", "mode=predict"]).cfg, "cuda")
+    assert "attention: the cuda dispatcher's math SDPA kernel" in grouped.modelled
+    probabilities, logsumexp = layers * batch * heads * 33 * 33 * 4, layers * batch * heads * 33 * 4
+    grown = grouped.report.category_peaks["activation"] - cpu.report.category_peaks["activation"]
+    assert grown == probabilities - logsumexp  # math keeps the (B, H, L, L) probabilities, not a logsumexp
+
+
+@pytest.mark.parametrize("curve", [
+    lambda b: 100 + 7 * b,  # affine, as activations are
+    lambda b: 100 + b * b,  # convex
+    lambda b: 100 + 50 * (b // 5),  # steps: the linear guess is wrong
+])
+@pytest.mark.parametrize("budget", [99, 107, 108, 500, 5_000])
+def test_finder_returns_the_boundary(curve, budget):
+    asked: list[int] = []
+
+    def fits(b: int) -> bool:
+        asked.append(b)
+        return curve(b) <= budget
+
+    expected = max([b for b in range(1, 2000) if curve(b) <= budget], default=0)
+    assert largest_fitting(fits, curve, budget, limit=1999) == expected
+    assert len(set(asked)) <= 30
+
+
+def test_auto_batch_is_the_largest_that_fits_the_real_tracker():
+    probe = compose([*FAST, "tracking=none", "mode=predict"])
+    search = BatchSearch(probe, "cpu", budget=0)
+    budget = (search.peak(3) + search.peak(4)) // 2  # batch 3 fits, batch 4 does not
+    budget_gb = budget / 1e9
+    auto = run_job(compose([*FAST, "tracking=none", "batch.size=auto", f"budget_gb={budget_gb}"]))
+    assert auto.status == "ok", auto.error
+    assert auto.metrics["auto_batch_size"] == 3
+    assert auto.metrics["peak_memory_bytes"] <= budget < search.peak(4)
+    assert auto.metrics["tokens_per_s"] > 0
+    above = run_job(compose([*FAST, "tracking=none", "batch.size=4", f"budget_gb={budget_gb}"]))
+    assert above.status == "oom", "the real tracker must refuse batch 4 under the same budget"
+
