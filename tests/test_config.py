@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from conftest import compose, problems_of
-from sweepbp.cli import available_options, config_dir, expand
+from conftest import compose, run_cli
+from sweepbp.cli import available_options, config_dir, expand, precheck
 from sweepbp.config import GROUPS, ConfigError, leaf_params
 
 
@@ -34,38 +39,96 @@ def test_llama3_8b_is_the_real_architecture():
             cfg["intermediate_size"], cfg["vocab_size"]) == (4096, 32, 32, 8, 14336, 128256)
 
 
+# Every bad input of issue 6 item 7: (command-line arguments, what the one line says, the value it names).
+# `{pickle_only}` is a folder holding config.json and pytorch_model.bin only.
 BAD_INPUT = [
-    (["memory=foo"], "memory must be one of", "'foo'"),
+    (["model=nope"], "model must be one of ", "'nope'"),
+    (["memory=foo"], "memory must be one of ", "'foo'"),
+    (["lora=nope"], "lora must be one of ", "'nope'"),
     (["lora.r=0"], "lora.r must be a positive integer", "0"),
+    (["lora.r=-3"], "lora.r must be a positive integer", "-3"),
+    (["lora.alpha=0"], "lora.alpha must be a positive number", "0.0"),
     (["lora.alpha=-1"], "lora.alpha must be a positive number", "-1"),
+    (["batch.size=0"], "batch.size must be a positive integer or 'auto'", "0"),
     (["batch.size=-1"], "batch.size must be a positive integer or 'auto'", "-1"),
     (["batch.seq_len=0"], "batch.seq_len must be a positive integer", "0"),
     (["trainer.steps=0"], "trainer.steps must be a positive integer", "0"),
-    (["trainer.warmup_steps=8", "trainer.steps=8"], "trainer.warmup_steps must be below", "8"),
+    (["trainer.steps=-2"], "trainer.steps must be a positive integer", "-2"),
+    (["trainer.warmup_steps=0"], "trainer.warmup_steps must be at least 1", "0"),
+    (["trainer.warmup_steps=8", "trainer.steps=8"], "trainer.warmup_steps must be below trainer.steps - 1 = 7", "8"),
+    (["trainer.warmup_steps=7", "trainer.steps=8"], "trainer.warmup_steps must be below trainer.steps - 1 = 7", "7"),
     (["batch.seq_len=4096"], "batch.seq_len must be at most model.config.max_position_embeddings=2048", "4096"),
     (["lora.target_modules=[q_proj,nope]"], "lora.target_modules must be names of the model's linear layers",
      "nope"),
     (["trainer.precision=fp8"], "trainer.precision must be one of", "fp8"),
     (["model.pretrained_path=/does/not/exist"], "model.pretrained_path must be an existing local folder",
      "/does/not/exist"),
-    (["lora.r=abc"], "lora.r", "abc"),
+    (["model.pretrained_path={pickle_only}"], "model.pretrained_path must hold safetensors weights", "pickle"),
+    (["tracking.uri=http://127.0.0.1:1"], "tracking.uri must be a reachable MLflow store", "http://127.0.0.1:1"),
+    (["tracking.uri=sqlite:////does/not/exist/mlflow.db"], "tracking.uri must be a reachable MLflow store",
+     "/does/not/exist"),
+    (["lora.r=[8"], "malformed override 'lora.r=[8'", "expected key=value"),
+    (["lora.r"], "malformed override 'lora.r'", "expected key=value"),
+    (["lora.r=abc"], "lora.r must be an integer", "'abc'"),
+    (["trainer.lr=fast"], "trainer.lr must be a number", "'fast'"),
+    (["nokey=3"], "nokey must be a key of the config", "'nokey=3'"),
+    (["lora.r=8,16"], "lora.r=8,16 is a sweep: add -m", "8,16"),
+    (["-m", "lora.r=8,0"], "lora.r must be a positive integer", "0"),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "message", "value"), BAD_INPUT, ids=[" ".join(c[0]) for c in BAD_INPUT])
-def test_bad_input_is_one_line(overrides, message, value):
-    problems = problems_of(overrides)
+@pytest.fixture
+def pickle_only(tmp_path: Path) -> Path:
+    """A checkpoint folder with pickle weights only (loading them could execute code)."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not really")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("args", "message", "value"), BAD_INPUT, ids=[" ".join(c[0]) for c in BAD_INPUT])
+def test_bad_input_is_one_line(args, message, value, pickle_only):
+    problems, _ = precheck([a.format(pickle_only=pickle_only) for a in args])
     assert len(problems) == 1, problems
     assert message in problems[0]
     assert value in problems[0]
     assert "\n" not in problems[0]
 
 
-def test_pickle_only_checkpoint_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    (tmp_path / "pytorch_model.bin").write_bytes(b"not really")
-    problems = problems_of([f"model.pretrained_path={tmp_path}"])
-    assert problems and "pickle" in problems[0] and "safetensors" in problems[0]
+CLI_BAD_INPUT = [
+    (["lora.r=0"], "lora.r must be a positive integer, got 0"),
+    (["-m", "batch.size=1,0"], "batch.size must be a positive integer or 'auto', got 0"),
+    (["lora.r=[8"], "malformed override 'lora.r=[8'"),
+    (["tracking.uri=http://alice:s3cret@127.0.0.1:1"], "tracking.uri must be a reachable MLflow store, got "
+                                                       "'http://***@127.0.0.1:1'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), CLI_BAD_INPUT, ids=[" ".join(c[0]) for c in CLI_BAD_INPUT])
+def test_bad_input_through_the_cli_is_one_line_and_records_nothing(args, message, tmp_path):
+    done = run_cli(args, cwd=tmp_path, timeout=120)
+
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sweepbp: error: {message}"), done.stderr
+    assert "Traceback" not in done.stderr + done.stdout and "s3cret" not in done.stderr + done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no job folder: nothing ran
+
+
+def test_bad_input_fails_before_anything_heavy_is_imported(tmp_path):
+    """The check runs before torch, transformers, Lightning or mlflow is imported, let alone a model built."""
+    probe = tmp_path / "imported.txt"
+    code = ("import atexit, os, sys\n"
+            "heavy = ('torch', 'transformers', 'lightning', 'mlflow')\n"
+            "loaded = lambda: ' '.join(m for m in heavy if m in sys.modules)\n"
+            "atexit.register(lambda: open(os.environ['PROBE'], 'w').write(loaded()))\n"
+            "from sweepbp.cli import main\n"
+            "main()")
+    done = subprocess.run([sys.executable, "-c", code, "lora.r=0", "batch.seq_len=4096"], cwd=tmp_path,
+                          env={**os.environ, "PROBE": str(probe)}, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 2  # two problems, each one line, reported together
+    assert probe.read_text() == ""
 
 
 def test_all_problems_are_collected_at_once():

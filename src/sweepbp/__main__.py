@@ -1,3 +1,4 @@
 from sweepbp.cli import main
 
-main()
+if __name__ == "__main__":  # not when multiprocessing re-imports the main module (spawn, forkserver)
+    main()

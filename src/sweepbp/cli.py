@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
 from sweepbp.config import GROUPS, ConfigError, register_schemas, to_run_config
+from sweepbp.redaction import install_log_redaction
+from sweepbp.signals import Stopped, ignore_signals, stop_on_signals
 from sweepbp.uris import redact, unreachable_reason
 
+# OmegaConf's type errors: "Value 'abc' of type 'str' could not be converted to Integer", "... is not a valid bool"
+CONVERSION = re.compile(r"Value '(.*)' (?:of type '.*' could not be converted to (\w+)|is not a valid (bool))")
+KINDS = {"Integer": "an integer", "Float": "a number", "bool": "true or false", "String": "a string"}
 INFO_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve")
 MAX_PRECHECKED_JOBS = 512
 
@@ -37,6 +43,19 @@ def user_config_dir() -> Path | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    stop_on_signals()  # SIGTERM stops a sweep as cleanly as Ctrl-C
+    install_log_redaction()
+    try:
+        _main(args)
+    except KeyboardInterrupt as stop:
+        ignore_signals()  # the job is recorded: a second Ctrl-C must not turn this line into a traceback
+        code = stop.exit_code if isinstance(stop, Stopped) else 130
+        print(f"sweepbp: stopped ({stop}): the job that was running is recorded as killed, finished jobs are kept; "
+              "rerun the same command with resume=true to run the rest", file=sys.stderr)
+        raise SystemExit(code) from None
+
+
+def _main(args: list[str]) -> None:
     register_schemas()
     problems, jobs = precheck(args)
     if problems:
@@ -76,10 +95,13 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as err:
-        raise ConfigError([f"malformed override: {str(err).splitlines()[0]}"]) from None
+    parser = OverridesParser.create()
+    parsed = []
+    for line in overrides:  # one at a time, so the message can name the override that is wrong
+        try:
+            parsed.append(parser.parse_override(line))
+        except HydraException as err:
+            raise ConfigError([_parse_message(line, err)]) from None
     axes: list[list[str]] = []
     for override in parsed:
         key = override.get_key_element()
@@ -127,6 +149,13 @@ def _without_hydra(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def _parse_message(line: str, err: Exception) -> str:
+    details = [ln for ln in str(err).strip().splitlines()
+               if ln and not ln.startswith("Error parsing override") and not ln.startswith("See https")]
+    detail = f" ({details[0]})" if details else ""
+    return f"malformed override {line!r}{detail}: expected key=value, e.g. lora.r=16, lora.r=8,16 with -m"
+
+
 def _hydra_message(err: Exception, overrides: list[str]) -> str:
     text = str(err).strip()
     first = text.splitlines()[0] if text else type(err).__name__
@@ -135,6 +164,19 @@ def _hydra_message(err: Exception, overrides: list[str]) -> str:
             chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == group]
             if chosen and f"'{group}/{chosen[0]}'" in first:
                 return f"{group} must be one of {', '.join(available_options(group))}, got {chosen[0]!r}"
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    if cause is not None and key:  # OmegaConf's reason, which names the key
+        reason = str(cause).strip().splitlines()[0]
+        converted = CONVERSION.match(reason)
+        if converted:
+            kind = converted.group(2) or converted.group(3)
+            kind = KINDS.get(kind, kind)
+            return f"{key} must be {kind}, got {converted.group(1)!r}"
+        if reason.startswith("Key "):
+            line = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), key)
+            return f"{key} must be a key of the config (list them: python -m sweepbp --cfg job), got {line!r}"
+        return f"{key}: {reason}"
     if "full_key" in text:
         key = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if "full_key" in ln), "")
         return f"{key}: {first}" if key else first

@@ -21,6 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa")
 MODES = ("measure", "predict")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+SELECTIVE_POLICIES = ("save_matmuls", "save_attention")  # memory.policy of memory=selective (see selective.py)
 # Linear sub-modules of the decoder families sweepbp builds from a config (Llama, Mistral, Qwen2 share them).
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -67,6 +68,32 @@ class CkptMemoryConfig(MemoryConfig):
 
     name: str = "ckpt"
     every: int = 1  # checkpoint every k-th decoder layer; 1 = all layers
+
+
+@dataclass
+class SelectiveMemoryConfig(MemoryConfig):
+    """Selective checkpointing: keep the outputs of expensive operators, recompute the cheap ones."""
+
+    name: str = "selective"
+    policy: str = "save_matmuls"  # save_matmuls: keep attention + full-rank matmuls; save_attention: attention only
+    every: int = 1  # apply it to every k-th decoder layer; 1 = all layers
+
+
+@dataclass
+class OffloadMemoryConfig(MemoryConfig):
+    """Activation offloading: saved activations wait in host memory between the forward and the backward."""
+
+    name: str = "offload"
+    min_bytes: int = 1024  # saved tensors smaller than this stay on the device
+
+
+@dataclass
+class CkptOffloadMemoryConfig(MemoryConfig):
+    """Checkpointing whose kept layer inputs wait in host memory instead of on the device."""
+
+    name: str = "ckpt_offload"
+    every: int = 1  # checkpoint (and offload the input of) every k-th decoder layer; 1 = all layers
+    min_bytes: int = 1024  # saved tensors smaller than this stay on the device
 
 
 @dataclass
@@ -141,7 +168,8 @@ class RunConfig:
 SCHEMAS: dict[str, list[tuple[str, type]]] = {
     "model": [("model", ModelConfig)],
     "lora": [("lora", LoraConfig)],
-    "memory": [("none", MemoryConfig), ("ckpt", CkptMemoryConfig)],
+    "memory": [("none", MemoryConfig), ("ckpt", CkptMemoryConfig), ("selective", SelectiveMemoryConfig),
+               ("offload", OffloadMemoryConfig), ("ckpt_offload", CkptOffloadMemoryConfig)],
     "batch": [("batch", BatchConfig)],
     "trainer": [("trainer", TrainerConfig)],
     "data": [("data", DataConfig)],
@@ -250,10 +278,17 @@ def _pretrained_problems(path: str) -> list[str]:
 
 
 def _memory_problems(memory: MemoryConfig) -> list[str]:
+    problems = []
     every = getattr(memory, "every", None)
     if every is not None and every < 1:
-        return [f"memory.every must be a positive integer (1 = every layer), got {every!r}"]
-    return []
+        problems.append(f"memory.every must be a positive integer (1 = every layer), got {every!r}")
+    policy = getattr(memory, "policy", None)
+    if policy is not None and policy not in SELECTIVE_POLICIES:
+        problems.append(f"memory.policy must be one of {', '.join(SELECTIVE_POLICIES)}, got {policy!r}")
+    min_bytes = getattr(memory, "min_bytes", None)
+    if min_bytes is not None and min_bytes < 0:
+        problems.append(f"memory.min_bytes must be zero or a positive number of bytes, got {min_bytes!r}")
+    return problems
 
 
 def _data_problems(data: DataConfig) -> list[str]:
@@ -266,15 +301,29 @@ def _data_problems(data: DataConfig) -> list[str]:
 
 
 def config_as_dict(cfg: SweepbpConfig) -> dict[str, Any]:
-    """The config as plain nested dicts and lists (JSON-ready)."""
-    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    """The config as plain nested dicts and lists (JSON-ready), credentials in tracking.uri redacted."""
+    container = OmegaConf.to_container(_redacted(cfg), resolve=True)
     assert isinstance(container, dict)
     return container  # type: ignore[return-value]
 
 
+def _redacted(cfg: SweepbpConfig) -> DictConfig:
+    """The config as an OmegaConf node with tracking.uri redacted: what is written or logged, never used."""
+    from sweepbp.uris import redact
+
+    node = OmegaConf.structured(cfg)
+    if node.tracking.uri:
+        node.tracking.uri = redact(node.tracking.uri)
+    return node
+
+
 def leaf_params(cfg: SweepbpConfig) -> dict[str, str]:
     """Every leaf of the config under its dotted path, as strings (MLflow params)."""
-    container = config_as_dict(cfg)
+    return dotted_leaves(config_as_dict(cfg))
+
+
+def dotted_leaves(container: dict[str, Any]) -> dict[str, str]:
+    """Every leaf of a nested dict under its dotted path, as strings (a results.json config, too)."""
     flat: dict[str, str] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -289,5 +338,5 @@ def leaf_params(cfg: SweepbpConfig) -> dict[str, str]:
 
 
 def config_yaml(cfg: SweepbpConfig) -> str:
-    """The resolved config as YAML, the artifact a rerun composes from."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML, the artifact a rerun composes from (credentials redacted)."""
+    return OmegaConf.to_yaml(_redacted(cfg))

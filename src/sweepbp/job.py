@@ -71,8 +71,8 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
     from sweepbp.data import TokenBatches
     from sweepbp.lora import apply_lora
     from sweepbp.memory import apply_memory_strategy, assert_training_mode
-    from sweepbp.model import build_model
     from sweepbp.autobatch import resolve_batch_size
+    from sweepbp.model import build_model
     from sweepbp.module import LoraFinetune
     from sweepbp.predict import add_prediction
 
@@ -110,7 +110,7 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
 
 def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
     """Whatever was measured so far goes into the result, also when the fit stopped early."""
-    from sweepbp.measure import TimingSummary, device_peaks, rss_peak_bytes
+    from sweepbp.measure import TimingSummary, rss_peak_bytes
     from sweepbp.predict import prediction_errors
 
     if module.trace is not None:
@@ -128,7 +128,11 @@ def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
     if "peak_memory_bytes" in result.metrics and result.metrics.get("inference_peak_bytes"):
         result.metrics["train_inference_memory_ratio"] = (
             result.metrics["peak_memory_bytes"] / result.metrics["inference_peak_bytes"])
-    result.metrics.update(device_peaks(device))
+    result.metrics.update(module.allocator_figures)
+    allocated = module.allocator_figures.get("peak_allocated_bytes")
+    if allocated and "peak_memory_bytes" in result.metrics:
+        # How far the exact tracker is from the CUDA allocator on the same traced step (GPU only).
+        result.metrics["tracker_vs_allocated_pct"] = 100.0 * (result.metrics["peak_memory_bytes"] - allocated) / allocated
     result.metrics["rss_peak_bytes"] = rss_peak_bytes()
     result.metrics.update(prediction_errors(result.metrics))
 

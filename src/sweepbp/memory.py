@@ -2,7 +2,8 @@
 
 Each strategy is one function in `STRATEGIES`, keyed by `memory.name`, that changes the model in place
 and returns what the training step needs to know. Adding a strategy = one schema in config.py, one YAML
-in conf/memory/, one function here.
+in conf/memory/, one function here. Selective-checkpointing policies live in selective.py, the
+offloading hooks in offload.py; docs/memory-strategies.md says when to pick which.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from sweepbp.config import MemoryConfig
+from sweepbp.config import CkptOffloadMemoryConfig, MemoryConfig, OffloadMemoryConfig, SelectiveMemoryConfig
 from sweepbp.measure import layer_scope
+from sweepbp.offload import HostOffload
+from sweepbp.selective import selective_policy
 
 
 @dataclass
@@ -28,6 +31,7 @@ class AppliedMemory:
     name: str
     checkpointed_layers: int = 0
     forward_context: Callable[[], AbstractContextManager[None]] = field(default=contextlib.nullcontext)
+    offload: HostOffload | None = None  # offloading strategies: the hooks and what they moved
 
 
 def decoder_layers(model: torch.nn.Module) -> list[GradientCheckpointingLayer]:
@@ -35,20 +39,27 @@ def decoder_layers(model: torch.nn.Module) -> list[GradientCheckpointingLayer]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def _checkpointed(function, *args, checkpoint_kwargs: dict):
-    """Non-reentrant checkpoint of one layer; the layer body is marked so recompute counts as activations."""
+def _checkpointed(function, *args, checkpoint_kwargs: dict,
+                  around: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext):
+    """Non-reentrant checkpoint of one layer; the layer body is marked so recompute counts as activations.
+
+    `around` wraps the checkpoint call itself: saved-tensor hooks entered there see only what the
+    checkpoint saves through autograd, i.e. the layer's inputs (ckpt_offload relies on this)."""
 
     def scoped(*inner_args, **inner_kwargs):
         with layer_scope():
             return function(*inner_args, **inner_kwargs)
 
-    return checkpoint(scoped, *args, use_reentrant=False, **checkpoint_kwargs)
+    with around():
+        return checkpoint(scoped, *args, use_reentrant=False, **checkpoint_kwargs)
 
 
-def checkpoint_layers(model: torch.nn.Module, every: int, **checkpoint_kwargs) -> int:
+def checkpoint_layers(model: torch.nn.Module, every: int,
+                      around: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+                      **checkpoint_kwargs) -> int:
     """Checkpoint every `every`-th decoder layer through HF's per-layer hook; returns how many."""
     layers = decoder_layers(model)
-    func = functools.partial(_checkpointed, checkpoint_kwargs=checkpoint_kwargs)
+    func = functools.partial(_checkpointed, checkpoint_kwargs=checkpoint_kwargs, around=around)
     count = 0
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index % every == 0
@@ -65,9 +76,34 @@ def _ckpt(model: torch.nn.Module, memory: MemoryConfig, device: torch.device) ->
     return AppliedMemory(name="ckpt", checkpointed_layers=checkpoint_layers(model, memory.every))
 
 
+def _selective(model: torch.nn.Module, memory: SelectiveMemoryConfig, device: torch.device) -> AppliedMemory:
+    """Checkpoint layers, but replay the outputs `memory.policy` saves instead of recomputing them."""
+    policy = selective_policy(memory.policy, model)
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    count = checkpoint_layers(model, memory.every, context_fn=context_fn)
+    return AppliedMemory(name="selective", checkpointed_layers=count)
+
+
+def _offload(model: torch.nn.Module, memory: OffloadMemoryConfig, device: torch.device) -> AppliedMemory:
+    """Every saved activation of the forward goes to host memory."""
+    offload = HostOffload(model, device, memory.min_bytes)
+    return AppliedMemory(name="offload", forward_context=offload.offloading, offload=offload)
+
+
+def _ckpt_offload(model: torch.nn.Module, memory: CkptOffloadMemoryConfig, device: torch.device) -> AppliedMemory:
+    """Checkpoint layers; the offload hooks wrap each checkpoint call, so only layer inputs go to the host."""
+    offload = HostOffload(model, device, memory.min_bytes)
+    count = checkpoint_layers(model, memory.every, around=offload.hooks)
+    return AppliedMemory(name="ckpt_offload", checkpointed_layers=count, forward_context=offload.session,
+                         offload=offload)
+
+
 STRATEGIES: dict[str, Callable[[torch.nn.Module, MemoryConfig, torch.device], AppliedMemory]] = {
     "none": _none,
     "ckpt": _ckpt,
+    "selective": _selective,
+    "offload": _offload,
+    "ckpt_offload": _ckpt_offload,
 }
 
 

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 from sweepbp.measure import (GRAD, OPTIMIZER, OTHER, PARAM, TRAINABLE, MemoryReport, MemoryTracker, StepTimer,
-                             active_tracker, tensors_of)
+                             active_tracker, device_peaks, reset_device_peaks, tensors_of)
 from sweepbp.memory import AppliedMemory
 
 
@@ -41,6 +41,7 @@ class LoraFinetune(L.LightningModule):
         self.losses: list[float] = []
         self.timers: list[StepTimer] = []
         self.trace: MemoryReport | None = None
+        self.allocator_figures: dict[str, float] = {}  # CUDA allocator peaks of the traced step
         count_gradients(self.model)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -67,11 +68,13 @@ class LoraFinetune(L.LightningModule):
     def _traced_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tracker = step_tracker(self.model, self.optimizers().optimizer, batch, self.device.type, self.budget_bytes,
                                self.keep_timeline)
+        reset_device_peaks(self.device)
         try:
             with tracker:
                 return self._step(batch, tracker.phase_of).detach()
         finally:
             self.trace = tracker.report()  # also when the budget ran out mid-step
+            self.allocator_figures = device_peaks(self.device)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,

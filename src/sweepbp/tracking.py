@@ -11,8 +11,9 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -21,6 +22,9 @@ from mlflow.tracking import MlflowClient
 from sweepbp.config import RunConfig, TrackingConfig, leaf_params
 from sweepbp.result import JobResult
 from sweepbp.uris import redact, resolve_uri, sqlite_path
+
+if TYPE_CHECKING:
+    from sweepbp.summary import Record
 
 T = TypeVar("T")
 RUN_STATUS = {"ok": "FINISHED", "oom": "FINISHED", "diverged": "FINISHED", "skipped": "FINISHED",
@@ -63,8 +67,10 @@ class Recorder:
 
     def __init__(self, tracking: TrackingConfig):
         self.uri = resolve_uri(tracking.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        # MlflowClient opens the store at once, and opening a new SQLite file creates its schema:
+        # parallel jobs must take turns (mlflow PR #6490), or one fails with "table already exists".
         with _store_lock(self.uri):
+            self.client = MlflowClient(tracking_uri=self.uri)
             self.experiment_id = self._experiment(tracking.experiment)
 
     def _experiment(self, name: str) -> str:
@@ -90,13 +96,23 @@ class Recorder:
                       "mlflow.note.content": description}))
             return run.info.run_id
 
+    def close_sweep(self, sweep_id: str, status: str) -> None:
+        """End the sweep's parent run (FINISHED, FAILED or KILLED) once none of its jobs runs any more."""
+        for run in self.find_runs(f"tags.`{TAG_SWEEP}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'sweep'"):
+            with_retry(lambda r=run: self.client.set_terminated(r.info.run_id, status))
+
     def find_runs(self, filter_string: str, max_results: int = 5000):
         return with_retry(lambda: self.client.search_runs([self.experiment_id], filter_string,
                                                           max_results=max_results))
 
     def find_finished(self, config_hash: str) -> str | None:
-        """A run of this exact config that ended ok or oom (what resume skips)."""
-        for run in self.find_runs(f"tags.`{TAG_HASH}` = '{config_hash}'"):
+        """The oldest run of this exact config that ended ok or oom and was closed (what resume skips).
+
+        The status tag is written last but one and the run closed last (`finish_job`), so a run whose
+        recording was cut short (kill -9) is not FINISHED and is run again rather than reused half-made.
+        """
+        runs = self.find_runs(f"tags.`{TAG_HASH}` = '{config_hash}' and attributes.status = 'FINISHED'")
+        for run in sorted(runs, key=lambda r: r.info.start_time):
             if run.data.tags.get(TAG_STATUS) in ("ok", "oom"):
                 return run.info.run_id
         return None
@@ -116,22 +132,34 @@ class Recorder:
         return run_id
 
     def finish_job(self, run_id: str, result: JobResult, artifacts: list[Path]) -> None:
+        """Record a job's outcome. Order matters for kill -9: files and metrics first, the status tag and
+        the run's end state last, so a run that looks finished is complete."""
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in sorted(result.metrics.items()) if _is_number(v)]
+        # `loss` is logged as its per-step history only (MLflow shows the last step as its value).
+        metrics = [Metric(k, float(v), now, 0) for k, v in sorted(result.metrics.items())
+                   if _is_number(v) and not (k == "loss" and result.losses)]
         metrics += [Metric("loss", float(v), now, step) for step, v in enumerate(result.losses) if _finite(v)]
-        tags = [RunTag(TAG_STATUS, result.status)]
-        tags += [RunTag(f"sweepbp.env.{k}", str(v)[:5000]) for k, v in sorted(result.environment.items())
-                 if k != "traceback"]
+        tags = [RunTag(f"sweepbp.env.{k}", str(v)[:5000]) for k, v in sorted(result.environment.items())
+                if k != "traceback"]
         if result.error:
             tags.append(RunTag("sweepbp.error", result.error[:5000]))
+        for path in artifacts:
+            if path.exists():
+                with_retry(lambda p=path: self.client.log_artifact(run_id, str(p)))
         for i in range(0, len(metrics), BATCH * 10):  # MLflow takes 1000 metrics per batch
             with_retry(lambda chunk=metrics[i:i + BATCH * 10]: self.client.log_batch(run_id, metrics=chunk))
         for i in range(0, len(tags), BATCH):
             with_retry(lambda chunk=tags[i:i + BATCH]: self.client.log_batch(run_id, tags=chunk))
-        for path in artifacts:
-            if path.exists():
-                with_retry(lambda p=path: self.client.log_artifact(run_id, str(p)))
+        with_retry(lambda: self.client.set_tag(run_id, TAG_STATUS, result.status))
         with_retry(lambda: self.client.set_terminated(run_id, RUN_STATUS.get(result.status, "FAILED")))
+
+    def finish_sweep(self, parent_id: str, files: list[Path], failed: bool) -> None:
+        """The sweep's report goes to its parent run, which then ends (FAILED if a job failed)."""
+        self.log_files(parent_id, files)
+        with_retry(lambda: self.client.set_terminated(parent_id, "FAILED" if failed else "FINISHED"))
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        with_retry(lambda: self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
 
     def log_files(self, run_id: str, paths: list[Path]) -> None:
         for path in paths:
@@ -153,3 +181,86 @@ def _is_number(value: object) -> bool:
 
 def _finite(value: float) -> bool:
     return value == value and value not in (float("inf"), float("-inf"))
+
+
+# -- reading a sweep back (python -m sweepbp.report, python -m sweepbp.rerun) ------------------------------
+class StoreError(LookupError):
+    """The store holds no such sweep or run; the message says what was looked for."""
+
+
+def sweep_records(uri: str, experiment: str | None, sweep_id: str | None) -> tuple[str, list[Record]]:
+    """The job records of one sweep (default: the latest) read from the store alone: each run's
+    results.json artifact, or its params, metrics and tags when the artifact is missing."""
+    client = MlflowClient(tracking_uri=uri)
+    experiment_ids = _experiment_ids(client, experiment)
+    if sweep_id is None:
+        parents = client.search_runs(experiment_ids, f"tags.`{TAG_ROLE}` = 'sweep'", max_results=1,
+                                     order_by=["attributes.start_time DESC"])
+        if not parents:
+            raise StoreError(f"no sweep in experiment {experiment or '(any)'}")
+        sweep_id = parents[0].data.tags[TAG_SWEEP]
+    runs = client.search_runs(experiment_ids, f"tags.`{TAG_SWEEP}` = '{sweep_id}'", max_results=5000)
+    jobs = [run for run in runs if run.data.tags.get(TAG_ROLE) != "sweep"]
+    if not jobs:
+        raise StoreError(f"no runs of sweep {sweep_id!r} in experiment {experiment or '(any)'}")
+    return sweep_id, [_record_of(client, run) for run in jobs]
+
+
+def _download(client: MlflowClient, run_id: str, path: str) -> Path:
+    """One artifact of a run, as a local file (without MLflow's progress bar on the terminal)."""
+    import mlflow.environment_variables as variables
+
+    variables.MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)
+    return Path(client.download_artifacts(run_id, path))
+
+
+def _experiment_ids(client: MlflowClient, name: str | None) -> list[str]:
+    if name is None:
+        return [e.experiment_id for e in client.search_experiments()]
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        raise StoreError(f"no experiment named {name!r}")
+    return [found.experiment_id]
+
+
+def _record_of(client: MlflowClient, run) -> Record:
+    from sweepbp.config import GROUPS
+    from sweepbp.summary import Record
+
+    tags = run.data.tags
+    job = tags.get("sweepbp.job_num", run.info.run_id)
+    try:
+        record = Record.from_result(json.loads(_download(client, run.info.run_id, "results.json").read_text()), job)
+        record.run_id = run.info.run_id
+        return record
+    except (MlflowException, OSError):  # no artifact (a job still running, or an artifact store gone)
+        params = run.data.params
+        return Record(job=job, status=tags.get(TAG_STATUS, "unknown"),
+                      config={k: v for k, v in params.items() if k not in GROUPS},
+                      choices={k: v for k, v in params.items() if k in GROUPS}, metrics=dict(run.data.metrics),
+                      error=tags.get("sweepbp.error"), run_id=run.info.run_id)
+
+
+@dataclass
+class RecordedRun:
+    """What `sweepbp.rerun` needs of a run, read from the store alone."""
+
+    config_text: str  # the config.yaml artifact: the fully resolved config
+    choices: dict[str, str]  # group -> option, from the run's params
+    losses: list[float] | None  # the loss curve of its results.json, if logged
+
+
+def recorded_run(uri: str, run_id: str) -> RecordedRun:
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+        text = _download(client, run_id, "config.yaml").read_text()
+    except MlflowException as err:
+        raise StoreError(f"run {run_id!r}: {str(err).splitlines()[0]}") from None
+    from sweepbp.config import GROUPS
+
+    try:
+        losses = json.loads(_download(client, run_id, "results.json").read_text()).get("losses")
+    except MlflowException:
+        losses = None
+    return RecordedRun(text, {k: v for k, v in run.data.params.items() if k in GROUPS}, losses)

@@ -28,13 +28,27 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def redact(uri: str) -> str:
-    """Hide user:password@ and token-like query values wherever a URI is printed or logged."""
+    """Hide user:password@ and token-like query values wherever a URI is printed or logged.
+
+    Edits the text in place rather than re-assembling the URI: urlunsplit would turn
+    sqlite:////abs/path into sqlite://abs/path.
+    """
     parts = urlsplit(uri)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = re.sub(r"(?i)((?:token|password|secret|key)[^=]*=)[^&]*", r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    shown = uri
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rsplit("@", 1)[0]
+        shown = shown.replace(userinfo + "@", "***@", 1)
+    if parts.query:
+        query = re.sub(r"(?i)((?:token|password|secret|key)[^=&]*=)[^&]*", r"\1***", parts.query)
+        shown = shown.replace("?" + parts.query, "?" + query, 1)
+    return shown
+
+
+def _health_url(uri: str) -> str:
+    """The server's /health address, without credentials (urllib would take user:password@ for the host)."""
+    parts = urlsplit(uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
 
 
 def unreachable_reason(uri: str, timeout_s: float = 3.0) -> str | None:
@@ -42,7 +56,7 @@ def unreachable_reason(uri: str, timeout_s: float = 3.0) -> str | None:
     scheme = urlsplit(uri).scheme
     if scheme in ("http", "https"):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            with urllib.request.urlopen(_health_url(uri), timeout=timeout_s) as response:
                 if response.status >= 400:
                     return f"HTTP {response.status}"
         except urllib.error.HTTPError as err:

@@ -4,6 +4,12 @@ The sweep process imports torch, Lightning, transformers and peft once but never
 touches CUDA, so a fork costs milliseconds and each job starts from the same clean state: no allocator
 history, no leaked tensors, no exception frames from an earlier job. The child sends its JobResult back
 as JSON and leaves with os._exit, so nothing of the parent (an MLflow connection) is torn down by it.
+
+Ctrl-C or SIGTERM stops the child through its own handler (status `killed`, with what it measured so far)
+and the sweep re-raises it as `JobInterrupted` once that partial result is back; see signals.py. The child
+dies with the sweep process. Forking also works from a joblib (loky) worker, which runs no torch op either;
+it does not work from a process that has run a multi-threaded torch op (GNU OpenMP's pool does not survive
+a fork, and the child hangs in its first parallel op).
 """
 
 from __future__ import annotations
@@ -12,10 +18,10 @@ import multiprocessing as mp
 import os
 import signal
 import traceback
-from collections.abc import Callable
 
 from sweepbp.config import RunConfig
 from sweepbp.result import JobResult
+from sweepbp.signals import STOP_SIGNALS, Stopped, die_with_parent, ignore_signals, raise_once, stopping
 
 GRACE_S = 60.0  # how long an interrupted child may take to hand back its partial result
 
@@ -45,35 +51,40 @@ def preload(arch: str) -> None:
 
 
 def run_isolated(run: RunConfig, label: str) -> JobResult:
-    """Run one job in a forked child; Ctrl-C/SIGTERM reach it and come back as status `killed`."""
+    """Run one job in a forked child. Ctrl-C/SIGTERM reach it and come back as `JobInterrupted`,
+    which carries the child's partial result with status `killed`."""
     preload(run.cfg.model.arch)
     context = mp.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_child_main, args=(sender, run, label), name=f"sweepbp-{label}")
-    child.start()
-    sender.close()
-    previous = signal.signal(signal.SIGTERM, _forward_term(child.pid))
-    try:
-        return _receive(receiver, child, run)
-    except KeyboardInterrupt:
-        _signal(child.pid, signal.SIGTERM)
-        result = _receive(receiver, child, run, timeout=GRACE_S)
-        if result.status not in ("killed",):
-            result.status, result.error = "killed", "interrupted (Ctrl-C or SIGTERM)"
-        raise JobInterrupted(result) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        child.join(timeout=GRACE_S)
-        if child.is_alive():
-            child.kill()
-            child.join()
+    child = context.Process(target=_child_main, args=(sender, run, label, os.getpid()), name=f"sweepbp-{label}")
+    with stopping():
+        try:
+            child.start()
+            sender.close()
+            return _receive(receiver, child, run)
+        except KeyboardInterrupt as stop:
+            ignore_signals()  # a second Ctrl-C must not cut the partial result off (stopping() keeps this)
+            if child.pid is not None:
+                _signal(child.pid, signal.SIGTERM)
+                result = _receive(receiver, child, run, timeout=GRACE_S)
+            else:
+                result = _lost(run, "interrupted before the job started")
+            if result.status != "killed":
+                result.status, result.error = "killed", result.error or "interrupted (Ctrl-C or SIGTERM)"
+            raise JobInterrupted(result, getattr(stop, "signum", signal.SIGINT)) from None
+        finally:
+            if child.pid is not None:
+                child.join(timeout=GRACE_S)
+                if child.is_alive():
+                    child.kill()
+                    child.join()
 
 
-class JobInterrupted(KeyboardInterrupt):
-    """The sweep was interrupted during a job; carries that job's result so it can be recorded."""
+class JobInterrupted(Stopped):
+    """The sweep was stopped during a job; carries that job's result so it can be recorded."""
 
-    def __init__(self, result: JobResult):
-        super().__init__("interrupted")
+    def __init__(self, result: JobResult, signum: int):
+        super().__init__(signum)
         self.result = result
 
 
@@ -100,14 +111,6 @@ def _lost(run: RunConfig, why: str) -> JobResult:
                      error=why)
 
 
-def _forward_term(pid: int) -> Callable:
-    def handler(signum, frame):
-        _signal(pid, signal.SIGTERM)
-        raise KeyboardInterrupt
-
-    return handler
-
-
 def _signal(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
@@ -115,17 +118,14 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
-def _child_main(sender, run: RunConfig, label: str) -> None:
+def _child_main(sender, run: RunConfig, label: str, parent_pid: int) -> None:
     from sweepbp.job import Interrupted, run_job
     from sweepbp.progress import ProgressLine
 
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Interrupted()
-
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
+    die_with_parent(parent_pid)
+    interrupt = raise_once(Interrupted)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, interrupt)
     code = 0
     try:
         result = run_job(run, progress=ProgressLine(label, run))

@@ -1,0 +1,50 @@
+"""`python -m sweepbp` with faults injected into chosen jobs, for the failure tests. Test code only.
+
+Run as `python tests/faulty_sweepbp.py ARGS` (the same `sweepbp.cli.main` as `python -m sweepbp ARGS`).
+The job whose `trainer.seed` equals
+  SWEEPBP_FAULT_FAIL_SEED  raises RuntimeError("injected fault") in its second training step (-> failed);
+  SWEEPBP_FAULT_HANG_SEED  writes its process id to the file SWEEPBP_FAULT_MARK in its second training
+                           step, then sleeps until a signal stops it: a job caught mid-training, every time.
+Jobs are forked from the sweep process, so the patches made here reach them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+FAIL, HANG, MARK = "SWEEPBP_FAULT_FAIL_SEED", "SWEEPBP_FAULT_HANG_SEED", "SWEEPBP_FAULT_MARK"
+
+
+def install() -> None:
+    """Wrap the job recipe and the training step with the faults the environment asks for."""
+    import sweepbp.job
+    import sweepbp.module
+
+    fit = sweepbp.job._fit_and_measure
+    step = sweepbp.module.LoraFinetune.training_step
+    seed: list[int] = []
+
+    def fit_with_faults(run, *args, **kwargs):
+        seed.append(run.cfg.trainer.seed)
+        return fit(run, *args, **kwargs)
+
+    def step_with_faults(self, batch, batch_idx):
+        if batch_idx == 1 and seed and str(seed[-1]) == os.environ.get(FAIL):
+            raise RuntimeError("injected fault")
+        if batch_idx == 1 and seed and str(seed[-1]) == os.environ.get(HANG):
+            Path(os.environ[MARK]).write_text(str(os.getpid()))
+            while True:  # the job's signal handler raises out of this sleep
+                time.sleep(0.05)
+        return step(self, batch, batch_idx)
+
+    sweepbp.job._fit_and_measure = fit_with_faults
+    sweepbp.module.LoraFinetune.training_step = step_with_faults
+
+
+if __name__ == "__main__":
+    install()
+    from sweepbp.cli import main
+
+    main()

@@ -1,0 +1,103 @@
+"""Interruption: Ctrl-C, SIGTERM and kill -9 of a real sweep subprocess lose nothing that had finished, and
+`resume=true` then runs only what is missing.
+
+The job with trainer.seed=1 is made to wait in its second training step (tests/faulty_sweepbp.py) and
+writes its process id to a file when it gets there, so every signal lands mid-job, on a fast machine or
+a slow one. The rerun with resume=true runs without that fault, so the same config then finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from sweeps import SMALL, alive, artifact_json, run_sweep, runs_of, start_sweep, sweep_dirs
+
+pytestmark = pytest.mark.slow
+START_S = 300  # the sweep's imports, job 0 and job 1's setup, on a loaded 2-core machine
+STOP_S = 60  # from the signal to the sweep's exit
+
+
+def hang_seed_1(folder: Path) -> dict[str, str]:
+    return {"SWEEPBP_FAULT_HANG_SEED": "1", "SWEEPBP_FAULT_MARK": str(folder / "job.pid")}
+
+
+def outcomes(jobs) -> list[tuple[str, str, str]]:
+    """(trainer.seed, sweepbp.status, MLflow status) of each job run, oldest first."""
+    return [(r.data.params["trainer.seed"], r.data.tags["sweepbp.status"], r.info.status) for r in jobs]
+
+
+def test_ctrl_c_records_the_job_as_killed_and_resume_records_each_config_once(tmp_path: Path):
+    args = ["trainer.seed=0,1,2", "batch.size=1", *SMALL]
+    sweep = start_sweep(args, tmp_path, hang_seed_1(tmp_path))
+    job_pid = int(sweep.wait_for_file(tmp_path / "job.pid", START_S))
+    sweep.signal_group(signal.SIGINT)  # Ctrl-C in a terminal: the sweep and its job both get SIGINT
+    time.sleep(0.2)
+    sweep.signal_group(signal.SIGINT)  # an impatient second Ctrl-C changes nothing
+
+    assert sweep.finish(STOP_S) == 130
+    assert "Traceback" not in sweep.stderr and "resume=true" in sweep.stderr
+    assert not alive(job_pid)
+    jobs, parents = runs_of(tmp_path)
+    assert outcomes(jobs) == [("0", "ok", "FINISHED"), ("1", "killed", "KILLED")]  # job 2 never started
+    assert parents[0].info.status == "KILLED"
+    killed = json.loads((sweep_dirs(tmp_path)[0] / "1" / "results.json").read_text())
+    assert killed["status"] == "killed" and artifact_json(tmp_path, jobs[1])["status"] == "killed"
+    assert killed["metrics"]["setup_time_s"] > 0 and len(killed["losses"]) == 1  # what ran before the stop
+    finished = artifact_json(tmp_path, jobs[0])
+    assert finished["status"] == "ok" and finished["metrics"]["peak_memory_bytes"] > 0
+
+    code, stderr = run_sweep([*args, "resume=true"], tmp_path)
+
+    assert code == 0, stderr
+    assert "1 job(s) not run again" in stderr
+    jobs, parents = runs_of(tmp_path)
+    # Recorded once: per config, exactly one run that ended ok or oom. The killed attempt stays as a
+    # KILLED run (history, not a result); a skipped job creates no run, its folder gets the recorded result.
+    assert outcomes(jobs) == [("0", "ok", "FINISHED"), ("1", "killed", "KILLED"), ("1", "ok", "FINISHED"),
+                              ("2", "ok", "FINISHED")]
+    by_hash: dict[str, list[str]] = {}
+    for run in jobs:
+        by_hash.setdefault(run.data.tags["sweepbp.config_hash"], []).append(run.data.tags["sweepbp.status"])
+    assert len(by_hash) == 3 and all(statuses.count("ok") == 1 for statuses in by_hash.values())
+    assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]
+    reused = json.loads((sweep_dirs(tmp_path)[1] / "0" / "results.json").read_text())
+    assert reused["status"] == "ok" and reused["environment"]["resumed_from_run_id"] == jobs[0].info.run_id
+
+
+def test_sigterm_to_the_sweep_reaches_the_job_and_records_it_as_killed(tmp_path: Path):
+    sweep = start_sweep(["trainer.seed=0,1", "batch.size=1", *SMALL], tmp_path, hang_seed_1(tmp_path))
+    job_pid = int(sweep.wait_for_file(tmp_path / "job.pid", START_S))
+    os.kill(sweep.process.pid, signal.SIGTERM)  # `kill PID`, a scheduler's stop: the sweep process only
+
+    assert sweep.finish(STOP_S) == 143
+    assert "Traceback" not in sweep.stderr
+    assert not alive(job_pid)
+    jobs, _ = runs_of(tmp_path)
+    assert outcomes(jobs) == [("0", "ok", "FINISHED"), ("1", "killed", "KILLED")]
+    assert json.loads((sweep_dirs(tmp_path)[0] / "1" / "results.json").read_text())["status"] == "killed"
+
+
+def test_kill_9_of_the_sweep_loses_nothing_that_had_finished(tmp_path: Path):
+    sweep = start_sweep(["trainer.seed=0,1", "batch.size=1", *SMALL], tmp_path, hang_seed_1(tmp_path))
+    job_pid = int(sweep.wait_for_file(tmp_path / "job.pid", START_S))
+    os.kill(sweep.process.pid, signal.SIGKILL)  # no handler runs; the job must not outlive its sweep
+    sweep.process.wait(timeout=STOP_S)
+    deadline = time.monotonic() + 10
+    while alive(job_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphan = alive(job_pid)
+    sweep.kill()  # clean up whatever is left before asserting
+
+    assert not orphan
+    jobs, _ = runs_of(tmp_path)
+    assert outcomes(jobs) == [("0", "ok", "FINISHED"), ("1", "running", "RUNNING")]
+    logged = artifact_json(tmp_path, jobs[0])
+    on_disk = json.loads((sweep_dirs(tmp_path)[0] / "0" / "results.json").read_text())
+    assert logged == on_disk and logged["status"] == "ok"
+    assert jobs[0].data.metrics["peak_memory_bytes"] == logged["metrics"]["peak_memory_bytes"] > 0

@@ -1,0 +1,86 @@
+"""The exact tracker against hand-computed sizes, and checkpointing's effect measured by it."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import FAST, compose
+from sweepbp.job import run_job
+from sweepbp.measure import ACTIVATION, GRAD, OTHER, PARAM, TRAINABLE, MemoryTracker
+
+F32 = 4
+
+
+def test_tracker_is_exact_on_a_hand_built_step():
+    """y = x @ W.T; loss = sum(y * y). Every byte is computable by hand."""
+    batch, d_in, d_out = 8, 64, 32
+    weight = torch.nn.Parameter(torch.randn(d_out, d_in))
+    frozen = torch.randn(d_out, d_in)  # a frozen weight that takes no part: counted, never freed
+    x = torch.randn(batch, d_in)
+    tracker = MemoryTracker("cpu")
+    tracker.register([weight], TRAINABLE)
+    tracker.register([frozen], PARAM)
+    tracker.register([x], OTHER)
+    start = (2 * d_out * d_in + batch * d_in) * F32
+    assert tracker.live_bytes == start
+
+    with tracker:
+        with tracker.phase_of("forward"):
+            y = x @ weight.t()  # saved by mul's backward, and x by mm's backward (x is already counted)
+            loss = (y * y).sum()
+        after_forward = tracker.live_bytes
+        with tracker.phase_of("backward"):
+            loss.backward()
+            tracker.retag(weight.grad, GRAD)
+    report = tracker.report()
+
+    y_bytes, y2_bytes, scalar = batch * d_out * F32, batch * d_out * F32, F32
+    # y*y is freed once sum has consumed it: after the forward, y and the loss scalar stay.
+    assert after_forward == start + y_bytes + scalar
+    # The forward's peak: y, y*y and the scalar alive together.
+    assert report.category_peaks[ACTIVATION] == y_bytes + y2_bytes + scalar
+    assert report.category_peaks[GRAD] == d_out * d_in * F32
+    assert report.at_peak[PARAM] == d_out * d_in * F32
+    assert report.at_peak[TRAINABLE] == d_out * d_in * F32
+    assert sum(report.at_peak.values()) == report.peak_bytes
+
+
+def test_budget_raises_out_of_memory_when_live_bytes_exceed_it():
+    tracker = MemoryTracker("cpu", budget_bytes=1000)
+    with tracker:
+        small = torch.zeros(100)  # 400 bytes: fits
+        try:
+            torch.zeros(200)  # +800 bytes: over
+        except torch.OutOfMemoryError as err:
+            assert "budget" in str(err)
+        else:
+            raise AssertionError("no out-of-memory error")
+    assert small.numel() == 100
+
+
+def _job(layers: int, memory: str):
+    run = compose([*FAST, f"model.config.num_hidden_layers={layers}", f"memory={memory}", "tracking=none"])
+    result = run_job(run)
+    assert result.status == "ok", result.error
+    return result.metrics
+
+
+def test_categories_add_up_and_checkpointing_saves_what_the_layer_count_predicts():
+    none4, none8, ckpt8 = _job(4, "none"), _job(8, "none"), _job(8, "ckpt")
+    per_layer = (none8["activation_bytes"] - none4["activation_bytes"]) / 4
+    outside_layers = none4["activation_bytes"] - 4 * per_layer
+    hidden_bytes = 2 * 32 * 128 * F32  # one layer input: batch x seq x hidden, fp32
+    # Checkpointing keeps every layer's input; its peak is either the end of the forward (inputs plus what
+    # lies outside the layers: embeddings, norm, logits) or one layer recomputed in the backward, when the
+    # head's activations are already freed.
+    expected_ckpt = 8 * hidden_bytes + max(outside_layers, per_layer)
+    assert ckpt8["activation_bytes"] < none8["activation_bytes"] / 2
+    assert abs(ckpt8["activation_bytes"] - expected_ckpt) / expected_ckpt < 0.15, (ckpt8["activation_bytes"], expected_ckpt)
+    for layers, metrics in ((4, none4), (8, none8), (8, ckpt8)):
+        assert metrics["param_bytes"] + metrics["trainable_param_bytes"] <= metrics["peak_memory_bytes"]
+        # AdamW: exp_avg and exp_avg_sq per adapter tensor, plus a 0-d fp32 `step` (A and B on 7 linears per layer).
+        assert metrics["optimizer_state_bytes"] == 2 * metrics["trainable_param_bytes"] + F32 * 2 * 7 * layers
+        assert metrics["grad_bytes"] == metrics["trainable_param_bytes"]
+        assert 0 < metrics["inference_peak_bytes"] < metrics["peak_memory_bytes"]
+    # Same data, same seed, same LoRA init: checkpointing changes memory, never the loss curve.
+    assert none8["loss"] == ckpt8["loss"]

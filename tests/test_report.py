@@ -1,0 +1,225 @@
+"""The sweep's answer: summary, Pareto chart, report rebuilt from the store, runs served by a real MLflow
+server, and a recorded run rerun with an identical loss curve.
+
+One real sweep (module fixture) runs against a real `mlflow server` on 127.0.0.1: two ok jobs
+(memory=none,ckpt) and two that fail for real (data=text needs a vocabulary of 256 bytes; the
+model is given 128), so the summary is tested with failures among ok jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, run_cli
+from sweepbp.report import csv_text, folder_records, write_report
+from sweepbp.summary import Record, fastest_within, summarize, swept_keys
+
+PNG = b"\x89PNG\r\n\x1a\n"
+EXPERIMENT = "report-test"
+
+
+# -- the summary on hand-made records (no jobs run) ------------------------------------------------------
+def _record(job: str, memory: str, r: int, status: str = "ok", **metrics: float) -> Record:
+    config = {"memory.name": memory, "lora.r": str(r), "batch.size": "2", "budget_gb": "None"}
+    if memory == "ckpt":
+        config["memory.every"] = "1"
+    return Record(job, status, config, {"memory": memory, "model": "tiny"}, metrics)
+
+
+def test_frontier_budget_and_strategy_costs():
+    records = [
+        _record("0", "none", 8, peak_memory_bytes=10e9, tokens_per_s=100.0, activation_bytes=6e9),
+        _record("1", "ckpt", 8, peak_memory_bytes=6e9, tokens_per_s=80.0, activation_bytes=1.5e9),
+        _record("2", "none", 16, peak_memory_bytes=12e9, tokens_per_s=90.0, activation_bytes=6e9),
+        _record("3", "ckpt", 16, status="oom"),
+    ]
+    # memory.every exists only under ckpt: implied by the option, not a swept key of its own
+    assert swept_keys(records) == ["memory", "lora.r"]
+    summary = summarize(records, budgets_gb=[8, 5])
+    assert [r.job for r in summary.frontier] == ["1", "0"]  # job 2 is beaten by job 0 on both axes
+    assert fastest_within(records, 8e9, "peak_memory_bytes", "tokens_per_s").job == "1"
+    assert fastest_within(records, 5e9, "peak_memory_bytes", "tokens_per_s") is None
+    (effect,) = summary.effects  # ckpt r=16 ran out of memory: only r=8 has a pair
+    assert (effect.record.job, effect.baseline.job) == ("1", "0")
+    assert effect.slowdown == pytest.approx(1.25)
+    assert effect.memory_saving == pytest.approx(0.4)
+    assert effect.activation_saving == pytest.approx(0.75)
+    rows = csv_text(summary).splitlines()
+    assert rows[0].startswith("job,memory,lora.r,status,tokens_per_s,peak_memory_bytes,activation_bytes,pareto")
+    assert rows[2].startswith("1,ckpt,8,ok,80,6000000000,1500000000,1")
+    assert rows[4].startswith("3,ckpt,16,oom,,,,0")
+
+
+def test_predicted_metrics_alone_make_a_report(tmp_path):
+    """mode=predict runs carry predicted_* metrics only: the x axis falls back to them."""
+    records = [_record("0", "none", 8, predicted_peak_memory_bytes=30e9),
+               _record("1", "ckpt", 8, predicted_peak_memory_bytes=20e9)]
+    summary = summarize(records, budgets_gb=[24])
+    assert summary.x == "predicted_peak_memory_bytes"
+    files = write_report(summary, tmp_path)
+    header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
+    assert "predicted_peak_memory_bytes" in header and "peak_memory_bytes" not in header
+    assert (tmp_path / "tradeoff.png").read_bytes().startswith(PNG)
+    md = (tmp_path / "summary.md").read_text()  # no throughput to rank by: what fits the budget, what does not
+    assert "Within 24 GB (predicted peak memory): fits: memory=ckpt (20.00 GB); does not fit: memory=none (30.00 GB)" in md
+    assert [f.name for f in files] == ["summary.csv", "summary.md", "tradeoff.png"]
+
+
+# -- a real sweep against a real MLflow server --------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+def _api(base: str, path: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(base + path, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`mlflow server` with a SQLite backend and served artifacts, both in a temporary folder."""
+    folder = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--serve-artifacts",
+         "--artifacts-destination", str(folder / "artifacts")],
+        stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if _get(url + "/health").strip() == b"OK":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker, started by this fixture
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def sweep(server, tmp_path_factory):
+    """A 4-job sweep recorded on the server: memory=none,ckpt x vocab_size=512 (ok), 128 (fails)."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    corpus = cwd / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    done = run_cli(["-m", "memory=none,ckpt", "model.config.vocab_size=512,128", "data=text",
+                    f"data.path={corpus}", f"tracking.uri={server}", f"tracking.experiment={EXPERIMENT}", *FAST],
+                   cwd=cwd, env={"OMP_NUM_THREADS": "1"})
+    sweep_dir = next((cwd / "multirun").glob("*/*"))
+    return done, sweep_dir
+
+
+@pytest.mark.slow
+def test_sweep_with_failed_jobs_writes_summary_and_chart(sweep):
+    done, sweep_dir = sweep
+    assert done.returncode == 1, done.stderr[-3000:]  # failed jobs make the sweep exit non-zero, after all ran
+    rows = (sweep_dir / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("job,memory,model.config.vocab_size,status,")
+    statuses = [row.split(",")[:4] for row in rows[1:]]
+    assert statuses == [["0", "none", "512", "ok"], ["1", "none", "128", "failed"],
+                        ["2", "ckpt", "512", "ok"], ["3", "ckpt", "128", "failed"]]
+    assert "vocab_size >= 256" in rows[2]  # the error travels into the summary
+    md = (sweep_dir / "summary.md").read_text()
+    assert "memory=ckpt vocab_size=512 (job 2) vs job 0" in md and "## Not on the chart" in md
+    assert (sweep_dir / "tradeoff.png").read_bytes().startswith(PNG)
+    assert "| 3 | ckpt | 128 | **failed** |" in done.stdout  # the table printed at the end of the sweep
+    for job in ("0", "2"):
+        assert (sweep_dir / job / "memory_timeline.png").read_bytes().startswith(PNG)
+    records = {r.job: r for r in folder_records(sweep_dir)}
+    ckpt, none = records["2"].metrics, records["0"].metrics
+    assert ckpt["activation_bytes"] < none["activation_bytes"]  # the chart's story holds on these numbers
+
+
+@pytest.mark.slow
+def test_report_rebuilds_identical_summary_from_the_store_alone(sweep, server, tmp_path, capsys):
+    from sweepbp.report import main
+
+    _, sweep_dir = sweep
+    out = tmp_path / "rebuilt"
+    assert main(["--experiment", EXPERIMENT, "--tracking-uri", server, "--out", str(out), "--budget-gb", "0.01"]) == 0
+    assert (out / "summary.csv").read_text() == (sweep_dir / "summary.csv").read_text()
+    assert (out / "tradeoff.png").read_bytes().startswith(PNG)
+    assert "Within 0.01 GB: memory=" in (out / "summary.md").read_text()
+    assert "| 1 | none | 128 | **failed** |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_server_serves_runs_params_metrics_and_chart(sweep, server):
+    experiment = _api(server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=" + EXPERIMENT)
+    runs = _api(server, "/api/2.0/mlflow/runs/search",
+                {"experiment_ids": [experiment["experiment"]["experiment_id"]], "max_results": 100})["runs"]
+    tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+    (parent,) = [run for run, t in zip(runs, tags) if t.get("sweepbp.role") == "sweep"]
+    children = [(run, t) for run, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
+    assert sorted(t["sweepbp.status"] for _, t in children) == ["failed", "failed", "ok", "ok"]
+    assert parent["info"]["status"] == "FAILED"  # the sweep ended, with failures
+    for run, t in children:
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert params["memory"] in ("none", "ckpt") and params["model.config.vocab_size"] in ("512", "128")
+        if t["sweepbp.status"] == "ok":
+            metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+            assert metrics["peak_memory_bytes"] > 0 and metrics["tokens_per_s"] > 0
+            assert "memory_timeline.png" in _artifact_names(server, run["info"]["run_id"])
+    parent_id = parent["info"]["run_id"]
+    assert {"summary.csv", "summary.md", "tradeoff.png"} <= _artifact_names(server, parent_id)
+    query = urllib.parse.urlencode({"path": "tradeoff.png", "run_uuid": parent_id})
+    assert _get(f"{server}/get-artifact?{query}").startswith(PNG)
+
+
+def _artifact_names(server: str, run_id: str) -> set[str]:
+    listing = _api(server, "/api/2.0/mlflow/artifacts/list?run_id=" + run_id)
+    return {Path(f["path"]).name for f in listing.get("files", [])}
+
+
+@pytest.mark.slow
+def test_rerun_reproduces_the_loss_curve_from_the_store(sweep, server, tmp_path):
+    from sweepbp.rerun import main
+
+    _, sweep_dir = sweep
+    original = json.loads((sweep_dir / "2" / "results.json").read_text())  # memory=ckpt, ok
+    run_id = original["environment"]["mlflow_run_id"]
+    assert main([run_id, "--tracking-uri", server, "--out", str(tmp_path / "rerun")]) == 0
+    again = json.loads((tmp_path / "rerun" / "results.json").read_text())
+    assert again["losses"] == original["losses"] and len(again["losses"]) == 4
+    assert again["config"] == original["config"] | {"tracking": again["config"]["tracking"]}
+    new = _api(server, "/api/2.0/mlflow/runs/get?run_id=" + again["environment"]["mlflow_run_id"])["run"]
+    assert {t["key"]: t["value"] for t in new["data"]["tags"]}["sweepbp.rerun_of"] == run_id
+
+
+def test_store_uri_is_printed_as_given():
+    """The report names its store: redacting credentials must not mangle an absolute SQLite path."""
+    from sweepbp.uris import redact
+
+    assert redact("sqlite:////tmp/sweep/mlflow.db") == "sqlite:////tmp/sweep/mlflow.db"
+    assert redact("http://user:secret@host:5000") == "http://***@host:5000"
