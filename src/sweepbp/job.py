@@ -71,8 +71,8 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
     from sweepbp.data import TokenBatches
     from sweepbp.lora import apply_lora
     from sweepbp.memory import apply_memory_strategy, assert_training_mode
-    from sweepbp.model import build_model
     from sweepbp.autobatch import resolve_batch_size
+    from sweepbp.model import build_model
     from sweepbp.module import LoraFinetune
     from sweepbp.predict import add_prediction
 

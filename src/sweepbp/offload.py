@@ -124,7 +124,8 @@ class HostOffload:
         # Reloaded activations are device memory of the backward: count them as activations. The whole
         # storage comes back in one contiguous (non-blocking, from pinned memory) copy, then is viewed.
         with torch.no_grad(), layer_scope():
-            if packed.device.type == "cpu":  # CPU emulation: a fresh "device" copy, as a transfer would make
+            if packed.device.type in ("cpu", "meta"):  # CPU emulation, mode=predict's meta trace: a fresh
+                # "device" copy, as a transfer would make
                 storage_bytes = packed.host.clone()
             else:
                 storage_bytes = packed.host.to(packed.device, non_blocking=True)

@@ -7,7 +7,9 @@ and no data, so Llama-3.1-8B fits on a laptop and a step takes seconds. `measure
 the meta storages exactly as it counts real ones.
 
 Jobs with `*-mixed` precision trace on fake CPU tensors (`FakeTensorMode`) instead, because autocast only
-acts on tensors of a real device type: the same accounting, several times slower.
+acts on tensors of a real device type: the same accounting, about twice as slow. An offloading strategy
+is given the trace's device (meta): its host copies, made inside `host_scope`, stay on meta and are
+booked as host memory (`MetaTracker`), and its reloads are fresh device copies, as on a GPU.
 
 The kernels whose choice depends on the device (attention, AdamW's implementation) are picked for the
 target device by `target.py`, for CPU as for CUDA; the target is part of every prediction
@@ -84,7 +86,7 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
     from sweepbp.memory import apply_memory_strategy, assert_training_mode
     from sweepbp.model import build_model
     from sweepbp.module import count_gradients, make_optimizer, step_tracker, train_step
-    from sweepbp.target import meta_tracker, precision_plugin, target_kernels
+    from sweepbp.target import MetaTracker, precision_plugin, target_kernels
 
     size = int(batch_size if batch_size is not None else cfg.batch.size)
     start = time.perf_counter()
@@ -93,13 +95,14 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
     with torch.device(meta):  # peft creates adapters on the default device before moving them
         model = apply_lora(build_model(cfg.model, meta, cfg.trainer.seed), cfg.lora)
     meta_trace = not cfg.trainer.precision.endswith("-mixed")  # autocast needs a real device type: fake CPU
+    # the strategy sees the trace's device: an offload moves what lives there to the host
+    applied = apply_memory_strategy(model, cfg.memory, meta if meta_trace else torch.device("cpu"))
     with no_data(meta_trace, model, device) as counted, unpadded_sequences(), target_kernels(device, modelled):
-        applied = apply_memory_strategy(model, cfg.memory, torch.device(device))
         model.train()
         assert_training_mode(model)
         batch = empty_batch(size, cfg.batch.seq_len, counted[0])
         parameters = parameter_counts(model, cfg.batch.seq_len)
-        kind = meta_tracker(device) if meta_trace else MemoryTracker
+        kind = MetaTracker if meta_trace else MemoryTracker
         inference = _inference_peak(model, batch, counted, kind)
         plugin = precision_plugin(cfg.trainer.precision, device, modelled)
         model = plugin.convert_module(model)  # Lightning converts at fit, after the inference measurement

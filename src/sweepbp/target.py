@@ -15,8 +15,8 @@ the same tensors whatever the device; where the device decides, `TargetDevice` d
   backward, where checkpointing recomputes attention.
 - AdamW: foreach on CUDA (temporaries for all adapter tensors at once), a per-tensor loop on CPU
   (`predict._foreach`).
-- Copies to a real device (an offloading strategy's host copies) stay on meta, counted as host memory
-  when they leave the target device.
+- AdamW's step counters (real CPU scalars beside the meta model): device memory for a CPU target, host
+  memory for a CUDA one (`predict.no_data`).
 - `*-mixed` precision for a CUDA target is traced with CPU autocast, whose cast lists differ slightly.
 
 Not modelled (docs/predict.md): memory a kernel allocates for itself (flash/cuDNN backward scratch,
@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 import torch
 
-from sweepbp.measure import HOST, MemoryTracker
+from sweepbp.measure import MemoryTracker
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -92,28 +92,24 @@ def sdpa(device: str, query, key, value, attn_mask=None, dropout_p=0.0, is_causa
 
 
 class MetaTracker(MemoryTracker):
-    """The exact tracker for a meta trace, with two additions (one dispatch mode, since each costs time
-    per op):
-
-    - copies to a real device stay on meta, so an offloading strategy's host copies can be traced. A copy
-      that leaves the target's device type (to the CPU for a CUDA target), and any pinned buffer, counts
-      as host memory, as in a real run. Real scalars made without a meta input stay real.
-    - pointwise ops repeat with the same shapes in every layer; their meta kernels are Python (about a
-      millisecond each), so the output layout of a functional pointwise op is remembered by its inputs'
-      layouts and reproduced with `empty_strided`, the same storage the kernel would make; an in-place
-      one returns its input, as the kernel does.
+    """The exact tracker for a meta trace, faster: ops repeat with the same shapes in every layer, and the
+    meta kernels of pointwise ops are Python (about a millisecond each). The output layout of a
+    functional pointwise op (fresh storage, no aliasing) is remembered by its inputs' layouts and remade
+    with `empty_strided`, the same storage the kernel would make; an in-place pointwise op returns its
+    input, as the kernel does. One dispatch mode, since each costs time per op. Inside `host_scope`
+    (an offload's host copies) buffers asked for on a real device stay on meta, booked as host memory.
     """
-
-    target = "cpu"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._layouts: dict[tuple, tuple] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        wanted = kwargs.get("device") if kwargs else None
+        wanted = kwargs.get("device") if kwargs and self._host_depth else None
         if wanted is not None and torch.device(wanted).type != "meta":
-            return self._copy_off_meta(func, args, dict(kwargs), torch.device(wanted))
+            # an offload's host buffer (inside host_scope): kept on meta, booked as host memory
+            kwargs = {**kwargs, "device": torch.device("meta"), "pin_memory": False}
+            return super().__torch_dispatch__(func, types, args, kwargs)
         if func._schema.name.endswith("_") and torch.Tag.pointwise in func.tags and args[0].is_meta:
             return args[0]  # an in-place pointwise op returns its own, already counted, input
         key = _pointwise_key(func, args, kwargs)
@@ -126,15 +122,6 @@ class MetaTracker(MemoryTracker):
         else:
             out = torch.empty_strided(layout[0], layout[1], dtype=layout[2], device="meta")
         self._add(out, self._category_for_new())
-        return out
-
-    def _copy_off_meta(self, func, args, kwargs, wanted: torch.device):
-        pinned = bool(kwargs.get("pin_memory"))
-        if not (pinned or any(isinstance(a, torch.Tensor) and a.is_meta for a in args)):
-            return super().__torch_dispatch__(func, (), args, kwargs)
-        kwargs["device"], kwargs["pin_memory"] = torch.device("meta"), False
-        out = func(*args, **kwargs)
-        self._add(out, HOST if pinned or wanted.type != self.target else self._category_for_new())
         return out
 
 
@@ -157,11 +144,6 @@ def _pointwise_key(func, args, kwargs) -> tuple | None:
     if kwargs:
         key.append(tuple(kwargs))
     return tuple(key)
-
-
-def meta_tracker(device: str) -> type[MemoryTracker]:
-    """The tracker class of a meta trace for a `device` target."""
-    return type(f"MetaTracker_{device}", (MetaTracker,), {"target": device})
 
 
 @contextlib.contextmanager
