@@ -112,6 +112,7 @@ def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
         result.metrics.update(timing.metrics(tokens, int(cfg.batch.size)))
         _add_mfu(result, device)
     if module.losses:
+        result.metrics["steps_time_s"] = module.steps_time_s
         result.metrics["loss"] = module.losses[-1]
         result.metrics["first_loss"] = module.losses[0]
     if "peak_memory_bytes" in result.metrics and result.metrics.get("inference_peak_bytes"):

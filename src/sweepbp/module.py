@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable
 
 import lightning as L
@@ -42,6 +43,7 @@ class LoraFinetune(L.LightningModule):
         self.timers: list[StepTimer] = []
         self.trace: MemoryReport | None = None
         self._tracker: MemoryTracker | None = None
+        self.steps_time_s = 0.0  # wall time inside all training steps (warm-up, traced, timed): the job's work
         for param in self.model.parameters():
             if param.requires_grad:
                 param.register_post_accumulate_grad_hook(_count_as_gradient)
@@ -51,6 +53,7 @@ class LoraFinetune(L.LightningModule):
         return torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        started = time.perf_counter()
         if batch_idx == self.traced_step:
             loss = self._traced_step(batch)
         else:
@@ -58,7 +61,8 @@ class LoraFinetune(L.LightningModule):
             loss = self._step(batch, timer.phase)
             if batch_idx > self.traced_step:
                 self.timers.append(timer)
-        value = float(loss.detach())
+        value = float(loss.detach())  # waits for the device, so the step's wall time below is complete
+        self.steps_time_s += time.perf_counter() - started
         self.losses.append(value)
         if not math.isfinite(value):
             raise Diverged(f"loss became {value} at step {batch_idx + 1}")

@@ -1,9 +1,15 @@
-"""Per-job isolation: each job runs in a child forked from the sweep process.
+"""Per-job isolation: each job runs in its own freshly forked process.
 
-The sweep process imports torch, Lightning, transformers and peft once but never runs a torch op or
-touches CUDA, so a fork costs milliseconds and each job starts from the same clean state: no allocator
-history, no leaked tensors, no exception frames from an earlier job. The child sends its JobResult back
-as JSON and leaves with os._exit, so nothing of the parent (an MLflow connection) is torn down by it.
+Jobs are forked from a pre-imported worker (a multiprocessing fork server) that imports torch,
+Lightning, transformers and peft once, but never runs a torch op or touches CUDA. A fork costs
+milliseconds and each job starts from the same clean state: no allocator history, no leaked tensors,
+no exception frames from an earlier job. The fork server is a separate process, so its imports run on
+one core while the sweep process composes configs and opens the tracking store on another; the sweep
+process itself never imports torch. The child sends its JobResult back as JSON and leaves with
+os._exit, so nothing of the parent is torn down by it.
+
+`SWEEPBP_START_METHOD=fork` forks jobs from the sweep process itself instead (it then imports the heavy
+libraries itself, once): the same isolation, without the overlap.
 """
 
 from __future__ import annotations
@@ -20,33 +26,67 @@ from sweepbp.result import JobResult
 GRACE_S = 60.0  # how long an interrupted child may take to hand back its partial result
 
 
-def preload(arch: str) -> None:
-    """Import the heavy libraries once in the sweep process, so each forked job starts in milliseconds.
+PRELOAD = ("torch", "lightning", "transformers", "peft", "sweepbp.job", "sweepbp.lora", "sweepbp.memory",
+           "sweepbp.model", "sweepbp.module", "sweepbp.measure", "sweepbp.data", "sweepbp.flops", "sweepbp.progress",
+           "peft.utils.transformers_weight_conversion")
 
-    Nothing here runs a torch op or initialises CUDA (a forked child could not use CUDA otherwise);
-    PYTORCH_NVML_BASED_CUDA_CHECK keeps Lightning's device queries off the CUDA driver.
+
+def start_method() -> str:
+    """forkserver (default) or fork, from SWEEPBP_START_METHOD."""
+    method = os.environ.get("SWEEPBP_START_METHOD", "forkserver")
+    return method if method in ("fork", "forkserver") else "forkserver"
+
+
+def preload_modules(arch: str) -> list[str]:
+    """What a job needs imported before it is forked: the libraries and the model family's modeling code."""
+    return [*PRELOAD, f"transformers.models.{arch}.modeling_{arch}"]
+
+
+def start_workers(arch: str) -> None:
+    """Start the pre-importing fork server now (idempotent, returns at once): its imports then overlap
+    with whatever the sweep process does next. Jobs fork from it (see `run_isolated`).
+
+    The fork server never runs a torch op or initialises CUDA (a forked child could not use CUDA
+    otherwise); PYTORCH_NVML_BASED_CUDA_CHECK keeps Lightning's device queries off the CUDA driver.
     """
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    if start_method() == "fork":
+        preload(arch)
+        return
+    from multiprocessing import forkserver
+
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(preload_modules(arch))
+    forkserver.ensure_running()
+
+
+def stop_workers() -> None:
+    """Stop a fork server this process started (the sweep was refused after it was started)."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # 3.10-3.13: no public stop
+    if pid is not None:
+        _signal(pid, signal.SIGTERM)
+
+
+def preload(arch: str) -> None:
+    """Import the heavy libraries into this process (SWEEPBP_START_METHOD=fork)."""
     import importlib
 
-    import sweepbp.job  # noqa: F401
-    import sweepbp.lora  # noqa: F401
-    import sweepbp.memory  # noqa: F401
-    import sweepbp.model  # noqa: F401
-    import sweepbp.module  # noqa: F401
-
-    try:  # the model family's modeling code, which transformers imports lazily
-        importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
-    except ImportError:
-        pass
+    for name in preload_modules(arch):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an arch without its own modeling module: imported lazily by the job
+            pass
 
 
 def run_isolated(run: RunConfig, label: str) -> JobResult:
-    """Run one job in a forked child; Ctrl-C/SIGTERM reach it and come back as status `killed`."""
-    preload(run.cfg.model.arch)
-    context = mp.get_context("fork")
+    """Run one job in a freshly forked child; Ctrl-C/SIGTERM reach it and come back as status `killed`."""
+    start_workers(run.cfg.model.arch)
+    context = mp.get_context(start_method())
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_child_main, args=(sender, run, label), name=f"sweepbp-{label}")
+    # The child gets this process's environment as it is now (the fork server's is from its start).
+    child = context.Process(target=_child_main, args=(sender, run, label, dict(os.environ)), name=f"sweepbp-{label}")
     child.start()
     sender.close()
     previous = signal.signal(signal.SIGTERM, _forward_term(child.pid))
@@ -112,7 +152,10 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
-def _child_main(sender, run: RunConfig, label: str) -> None:
+def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> None:
+    if os.environ != environ:
+        os.environ.clear()
+        os.environ.update(environ)
     from sweepbp.job import Interrupted, run_job
     from sweepbp.progress import ProgressLine
 
