@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-GROUPS = ("model", "lora", "memory", "batch", "trainer", "data", "tracking")
+GROUPS = ("model", "lora", "memory", "batch", "trainer", "data", "tracking", "strategy")
+STRATEGIES = ("single", "ddp", "fsdp")
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa")
@@ -111,6 +112,22 @@ class TrackingConfig:
 
 
 @dataclass
+class StrategyConfig:
+    """How one job uses `trainer.devices` devices: single (one device), ddp (one process per device,
+    gradients all-reduced; gloo on CPU, nccl on GPU) or fsdp (weights sharded across GPUs)."""
+
+    name: str = "single"
+
+
+@dataclass
+class FsdpStrategyConfig(StrategyConfig):
+    """Fully sharded data parallel (Lightning's FSDPStrategy): GPUs only."""
+
+    name: str = "fsdp"
+    sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD: params, grads and optimizer state sharded; SHARD_GRAD_OP: not params
+
+
+@dataclass
 class SweepbpConfig:
     """The root: one job = one choice per group plus the top-level keys."""
 
@@ -121,6 +138,7 @@ class SweepbpConfig:
     trainer: TrainerConfig = MISSING
     data: DataConfig = MISSING
     tracking: TrackingConfig = MISSING
+    strategy: StrategyConfig = MISSING
     mode: str = "measure"  # measure: run it; predict: trace it on fake tensors
     budget_gb: Optional[float] = None  # emulate a device with this much memory (GB = 1e9 bytes)
     resume: bool = False  # skip jobs whose exact config already finished ok or oom in the store
@@ -146,6 +164,7 @@ SCHEMAS: dict[str, list[tuple[str, type]]] = {
     "trainer": [("trainer", TrainerConfig)],
     "data": [("data", DataConfig)],
     "tracking": [("tracking", TrackingConfig)],
+    "strategy": [("strategy", StrategyConfig), ("fsdp", FsdpStrategyConfig)],
 }
 
 
@@ -222,6 +241,7 @@ def validate(cfg: SweepbpConfig) -> list[str]:
     need(t.devices >= 1, "trainer.devices", t.devices, "a positive integer")
     problems.extend(_memory_problems(cfg.memory))
     problems.extend(_data_problems(cfg.data))
+    problems.extend(_strategy_problems(cfg.strategy, t))
     need(cfg.tracking.name in ("mlflow", "none"), "tracking.name", cfg.tracking.name, "mlflow or none")
     need(cfg.mode in MODES, "mode", cfg.mode, f"one of {', '.join(MODES)}")
     if cfg.budget_gb is not None:
@@ -253,6 +273,19 @@ def _memory_problems(memory: MemoryConfig) -> list[str]:
     every = getattr(memory, "every", None)
     if every is not None and every < 1:
         return [f"memory.every must be a positive integer (1 = every layer), got {every!r}"]
+    return []
+
+
+def _strategy_problems(strategy: StrategyConfig, trainer: TrainerConfig) -> list[str]:
+    if strategy.name not in STRATEGIES:
+        return [f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy.name!r}"]
+    if strategy.name == "single" and trainer.devices > 1:
+        return [f"trainer.devices must be 1 with strategy=single, got {trainer.devices} (use strategy=ddp or fsdp)"]
+    if strategy.name == "fsdp" and trainer.accelerator == "cpu":
+        return ["strategy must be single or ddp on trainer.accelerator=cpu, got 'fsdp' (FSDP needs GPUs)"]
+    sharding = getattr(strategy, "sharding_strategy", None)
+    if sharding is not None and sharding not in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"):
+        return [f"strategy.sharding_strategy must be FULL_SHARD, SHARD_GRAD_OP or NO_SHARD, got {sharding!r}"]
     return []
 
 

@@ -19,8 +19,12 @@ import os
 import signal
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 
 from sweepbp.config import RunConfig
+from sweepbp.distributed import free_port, local_rank, merge_ranks, rank_environment, setup_rank, world_size
 from sweepbp.result import JobResult
 
 GRACE_S = 60.0  # how long an interrupted child may take to hand back its partial result
@@ -81,29 +85,27 @@ def preload(arch: str) -> None:
 
 
 def run_isolated(run: RunConfig, label: str) -> JobResult:
-    """Run one job in a freshly forked child; Ctrl-C/SIGTERM reach it and come back as status `killed`."""
+    """Run one job in freshly forked children, one per rank (one for a single-device job);
+    Ctrl-C/SIGTERM reach them and come back as status `killed`."""
     start_workers(run.cfg.model.arch)
-    context = mp.get_context(start_method())
-    receiver, sender = context.Pipe(duplex=False)
-    # The child gets this process's environment as it is now (the fork server's is from its start).
-    child = context.Process(target=_child_main, args=(sender, run, label, dict(os.environ)), name=f"sweepbp-{label}")
-    child.start()
-    sender.close()
-    previous = signal.signal(signal.SIGTERM, _forward_term(child.pid))
+    ranks = _start_ranks(run, label)
+    previous = signal.signal(signal.SIGTERM, _forward_term([rank.process.pid for rank in ranks]))
     try:
-        return _receive(receiver, child, run)
+        return _one_result(_gather(ranks, run))
     except KeyboardInterrupt:
-        _signal(child.pid, signal.SIGTERM)
-        result = _receive(receiver, child, run, timeout=GRACE_S)
+        for rank in ranks:
+            _signal(rank.process.pid, signal.SIGTERM)
+        result = _one_result([rank.result or _receive(rank, run, timeout=GRACE_S) for rank in ranks])
         if result.status not in ("killed",):
             result.status, result.error = "killed", "interrupted (Ctrl-C or SIGTERM)"
         raise JobInterrupted(result) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-        child.join(timeout=GRACE_S)
-        if child.is_alive():
-            child.kill()
-            child.join()
+        for rank in ranks:
+            rank.process.join(timeout=GRACE_S)
+            if rank.process.is_alive():
+                rank.process.kill()
+                rank.process.join()
 
 
 class JobInterrupted(KeyboardInterrupt):
@@ -114,14 +116,60 @@ class JobInterrupted(KeyboardInterrupt):
         self.result = result
 
 
-def _receive(receiver, child, run: RunConfig, timeout: float | None = None) -> JobResult:
-    if timeout is not None and not receiver.poll(timeout):
+@dataclass
+class _Rank:
+    """One process of a job and the pipe its result comes back on."""
+
+    process: BaseProcess
+    receiver: Connection
+    result: JobResult | None = None
+
+
+def _start_ranks(run: RunConfig, label: str) -> list[_Rank]:
+    context = mp.get_context(start_method())
+    world = world_size(run)
+    port = free_port() if world > 1 else 0
+    ranks = []
+    for rank in range(world):
+        receiver, sender = context.Pipe(duplex=False)
+        # The child gets this process's environment as it is now (the fork server's is from its start).
+        environ = dict(os.environ)
+        if world > 1:
+            environ.update(rank_environment(rank, world, port))
+        name = f"sweepbp-{label}" + (f"-rank{rank}" if world > 1 else "")
+        process = context.Process(target=_child_main, args=(sender, run, label, environ), name=name)
+        process.start()
+        sender.close()
+        ranks.append(_Rank(process, receiver))
+    return ranks
+
+
+def _gather(ranks: list[_Rank], run: RunConfig) -> list[JobResult]:
+    """Every rank's result. A rank that ends without success stops the others, which would otherwise
+    wait for it in their next collective until the process group times out."""
+    pending = {rank.receiver: rank for rank in ranks}
+    while pending:
+        for receiver in wait(list(pending)):
+            rank = pending.pop(receiver)
+            rank.result = _receive(rank, run)
+            if rank.result.status != "ok":
+                for other in pending.values():
+                    _signal(other.process.pid, signal.SIGTERM)
+    return [rank.result for rank in ranks if rank.result is not None]
+
+
+def _one_result(results: list[JobResult]) -> JobResult:
+    return results[0] if len(results) == 1 else merge_ranks(results)
+
+
+def _receive(rank: _Rank, run: RunConfig, timeout: float | None = None) -> JobResult:
+    if timeout is not None and not rank.receiver.poll(timeout):
         return _lost(run, "the job did not stop within the grace period")
     try:
-        return JobResult.from_json(receiver.recv())
+        return JobResult.from_json(rank.receiver.recv())
     except EOFError:
-        child.join(timeout=5)
-        code = child.exitcode
+        rank.process.join(timeout=5)
+        code = rank.process.exitcode
         if code == -signal.SIGKILL:
             # The kernel's out-of-memory killer sends SIGKILL: the host ran out of memory.
             result = _lost(run, "the job process was killed (SIGKILL), most likely by the host's out-of-memory killer")
@@ -137,9 +185,10 @@ def _lost(run: RunConfig, why: str) -> JobResult:
                      error=why)
 
 
-def _forward_term(pid: int) -> Callable:
+def _forward_term(pids: list[int]) -> Callable:
     def handler(signum, frame):
-        _signal(pid, signal.SIGTERM)
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
         raise KeyboardInterrupt
 
     return handler
@@ -156,6 +205,8 @@ def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> 
     if os.environ != environ:
         os.environ.clear()
         os.environ.update(environ)
+    if "LOCAL_RANK" in environ:
+        setup_rank()
     from sweepbp.job import Interrupted, run_job
     from sweepbp.progress import ProgressLine
 
@@ -168,7 +219,8 @@ def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> 
     signal.signal(signal.SIGTERM, interrupt)
     code = 0
     try:
-        result = run_job(run, progress=ProgressLine(label, run))
+        # One progress line per job: rank 0's.
+        result = run_job(run, progress=ProgressLine(label, run) if local_rank() == 0 else None)
         sender.send(result.to_json())
     except BaseException:  # a bug in sweepbp itself: still hand back a record
         traceback.print_exc()
