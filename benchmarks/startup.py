@@ -63,14 +63,14 @@ def sweep_records(cwd: Path) -> list[dict]:
 
 def tracking_cost(records: list[dict], folder: Path) -> dict[str, float]:
     """Seconds to open a fresh store, and per job to start and to finish its MLflow run (median)."""
-    from sweepbp.config import TrackingConfig
-    from sweepbp.result import JobResult
-    from sweepbp.tracking import Recorder
-
     start = time.perf_counter()
     import mlflow  # noqa: F401
 
     figures = {"import_mlflow_s": time.perf_counter() - start}
+    from sweepbp.config import TrackingConfig
+    from sweepbp.result import JobResult
+    from sweepbp.tracking import Recorder
+
     tracking = TrackingConfig(uri=f"sqlite:///{folder / 'mlflow.db'}", experiment="bench")
     start = time.perf_counter()
     recorder = Recorder(tracking)

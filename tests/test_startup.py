@@ -107,3 +107,33 @@ def test_llama3_8b_is_built_in_bf16_without_an_fp32_detour():
     assert sum(p.numel() for p in params) == 8_030_261_248
     assert max(created.float32_elements, default=0) < 1_000_000  # RoPE frequencies only
 
+
+
+def test_worker_warm_up_stays_on_the_meta_device():
+    """The fork server runs warm() before any job is forked from it: it must allocate nothing, run no kernel
+    on a real device and never initialise CUDA, or the jobs would not start from a clean process."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sweepbp.warmup import warm
+    from sweepbp.worker import preload_modules
+
+    for name in preload_modules("llama")[:-1]:  # what the fork server imports before warming up
+        __import__(name)
+
+    class Devices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(tensor, torch.Tensor):
+                    self.seen.add(tensor.device.type)
+            return out
+
+    with Devices() as devices:
+        warm("llama")
+    assert devices.seen == {"meta"}
+    assert not torch.cuda.is_initialized()

@@ -42,8 +42,9 @@ def start_method() -> str:
 
 
 def preload_modules(arch: str) -> list[str]:
-    """What a job needs imported before it is forked: the libraries and the model family's modeling code."""
-    return [*PRELOAD, f"transformers.models.{arch}.modeling_{arch}"]
+    """What a job needs imported before it is forked: the libraries, the model family's modeling code,
+    and last sweepbp.warmup, whose import warms them up on the meta device (see warmup.py)."""
+    return [*PRELOAD, f"transformers.models.{arch}.modeling_{arch}", "sweepbp.warmup"]
 
 
 def start_workers(arch: str) -> None:
@@ -59,9 +60,15 @@ def start_workers(arch: str) -> None:
         return
     from multiprocessing import forkserver
 
+    from sweepbp.warmup import ARCH_VARIABLE
+
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(preload_modules(arch))
-    forkserver.ensure_running()
+    os.environ[ARCH_VARIABLE] = arch  # read by the fork server's import of sweepbp.warmup
+    try:
+        forkserver.ensure_running()
+    finally:
+        del os.environ[ARCH_VARIABLE]
 
 
 def stop_workers() -> None:
@@ -73,15 +80,28 @@ def stop_workers() -> None:
         _signal(pid, signal.SIGTERM)
 
 
+_preloaded: set[str] = set()
+
+
 def preload(arch: str) -> None:
-    """Import the heavy libraries into this process (SWEEPBP_START_METHOD=fork)."""
+    """Import the heavy libraries into this process and warm them up (SWEEPBP_START_METHOD=fork)."""
     import importlib
+
+    if arch in _preloaded:
+        return
+    _preloaded.add(arch)
 
     for name in preload_modules(arch):
         try:
             importlib.import_module(name)
         except ImportError:  # an arch without its own modeling module: imported lazily by the job
             pass
+    from sweepbp.warmup import warm
+
+    try:
+        warm(arch)
+    except Exception:  # the jobs only lose the head start
+        pass
 
 
 def run_isolated(run: RunConfig, label: str) -> JobResult:
