@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"sweepbp: error: {line}", file=sys.stderr)
         raise SystemExit(2)
     os.environ["SWEEPBP_SWEEP_SIZE"] = str(jobs)
+    if 0 < jobs <= MAX_PRECHECKED_JOBS:
+        from hydra_plugins.sweepbp_sweeper import PRECHECKED
+
+        os.environ[PRECHECKED] = "1"  # every job composed and validated: the sweeper need not do it again
     sys.argv = [sys.argv[0], *args]
     import hydra
 
@@ -81,6 +85,9 @@ def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], N
         combos = expand(parsed.overrides, multirun=parsed.multirun)
     except ConfigError as err:
         return err.problems, 0
+    if combos is None:  # Hydra's sweeper validates every job itself; check what can be checked here
+        problems, _ = precheck([a for a in args if "glob(" not in a], on_first_valid)
+        return problems, 0
     problems: list[str] = []
     for combo in combos[:MAX_PRECHECKED_JOBS]:
         lines, run = check_job_config(combo)
@@ -117,8 +124,9 @@ def _stop_workers_if_started() -> None:
         stop_workers()
 
 
-def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override list of every job (the cartesian product, as Hydra's basic sweeper makes it)."""
+def expand(overrides: list[str], multirun: bool) -> list[list[str]] | None:
+    """The override list of every job (the cartesian product, as Hydra's basic sweeper makes it);
+    None for sweeps only Hydra can expand (glob())."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -137,7 +145,7 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
             try:
                 values = list(override.sweep_string_iterator())
             except Exception:  # glob() and other sweeps Hydra expands itself: checked per job instead
-                return [[]]
+                return None
             axes.append([f"{key}={v}" for v in values])
         else:
             axes.append([override.input_line])

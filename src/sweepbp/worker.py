@@ -241,12 +241,12 @@ def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> 
     try:
         # One progress line per job: rank 0's.
         result = run_job(run, progress=ProgressLine(label, run) if local_rank() == 0 else None)
-        sender.send(result.to_json())
+        sender.send(result.to_json(indent=None))
     except BaseException:  # a bug in sweepbp itself: still hand back a record
         traceback.print_exc()
         code = 1
         try:
-            sender.send(_lost(run, traceback.format_exc().strip().splitlines()[-1]).to_json())
+            sender.send(_lost(run, traceback.format_exc().strip().splitlines()[-1]).to_json(indent=None))
         except BaseException:
             pass
     finally:
