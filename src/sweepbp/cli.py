@@ -11,11 +11,12 @@ import itertools
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from sweepbp.config import GROUPS, ConfigError, register_schemas, to_run_config
+from sweepbp.config import GROUPS, ConfigError, RunConfig, register_schemas, to_run_config
 from sweepbp.redaction import install_log_redaction
 from sweepbp.signals import Stopped, ignore_signals, stop_on_signals
 from sweepbp.uris import redact, unreachable_reason
@@ -57,12 +58,24 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(args: list[str]) -> None:
     register_schemas()
-    problems, jobs = precheck(args)
+    if _wants_help(args):
+        from hydra._internal.utils import get_args_parser
+
+        from sweepbp.usage import help_text
+
+        print(help_text(get_args_parser().parse_args(args).overrides))
+        return
+    problems, jobs = precheck(args, on_first_valid=_start_workers_early)
     if problems:
+        _stop_workers_if_started()
         for line in problems:
             print(f"sweepbp: error: {line}", file=sys.stderr)
         raise SystemExit(2)
     os.environ["SWEEPBP_SWEEP_SIZE"] = str(jobs)
+    if 0 < jobs <= MAX_PRECHECKED_JOBS:
+        from hydra_plugins.sweepbp_sweeper import PRECHECKED
+
+        os.environ[PRECHECKED] = "1"  # every job composed and validated: the sweeper need not do it again
     sys.argv = [sys.argv[0], *args]
     import hydra
 
@@ -71,8 +84,17 @@ def _main(args: list[str]) -> None:
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(run_task)()
 
 
-def precheck(args: list[str]) -> tuple[list[str], int]:
-    """Problems of every job of the sweep (empty if none) and the number of jobs."""
+def _wants_help(args: list[str]) -> bool:
+    return any(a in ("--help", "-h") for a in args)
+
+
+def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], None] | None = None
+             ) -> tuple[list[str], int]:
+    """Problems of every job of the sweep (empty if none) and the number of jobs.
+
+    `on_first_valid` is called once, with the first job that validates: the command line starts the
+    pre-importing worker there, so the heavy imports overlap with checking the remaining jobs.
+    """
     from hydra._internal.utils import get_args_parser
 
     parsed = get_args_parser().parse_args(args)
@@ -82,16 +104,48 @@ def precheck(args: list[str]) -> tuple[list[str], int]:
         combos = expand(parsed.overrides, multirun=parsed.multirun)
     except ConfigError as err:
         return err.problems, 0
+    if combos is None:  # Hydra's sweeper validates every job itself; check what can be checked here
+        problems, _ = precheck([a for a in args if "glob(" not in a], on_first_valid)
+        return problems, 0
     problems: list[str] = []
     for combo in combos[:MAX_PRECHECKED_JOBS]:
-        for line in check_job(combo):
+        lines, run = check_job_config(combo)
+        if not lines and run is not None:
+            lines = tracking_problems(run)
+        for line in lines:
             if line not in problems:
                 problems.append(line)
+        if run is not None and not problems and on_first_valid is not None:
+            on_first_valid(run, parsed.overrides)
+            on_first_valid = None
     return problems, len(combos)
 
 
-def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override list of every job (the cartesian product, as Hydra's basic sweeper makes it)."""
+_started_workers = False
+
+
+def _start_workers_early(run: RunConfig, overrides: list[str]) -> None:
+    """Jobs of the basic launcher run in this process: start their pre-importing worker now."""
+    global _started_workers
+    launcher = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "hydra/launcher"]
+    if launcher and launcher[-1] != "basic":
+        return  # the jobs run in other processes, which start their own worker
+    from sweepbp.worker import start_workers
+
+    start_workers(run.cfg.model.arch)
+    _started_workers = True
+
+
+def _stop_workers_if_started() -> None:
+    if _started_workers:
+        from sweepbp.worker import stop_workers
+
+        stop_workers()
+
+
+def expand(overrides: list[str], multirun: bool) -> list[list[str]] | None:
+    """The override list of every job (the cartesian product, as Hydra's basic sweeper makes it);
+    None for sweeps only Hydra can expand (glob())."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -113,7 +167,7 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
             try:
                 values = list(override.sweep_string_iterator())
             except Exception:  # glob() and other sweeps Hydra expands itself: checked per job instead
-                return [[]]
+                return None
             axes.append([f"{key}={v}" for v in values])
         else:
             axes.append([override.input_line])
@@ -122,6 +176,14 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
 
 def check_job(overrides: list[str]) -> list[str]:
     """Compose one job like Hydra will and validate it; problems as one-liners."""
+    problems, run = check_job_config(overrides)
+    if run is not None and not problems:
+        problems = tracking_problems(run)
+    return problems
+
+
+def check_job_config(overrides: list[str]) -> tuple[list[str], RunConfig | None]:
+    """Compose one job like Hydra will and validate its config (not its tracking store)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -130,12 +192,16 @@ def check_job(overrides: list[str]) -> list[str]:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="sweepbp"):
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
-        return [_hydra_message(err, overrides)]
+        return [_hydra_message(err, overrides)], None
     choices = dict(cfg.hydra.runtime.choices)
     try:
-        run = to_run_config(_without_hydra(cfg), choices)
+        return [], to_run_config(_without_hydra(cfg), choices)
     except ConfigError as err:
-        return err.problems
+        return err.problems, None
+
+
+def tracking_problems(run: RunConfig) -> list[str]:
+    """Whether the job's tracking store can be reached (HTTP servers are asked for /health)."""
     if run.cfg.tracking.name == "mlflow":
         reason = unreachable_reason(run.cfg.tracking.uri)
         if reason:

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-GROUPS = ("model", "lora", "memory", "batch", "trainer", "data", "tracking")
+GROUPS = ("model", "lora", "memory", "batch", "trainer", "data", "tracking", "strategy")
+STRATEGIES = ("single", "ddp", "fsdp")
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa")
@@ -138,6 +139,22 @@ class TrackingConfig:
 
 
 @dataclass
+class StrategyConfig:
+    """How one job uses `trainer.devices` devices: single (one device), ddp (one process per device,
+    gradients all-reduced; gloo on CPU, nccl on GPU) or fsdp (weights sharded across GPUs)."""
+
+    name: str = "single"
+
+
+@dataclass
+class FsdpStrategyConfig(StrategyConfig):
+    """Fully sharded data parallel (Lightning's FSDPStrategy): GPUs only."""
+
+    name: str = "fsdp"
+    sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD: params, grads and optimizer state sharded; SHARD_GRAD_OP: not params
+
+
+@dataclass
 class SweepbpConfig:
     """The root: one job = one choice per group plus the top-level keys."""
 
@@ -148,6 +165,7 @@ class SweepbpConfig:
     trainer: TrainerConfig = MISSING
     data: DataConfig = MISSING
     tracking: TrackingConfig = MISSING
+    strategy: StrategyConfig = MISSING
     mode: str = "measure"  # measure: run it; predict: trace it on fake tensors
     budget_gb: Optional[float] = None  # emulate a device with this much memory (GB = 1e9 bytes)
     resume: bool = False  # skip jobs whose exact config already finished ok or oom in the store
@@ -174,6 +192,7 @@ SCHEMAS: dict[str, list[tuple[str, type]]] = {
     "trainer": [("trainer", TrainerConfig)],
     "data": [("data", DataConfig)],
     "tracking": [("tracking", TrackingConfig)],
+    "strategy": [("strategy", StrategyConfig), ("fsdp", FsdpStrategyConfig)],
 }
 
 
@@ -250,6 +269,7 @@ def validate(cfg: SweepbpConfig) -> list[str]:
     need(t.devices >= 1, "trainer.devices", t.devices, "a positive integer")
     problems.extend(_memory_problems(cfg.memory))
     problems.extend(_data_problems(cfg.data))
+    problems.extend(_strategy_problems(cfg.strategy, t))
     need(cfg.tracking.name in ("mlflow", "none"), "tracking.name", cfg.tracking.name, "mlflow or none")
     need(cfg.mode in MODES, "mode", cfg.mode, f"one of {', '.join(MODES)}")
     if cfg.budget_gb is not None:
@@ -289,6 +309,19 @@ def _memory_problems(memory: MemoryConfig) -> list[str]:
     if min_bytes is not None and min_bytes < 0:
         problems.append(f"memory.min_bytes must be zero or a positive number of bytes, got {min_bytes!r}")
     return problems
+
+
+def _strategy_problems(strategy: StrategyConfig, trainer: TrainerConfig) -> list[str]:
+    if strategy.name not in STRATEGIES:
+        return [f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy.name!r}"]
+    if strategy.name == "single" and trainer.devices > 1:
+        return [f"trainer.devices must be 1 with strategy=single, got {trainer.devices} (use strategy=ddp or fsdp)"]
+    if strategy.name == "fsdp" and trainer.accelerator == "cpu":
+        return ["strategy must be single or ddp on trainer.accelerator=cpu, got 'fsdp' (FSDP needs GPUs)"]
+    sharding = getattr(strategy, "sharding_strategy", None)
+    if sharding is not None and sharding not in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"):
+        return [f"strategy.sharding_strategy must be FULL_SHARD, SHARD_GRAD_OP or NO_SHARD, got {sharding!r}"]
+    return []
 
 
 def _data_problems(data: DataConfig) -> list[str]:

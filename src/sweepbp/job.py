@@ -25,8 +25,11 @@ class Interrupted(BaseException):
 
 
 def pick_device(accelerator: str) -> torch.device:
+    """The job's device: the GPU of this rank (LOCAL_RANK, 0 for a single-device job) when there is one."""
+    from sweepbp.distributed import local_rank
+
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", 0)
+        return torch.device("cuda", local_rank())
     return torch.device("cpu")
 
 
@@ -69,6 +72,7 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
     from torch.utils.data import DataLoader
 
     from sweepbp.data import TokenBatches
+    from sweepbp.distributed import data_seed, process_group_record, trainer_arguments
     from sweepbp.lora import apply_lora
     from sweepbp.memory import apply_memory_strategy, assert_training_mode
     from sweepbp.autobatch import resolve_batch_size
@@ -87,7 +91,7 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
     model.train()
     assert_training_mode(model)
     batches = TokenBatches(cfg.data, cfg.trainer.steps, int(cfg.batch.size), cfg.batch.seq_len,
-                           model.config.vocab_size, cfg.trainer.seed)
+                           model.config.vocab_size, data_seed(cfg.trainer.seed))
     result.metrics.update(parameter_counts(model, cfg.batch.seq_len))
     result.metrics["checkpointed_layers"] = applied.checkpointed_layers
     result.metrics["setup_time_s"] = time.perf_counter() - start
@@ -98,12 +102,13 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
     trainer = L.Trainer(max_steps=cfg.trainer.steps, accelerator="gpu" if device.type == "cuda" else "cpu",
                         devices=cfg.trainer.devices, precision=cfg.trainer.precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, default_root_dir=None)
+                        num_sanity_val_steps=0, default_root_dir=None, **trainer_arguments(run, device.type))
     try:
         trainer.fit(module, DataLoader(batches, batch_size=None, shuffle=False))
     finally:
         result.losses = list(module.losses)
         _collect(module, cfg, device, result)
+    result.environment.update(process_group_record())
     if trainer.interrupted:
         raise Interrupted()
 
@@ -123,6 +128,7 @@ def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
         result.metrics.update(timing.metrics(tokens, int(cfg.batch.size)))
         _add_mfu(result, device)
     if module.losses:
+        result.metrics["steps_time_s"] = module.steps_time_s
         result.metrics["loss"] = module.losses[-1]
         result.metrics["first_loss"] = module.losses[0]
     if "peak_memory_bytes" in result.metrics and result.metrics.get("inference_peak_bytes"):

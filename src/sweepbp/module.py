@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable
 
 import lightning as L
@@ -42,12 +43,14 @@ class LoraFinetune(L.LightningModule):
         self.timers: list[StepTimer] = []
         self.trace: MemoryReport | None = None
         self.allocator_figures: dict[str, float] = {}  # CUDA allocator peaks of the traced step
+        self.steps_time_s = 0.0  # wall time inside all training steps (warm-up, traced, timed): the job's work
         count_gradients(self.model)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return make_optimizer(self.model, self.lr, self.weight_decay)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        started = time.perf_counter()
         if batch_idx == self.traced_step:
             loss = self._traced_step(batch)
         else:
@@ -55,7 +58,8 @@ class LoraFinetune(L.LightningModule):
             loss = self._step(batch, timer.phase)
             if batch_idx > self.traced_step:
                 self.timers.append(timer)
-        value = float(loss.detach())
+        value = float(loss.detach())  # waits for the device, so the step's wall time below is complete
+        self.steps_time_s += time.perf_counter() - started
         self.losses.append(value)
         if not math.isfinite(value):
             raise Diverged(f"loss became {value} at step {batch_idx + 1}")

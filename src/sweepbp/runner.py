@@ -177,12 +177,20 @@ def _skipped(run: RunConfig, context: JobContext, recorder, previous_run_id: str
     return result
 
 
+_recorders: dict[tuple[str, str], object] = {}
+
+
 def _recorder(run: RunConfig):
+    """One Recorder per store and experiment in this process: the jobs of a sweep share its connection."""
     if run.cfg.tracking.name != "mlflow":
         return None
     from sweepbp.tracking import Recorder
+    from sweepbp.uris import resolve_uri
 
-    return Recorder(run.cfg.tracking)
+    key = (resolve_uri(run.cfg.tracking.uri), run.cfg.tracking.experiment)
+    if key not in _recorders:
+        _recorders[key] = Recorder(run.cfg.tracking)
+    return _recorders[key]
 
 
 def _run_name(run: RunConfig) -> str:

@@ -72,6 +72,7 @@ class Recorder:
         with _store_lock(self.uri):
             self.client = MlflowClient(tracking_uri=self.uri)
             self.experiment_id = self._experiment(tracking.experiment)
+        self._parents: dict[str, str] = {}  # sweep id -> parent run id, found once per process
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -84,6 +85,12 @@ class Recorder:
     # -- sweeps ------------------------------------------------------------------------------
     def sweep_parent(self, sweep_id: str, sweep_dir: Path, description: str) -> str:
         """The sweep's parent run, created by whichever job gets there first."""
+        if sweep_id in self._parents:
+            return self._parents[sweep_id]
+        self._parents[sweep_id] = self._find_or_create_parent(sweep_id, sweep_dir, description)
+        return self._parents[sweep_id]
+
+    def _find_or_create_parent(self, sweep_id: str, sweep_dir: Path, description: str) -> str:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         with open(sweep_dir / ".sweepbp-parent.lock", "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)

@@ -1,15 +1,21 @@
-"""Per-job isolation: each job runs in a child forked from the sweep process.
+"""Per-job isolation: each job runs in its own freshly forked process.
 
-The sweep process imports torch, Lightning, transformers and peft once but never runs a torch op or
-touches CUDA, so a fork costs milliseconds and each job starts from the same clean state: no allocator
-history, no leaked tensors, no exception frames from an earlier job. The child sends its JobResult back
-as JSON and leaves with os._exit, so nothing of the parent (an MLflow connection) is torn down by it.
+Jobs are forked from a pre-imported worker (a multiprocessing fork server) that imports torch,
+Lightning, transformers and peft once, but never runs a torch op or touches CUDA. A fork costs
+milliseconds and each job starts from the same clean state: no allocator history, no leaked tensors,
+no exception frames from an earlier job. The fork server is a separate process, so its imports run on
+one core while the sweep process composes configs and opens the tracking store on another; the sweep
+process itself never imports torch. The child sends its JobResult back as JSON and leaves with
+os._exit, so nothing of the parent is torn down by it.
 
-Ctrl-C or SIGTERM stops the child through its own handler (status `killed`, with what it measured so far)
-and the sweep re-raises it as `JobInterrupted` once that partial result is back; see signals.py. The child
-dies with the sweep process. Forking also works from a joblib (loky) worker, which runs no torch op either;
-it does not work from a process that has run a multi-threaded torch op (GNU OpenMP's pool does not survive
-a fork, and the child hangs in its first parallel op).
+Ctrl-C or SIGTERM stops the job through its own handler (status `killed`, with what it measured so far)
+and the sweep re-raises it as `JobInterrupted` once that partial result is back; see signals.py. A job
+dies with the process it was forked from (the fork server, which itself ends with the sweep process).
+A fork of a process that has run a multi-threaded torch op hangs (GNU OpenMP's pool does not survive a
+fork): neither the fork server nor the sweep process runs one.
+
+`SWEEPBP_START_METHOD=fork` forks jobs from the sweep process itself instead (it then imports the heavy
+libraries itself, once): the same isolation, without the overlap.
 """
 
 from __future__ import annotations
@@ -18,66 +24,119 @@ import multiprocessing as mp
 import os
 import signal
 import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 
 from sweepbp.config import RunConfig
+from sweepbp.distributed import free_port, local_rank, merge_ranks, rank_environment, setup_rank, world_size
 from sweepbp.result import JobResult
 from sweepbp.signals import STOP_SIGNALS, Stopped, die_with_parent, ignore_signals, raise_once, stopping
 
 GRACE_S = 60.0  # how long an interrupted child may take to hand back its partial result
 
 
-def preload(arch: str) -> None:
-    """Import the heavy libraries once in the sweep process, so each forked job starts in milliseconds.
+PRELOAD = ("torch", "lightning", "transformers", "peft", "sweepbp.job", "sweepbp.lora", "sweepbp.memory",
+           "sweepbp.model", "sweepbp.module", "sweepbp.measure", "sweepbp.predict", "sweepbp.data", "sweepbp.flops", "sweepbp.progress",
+           "peft.utils.transformers_weight_conversion")
 
-    Nothing here runs a torch op or initialises CUDA (a forked child could not use CUDA otherwise);
-    PYTORCH_NVML_BASED_CUDA_CHECK keeps Lightning's device queries off the CUDA driver.
+
+def start_method() -> str:
+    """forkserver (default) or fork, from SWEEPBP_START_METHOD."""
+    method = os.environ.get("SWEEPBP_START_METHOD", "forkserver")
+    return method if method in ("fork", "forkserver") else "forkserver"
+
+
+def preload_modules(arch: str) -> list[str]:
+    """What a job needs imported before it is forked: the libraries, the model family's modeling code,
+    and last sweepbp.warmup, whose import warms them up on the meta device (see warmup.py)."""
+    return [*PRELOAD, f"transformers.models.{arch}.modeling_{arch}", "sweepbp.warmup"]
+
+
+def start_workers(arch: str) -> None:
+    """Start the pre-importing fork server now (idempotent, returns at once): its imports then overlap
+    with whatever the sweep process does next. Jobs fork from it (see `run_isolated`).
+
+    The fork server never runs a torch op or initialises CUDA (a forked child could not use CUDA
+    otherwise); PYTORCH_NVML_BASED_CUDA_CHECK keeps Lightning's device queries off the CUDA driver.
     """
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    if start_method() == "fork":
+        preload(arch)
+        return
+    from multiprocessing import forkserver
+
+    from sweepbp.warmup import ARCH_VARIABLE
+
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(preload_modules(arch))
+    os.environ[ARCH_VARIABLE] = arch  # read by the fork server's import of sweepbp.warmup
+    try:
+        forkserver.ensure_running()
+    finally:
+        del os.environ[ARCH_VARIABLE]
+
+
+def stop_workers() -> None:
+    """Stop a fork server this process started (the sweep was refused after it was started)."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # 3.10-3.13: no public stop
+    if pid is not None:
+        _signal(pid, signal.SIGTERM)
+
+
+_preloaded: set[str] = set()
+
+
+def preload(arch: str) -> None:
+    """Import the heavy libraries into this process and warm them up (SWEEPBP_START_METHOD=fork)."""
     import importlib
 
-    import sweepbp.job  # noqa: F401
-    import sweepbp.lora  # noqa: F401
-    import sweepbp.memory  # noqa: F401
-    import sweepbp.model  # noqa: F401
-    import sweepbp.module  # noqa: F401
+    if arch in _preloaded:
+        return
+    _preloaded.add(arch)
 
-    try:  # the model family's modeling code, which transformers imports lazily
-        importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
-    except ImportError:
+    for name in preload_modules(arch):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an arch without its own modeling module: imported lazily by the job
+            pass
+    from sweepbp.warmup import warm
+
+    try:
+        warm(arch)
+    except Exception:  # the jobs only lose the head start
         pass
-    from sweepbp.predict import warm_up
-
-    warm_up()  # every job predicts its memory; on meta tensors, so no CUDA and no allocator is touched
 
 
 def run_isolated(run: RunConfig, label: str) -> JobResult:
-    """Run one job in a forked child. Ctrl-C/SIGTERM reach it and come back as `JobInterrupted`,
-    which carries the child's partial result with status `killed`."""
-    preload(run.cfg.model.arch)
-    context = mp.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_child_main, args=(sender, run, label, os.getpid()), name=f"sweepbp-{label}")
+    """Run one job in freshly forked children, one per rank (one for a single-device job).
+    Ctrl-C/SIGTERM reach them and come back as `JobInterrupted`, which carries the partial result
+    with status `killed`."""
+    start_workers(run.cfg.model.arch)
+    ranks: list[_Rank] = []
     with stopping():
         try:
-            child.start()
-            sender.close()
-            return _receive(receiver, child, run)
+            _start_ranks(run, label, ranks)
+            return _one_result(_gather(ranks, run))
         except KeyboardInterrupt as stop:
             ignore_signals()  # a second Ctrl-C must not cut the partial result off (stopping() keeps this)
-            if child.pid is not None:
-                _signal(child.pid, signal.SIGTERM)
-                result = _receive(receiver, child, run, timeout=GRACE_S)
+            if ranks:
+                for rank in ranks:
+                    _signal(rank.process.pid, signal.SIGTERM)
+                result = _one_result([rank.result or _receive(rank, run, timeout=GRACE_S) for rank in ranks])
             else:
                 result = _lost(run, "interrupted before the job started")
             if result.status != "killed":
                 result.status, result.error = "killed", result.error or "interrupted (Ctrl-C or SIGTERM)"
             raise JobInterrupted(result, getattr(stop, "signum", signal.SIGINT)) from None
         finally:
-            if child.pid is not None:
-                child.join(timeout=GRACE_S)
-                if child.is_alive():
-                    child.kill()
-                    child.join()
+            for rank in ranks:
+                rank.process.join(timeout=GRACE_S)
+                if rank.process.is_alive():
+                    rank.process.kill()
+                    rank.process.join()
 
 
 class JobInterrupted(Stopped):
@@ -88,14 +147,59 @@ class JobInterrupted(Stopped):
         self.result = result
 
 
-def _receive(receiver, child, run: RunConfig, timeout: float | None = None) -> JobResult:
-    if timeout is not None and not receiver.poll(timeout):
+@dataclass
+class _Rank:
+    """One process of a job and the pipe its result comes back on."""
+
+    process: BaseProcess
+    receiver: Connection
+    result: JobResult | None = None
+
+
+def _start_ranks(run: RunConfig, label: str, ranks: list[_Rank]) -> None:
+    """Start every rank, appending each to `ranks` as soon as it runs (so a stop can reach it)."""
+    context = mp.get_context(start_method())
+    world = world_size(run)
+    port = free_port() if world > 1 else 0
+    for rank in range(world):
+        receiver, sender = context.Pipe(duplex=False)
+        # The child gets this process's environment as it is now (the fork server's is from its start).
+        environ = dict(os.environ)
+        if world > 1:
+            environ.update(rank_environment(rank, world, port))
+        name = f"sweepbp-{label}" + (f"-rank{rank}" if world > 1 else "")
+        process = context.Process(target=_child_main, args=(sender, run, label, environ), name=name)
+        process.start()
+        sender.close()
+        ranks.append(_Rank(process, receiver))
+
+
+def _gather(ranks: list[_Rank], run: RunConfig) -> list[JobResult]:
+    """Every rank's result. A rank that ends without success stops the others, which would otherwise
+    wait for it in their next collective until the process group times out."""
+    pending = {rank.receiver: rank for rank in ranks}
+    while pending:
+        for receiver in wait(list(pending)):
+            rank = pending.pop(receiver)
+            rank.result = _receive(rank, run)
+            if rank.result.status != "ok":
+                for other in pending.values():
+                    _signal(other.process.pid, signal.SIGTERM)
+    return [rank.result for rank in ranks if rank.result is not None]
+
+
+def _one_result(results: list[JobResult]) -> JobResult:
+    return results[0] if len(results) == 1 else merge_ranks(results)
+
+
+def _receive(rank: _Rank, run: RunConfig, timeout: float | None = None) -> JobResult:
+    if timeout is not None and not rank.receiver.poll(timeout):
         return _lost(run, "the job did not stop within the grace period")
     try:
-        return JobResult.from_json(receiver.recv())
+        return JobResult.from_json(rank.receiver.recv())
     except EOFError:
-        child.join(timeout=5)
-        code = child.exitcode
+        rank.process.join(timeout=5)
+        code = rank.process.exitcode
         if code == -signal.SIGKILL:
             # The kernel's out-of-memory killer sends SIGKILL: the host ran out of memory.
             result = _lost(run, "the job process was killed (SIGKILL), most likely by the host's out-of-memory killer")
@@ -118,23 +222,29 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
-def _child_main(sender, run: RunConfig, label: str, parent_pid: int) -> None:
+def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> None:
+    if os.environ != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+    if "LOCAL_RANK" in environ:
+        setup_rank()
     from sweepbp.job import Interrupted, run_job
     from sweepbp.progress import ProgressLine
 
-    die_with_parent(parent_pid)
+    die_with_parent(os.getppid())  # the fork server (or the sweep process), which ends with the sweep
     interrupt = raise_once(Interrupted)
     for signum in STOP_SIGNALS:
         signal.signal(signum, interrupt)
     code = 0
     try:
-        result = run_job(run, progress=ProgressLine(label, run))
-        sender.send(result.to_json())
+        # One progress line per job: rank 0's.
+        result = run_job(run, progress=ProgressLine(label, run) if local_rank() == 0 else None)
+        sender.send(result.to_json(indent=None))
     except BaseException:  # a bug in sweepbp itself: still hand back a record
         traceback.print_exc()
         code = 1
         try:
-            sender.send(_lost(run, traceback.format_exc().strip().splitlines()[-1]).to_json())
+            sender.send(_lost(run, traceback.format_exc().strip().splitlines()[-1]).to_json(indent=None))
         except BaseException:
             pass
     finally:

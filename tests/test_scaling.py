@@ -1,0 +1,119 @@
+"""Beyond one process: launcher presets, a sweep through the real submitit launcher, a two-rank DDP job on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, compose, problems_of, run_cli
+
+TINY = [*FAST, "lora.target_modules=[q_proj,v_proj]"]
+
+
+def _with_hydra(overrides: list[str]):
+    """The composed config including Hydra's own node (launcher, sweeper)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from sweepbp.cli import config_dir
+    from sweepbp.config import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def _client(store: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=store)
+
+
+def _runs(store: str) -> list:
+    client = _client(store)
+    experiment = client.get_experiment_by_name("sweepbp")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.parametrize(("preset", "target", "batch"), [
+    ("parallel", "hydra_joblib_launcher.joblib_launcher.JoblibLauncher", None),
+    ("serial", "hydra_submitit_launcher.submitit_launcher.LocalLauncher", 1),
+    ("slurm", "hydra_submitit_launcher.submitit_launcher.SlurmLauncher", None),
+    ("submitit_local", "hydra_submitit_launcher.submitit_launcher.LocalLauncher", None),  # the plugin's own
+])
+def test_launcher_presets_extend_the_plugins_without_shadowing_them(preset, target, batch):
+    cfg = _with_hydra([f"hydra/launcher={preset}"])
+    assert cfg.hydra.launcher._target_ == f"hydra_plugins.{target}"
+    assert cfg.hydra.sweeper.max_batch_size == batch
+
+
+def test_slurm_preset_asks_for_one_gpu_a_time_limit_and_an_array_limit(tmp_path, monkeypatch):
+    """The sbatch script submitit writes for hydra/launcher=slurm; a fake `srun` on PATH stands in for a cluster."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\n")
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{__import__('os').environ['PATH']}")
+    cfg = _with_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"])
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    # What SlurmLauncher.launch does: shared keys as they are, the others slurm_-prefixed.
+    shared = set(OmegaConf.structured(BaseQueueConf).keys()) - {"submitit_folder", "name"}
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+    executor.update_parameters(**{k if k in shared else f"slurm_{k}": v for k, v in params.items()
+                                  if k not in ("_target_", "submitit_folder", "name", "max_num_timeout")})
+    executor._executor.parameters["map_count"] = 20  # what map_array sets for a 20-job sweep
+    text = executor._executor._make_submission_file_text("python -m job", "uid")
+    assert "#SBATCH --gpus-per-node=1" in text
+    assert "#SBATCH --time=120" in text
+    assert "#SBATCH --partition=gpu" in text
+    assert "#SBATCH --array=0-19%16" in text
+
+
+def test_multi_device_needs_a_multi_device_strategy():
+    assert problems_of(["trainer.devices=2"]) == [
+        "trainer.devices must be 1 with strategy=single, got 2 (use strategy=ddp or fsdp)"]
+    assert problems_of(["strategy=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"]) == [
+        "strategy must be single or ddp on trainer.accelerator=cpu, got 'fsdp' (FSDP needs GPUs)"]
+    assert compose(["strategy=ddp", "trainer.devices=2"]).choices["strategy"] == "ddp"
+
+
+@pytest.mark.slow
+def test_sweep_through_the_real_submitit_local_launcher_one_job_at_a_time(tmp_path, store):
+    done = run_cli(["-m", "lora.r=4,8", "hydra/launcher=serial", *TINY, f"tracking.uri={store}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = sorted(tmp_path.glob("multirun/*/*/*/results.json"))
+    assert [json.loads(p.read_text())["status"] for p in results] == ["ok", "ok"]
+    submitted = [p for p in tmp_path.glob("multirun/*/*/.submitit/*") if p.name.isdigit()]  # submitit job ids
+    assert len(submitted) == 2
+    runs = _runs(store)
+    jobs = [r for r in runs if r.data.tags.get("sweepbp.role") != "sweep"]
+    parents = [r for r in runs if r.data.tags.get("sweepbp.role") == "sweep"]
+    assert len(parents) == 1 and len(jobs) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parents[0].info.run_id}
+    assert sorted(r.data.params["lora.r"] for r in jobs) == ["4", "8"]
+    first, second = jobs
+    assert second.info.start_time >= first.info.end_time  # one job at a time
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_records_one_run_with_every_rank(tmp_path, store):
+    done = run_cli(["strategy=ddp", "trainer.devices=2", *TINY, f"tracking.uri={store}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = _runs(store)
+    assert len(runs) == 1
+    metrics, tags = runs[0].data.metrics, runs[0].data.tags
+    assert metrics["world_size"] == 2
+    assert tags["sweepbp.env.process_group_backend"] == "gloo"
+    assert tags["sweepbp.env.process_group_size"] == "2"
+    for rank in (0, 1):
+        assert metrics[f"peak_memory_bytes_rank{rank}"] > metrics[f"activation_bytes_rank{rank}"] > 0
+    assert metrics["peak_memory_bytes"] == max(metrics["peak_memory_bytes_rank0"], metrics["peak_memory_bytes_rank1"])
+    assert metrics["tokens_per_s"] == pytest.approx(metrics["tokens_per_s_rank0"] + metrics["tokens_per_s_rank1"])
+    result = json.loads(next(Path(tmp_path).glob("outputs/*/*/results.json")).read_text())
+    assert result["metrics"]["world_size"] == 2

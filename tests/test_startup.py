@@ -1,0 +1,139 @@
+"""Start-up stays cheap, checked without timing anything: what gets imported, where jobs run, what is built.
+
+Figures (seconds) live in benchmarks/startup.py and docs/performance.md; these tests keep the reasons
+for them true: `--help` and config errors never import the heavy libraries, jobs fork from a
+pre-importing worker with the sweep's current environment, models are built directly in their dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST, compose
+
+HEAVY = ("torch", "lightning", "transformers", "peft", "mlflow", "matplotlib")
+
+# Runs the real command line in a fresh interpreter, then reports which heavy modules it imported.
+PROBE = """
+import json, runpy, sys
+heavy_roots = json.loads(sys.argv[2])
+sys.argv = ["sweepbp", *json.loads(sys.argv[1])]
+code = 0
+try:
+    runpy.run_module("sweepbp", run_name="__main__")
+except SystemExit as done:
+    code = done.code or 0
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in heavy_roots)
+print("PROBE " + json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+def probe(args: list[str], cwd) -> tuple[dict, str]:
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args), json.dumps(HEAVY)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CI": "1"})
+    line = next(ln for ln in reversed(done.stdout.splitlines()) if ln.startswith("PROBE "))
+    return json.loads(line[len("PROBE "):]), done.stdout + done.stderr
+
+
+def test_help_imports_nothing_heavy_and_lists_the_groups(tmp_path):
+    report, output = probe(["--help"], tmp_path)
+    assert report == {"code": 0, "heavy": []}, output
+    assert "memory: ckpt, none" in output
+    assert "hydra/launcher: basic" in output
+    assert "seq_len: 128" in output  # the composed default config
+
+
+def test_help_shows_the_config_the_overrides_compose_to(tmp_path):
+    report, output = probe(["memory=ckpt", "lora.r=32", "--help"], tmp_path)
+    assert report["code"] == 0
+    assert "r: 32" in output and "every: 1" in output
+
+
+@pytest.mark.parametrize("args", [["lora.r=0"], ["-m", "lora.r=8,0"], ["memory=nope"]],
+                         ids=["one job", "second job of a sweep", "unknown option"])
+def test_config_error_imports_nothing_heavy(tmp_path, args):
+    report, output = probe(args, tmp_path)
+    assert report == {"code": 2, "heavy": []}, output
+    assert "sweepbp: error:" in output
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_job_runs_in_a_fresh_process_with_the_current_environment(monkeypatch):
+    """The fork server starts before the job's environment is final (Hydra sets hydra.job.env_set per job,
+    tests set variables): the job must still see the environment of the moment it was launched."""
+    from sweepbp.worker import run_isolated, start_method, start_workers
+
+    run = compose([*FAST, "tracking=none"])
+    start_workers(run.cfg.model.arch)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    result = run_isolated(run, "1/1")
+    assert result.status == "ok", result.error
+    assert result.environment["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert start_method() == "forkserver"
+    steps = result.metrics
+    assert 0 < steps["train_time_s"] < steps["steps_time_s"] < steps["job_time_s"]
+
+
+def test_llama3_8b_is_built_in_bf16_without_an_fp32_detour():
+    """Built on the meta device so nothing is allocated: every tensor created while building is recorded,
+    and none of weight size is float32 (a detour would create 8B fp32 parameters first)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sweepbp.model import build_model
+
+    class Created(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.float32_elements: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32:
+                self.float32_elements.append(out.numel())
+            return out
+
+    model_cfg = compose(["model=llama3_8b"]).cfg.model
+    with Created() as created:
+        model = build_model(model_cfg, torch.device("meta"), seed=0)
+    params = list(model.parameters())
+    assert {p.dtype for p in params} == {torch.bfloat16}
+    assert {p.device.type for p in params} == {"meta"}
+    assert sum(p.numel() for p in params) == 8_030_261_248
+    assert max(created.float32_elements, default=0) < 1_000_000  # RoPE frequencies only
+
+
+
+def test_worker_warm_up_stays_on_the_meta_device():
+    """The fork server runs warm() before any job is forked from it: it must allocate nothing, run no kernel
+    on a real device and never initialise CUDA, or the jobs would not start from a clean process."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sweepbp.warmup import warm
+    from sweepbp.worker import preload_modules
+
+    for name in preload_modules("llama")[:-1]:  # what the fork server imports before warming up
+        __import__(name)
+
+    class Devices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(tensor, torch.Tensor):
+                    self.seen.add(tensor.device.type)
+            return out
+
+    with Devices() as devices:
+        warm("llama")
+    assert devices.seen == {"meta"}
+    assert not torch.cuda.is_initialized()
