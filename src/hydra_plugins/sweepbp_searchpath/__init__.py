@@ -4,7 +4,6 @@ A user puts `conf/model/my_model.yaml` next to where they run `python -m sweepbp
 `model=my_model`, without touching the installed package.
 """
 
-from pathlib import Path
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
