@@ -5,7 +5,8 @@ The job whose `trainer.seed` equals
   SWEEPBP_FAULT_FAIL_SEED  raises RuntimeError("injected fault") in its second training step (-> failed);
   SWEEPBP_FAULT_HANG_SEED  writes its process id to the file SWEEPBP_FAULT_MARK in its second training
                            step, then sleeps until a signal stops it: a job caught mid-training, every time.
-Jobs are forked from the sweep process, so the patches made here reach them.
+Jobs are forked from the sweep process itself (SWEEPBP_START_METHOD=fork, set below), so the patches made
+here reach them; the default fork server would import clean copies of the modules.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def install() -> None:
 
 
 if __name__ == "__main__":
+    os.environ["SWEEPBP_START_METHOD"] = "fork"
     install()
     from sweepbp.cli import main
 
