@@ -42,7 +42,10 @@ PRELOAD = ("torch", "lightning", "transformers", "peft", "sweepbp.job", "sweepbp
 
 
 def start_method() -> str:
-    """forkserver (default) or fork, from SWEEPBP_START_METHOD."""
+    """forkserver (default) or fork, from SWEEPBP_START_METHOD. Inside a joblib (loky) worker jobs fork
+    from the worker itself: a fork server started there cannot rebuild loky's start method."""
+    if mp.get_start_method(allow_none=True) not in (None, "fork", "forkserver", "spawn"):
+        return "fork"
     method = os.environ.get("SWEEPBP_START_METHOD", "forkserver")
     return method if method in ("fork", "forkserver") else "forkserver"
 
