@@ -37,9 +37,6 @@ def warm(arch: str) -> None:
     checkpoint_layers(model, every=1)
     L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False)
-    from sweepbp.predict import warm_up
-
-    warm_up()  # every job also predicts its memory: trace a micro model once (meta tensors only)
 
 
 def _warm_from_environment() -> None:
