@@ -9,7 +9,12 @@ and gradient hooks, the memory-traced step, the progress callback), then a hand-
 between the ends of consecutive steps, so it contains everything the loop does per step (fetching the
 batch, Lightning's bookkeeping, hooks), read with the same clock for both. Only the steps sweepbp times
 are compared (after the warm-up and the traced step). Prints the throughput ratio sweepbp / plain loop
-(goal >= 0.98), and the ratio of sweepbp's *reported* tokens_per_s to the plain loop's.
+(goal >= 0.98) over all steps, the median of the per-round (paired) ratios, and the ratio of sweepbp's
+*reported* tokens_per_s to the plain loop's.
+
+On a 2-core machine two torch threads share the cores with the interpreter and whatever else runs, and
+whole runs land in a fast or a slow mode (+-15 %), which hides a 2 % effect; `--threads 1` measures the
+harness with that noise mostly gone (docs/performance.md has both).
 """
 
 from __future__ import annotations
@@ -94,15 +99,18 @@ def _timed_intervals(ends: list[float], run) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds (each: sweepbp, then plain loop)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("overrides", nargs="*", help="sweepbp overrides on top of " + " ".join(DEFAULT))
     args = parser.parse_args()
     run = compose([*DEFAULT, *args.overrides])
     import torch
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     tokens = int(run.cfg.batch.size) * run.cfg.batch.seq_len
     print(f"# {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}; "
           f"{tokens} tokens/step, {run.cfg.trainer.steps} steps, overrides: {' '.join([*DEFAULT, *args.overrides])}")
-    harness, plain, reported = [], [], []
+    harness, plain, reported, paired = [], [], [], []
     plain_loop(run)  # both sides then start with warm library caches
     for number in range(args.rounds):
         h, tokens_per_s = through_sweepbp(run)
@@ -110,12 +118,15 @@ def main() -> None:
         harness += h
         plain += p
         reported.append(tokens_per_s)
+        paired.append(statistics.median(p) / statistics.median(h))
         print(f"round {number + 1}: sweepbp {statistics.median(h) * 1e3:8.2f} ms/step   plain {statistics.median(p) * 1e3:8.2f} ms/step"
               f"   ratio {statistics.median(p) / statistics.median(h):.3f}")
     harness_step, plain_step = statistics.median(harness), statistics.median(plain)
     print(f"sweepbp       {tokens / harness_step:10.1f} tokens/s  (median step {harness_step * 1e3:.2f} ms over {len(harness)} steps)")
     print(f"plain loop    {tokens / plain_step:10.1f} tokens/s  (median step {plain_step * 1e3:.2f} ms over {len(plain)} steps)")
     print(f"throughput ratio sweepbp / plain loop: {plain_step / harness_step:.3f}   (goal >= 0.98)")
+    print(f"median of the {len(paired)} paired round ratios: {statistics.median(paired):.3f}"
+          f"   (min {min(paired):.3f}, max {max(paired):.3f})")
     print(f"reported ratio (sweepbp's tokens_per_s / plain loop): {statistics.median(reported) / (tokens / plain_step):.3f}")
     print(f"# load average {os.getloadavg()[0]:.2f} at end")
 
