@@ -31,26 +31,51 @@ def _client(store: str):
     return MlflowClient(tracking_uri=store)
 
 
-def _runs(store: str) -> list:
+def _runs(store: str, experiment: str = "sweepbp") -> list:
     client = _client(store)
-    experiment = client.get_experiment_by_name("sweepbp")
+    experiment = client.get_experiment_by_name(experiment)
     return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-@pytest.mark.parametrize(("preset", "target", "batch"), [
-    ("parallel", "hydra_joblib_launcher.joblib_launcher.JoblibLauncher", None),
-    ("serial", "hydra_submitit_launcher.submitit_launcher.LocalLauncher", 1),
-    ("slurm", "hydra_submitit_launcher.submitit_launcher.SlurmLauncher", None),
-    ("submitit_local", "hydra_submitit_launcher.submitit_launcher.LocalLauncher", None),  # the plugin's own
+@pytest.mark.parametrize(("preset", "target", "batch", "fields"), [
+    ("basic", "hydra._internal.core_plugins.basic_launcher.BasicLauncher", None, {}),
+    ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", None, {"n_jobs": 2}),
+    ("submitit_local", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher", 1,
+     {"gpus_per_node": 1, "timeout_min": 120}),
+    ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", None,
+     {"gpus_per_node": 1, "timeout_min": 120, "array_parallelism": 16, "partition": None}),
 ])
-def test_launcher_presets_extend_the_plugins_without_shadowing_them(preset, target, batch):
+def test_launcher_presets_are_the_plugins_configs_with_sweepbps_defaults(preset, target, batch, fields):
     cfg = _with_hydra([f"hydra/launcher={preset}"])
-    assert cfg.hydra.launcher._target_ == f"hydra_plugins.{target}"
-    assert cfg.hydra.sweeper.max_batch_size == batch
+    assert cfg.hydra.launcher._target_ == target
+    assert cfg.hydra.sweeper.max_batch_size == batch  # submitit_local: one job at a time
+    assert {key: cfg.hydra.launcher[key] for key in fields} == fields
+
+
+def test_launcher_presets_keep_the_plugins_schema():
+    with pytest.raises(Exception, match="partiton"):
+        _with_hydra(["hydra/launcher=submitit_slurm", "hydra.launcher.partiton=gpu"])
+    cfg = _with_hydra(["hydra/launcher=submitit_local", "hydra.sweeper.max_batch_size=4"])
+    assert cfg.hydra.sweeper.max_batch_size == 4  # the user's choice wins
+
+
+def test_other_hydra_applications_keep_the_plugins_defaults(tmp_path):
+    """The presets are stored only when the application is sweepbp: another app sees the plugin's own config."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.yaml").write_text("x: 1\n")
+    script = ("from hydra import compose, initialize_config_dir\n"
+              f"with initialize_config_dir(config_dir={str(tmp_path)!r}, version_base='1.3'):\n"
+              "    cfg = compose('config', overrides=['hydra/launcher=submitit_slurm'], return_hydra_config=True)\n"
+              "print(cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.array_parallelism)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["None", "256"]
 
 
 def test_slurm_preset_asks_for_one_gpu_a_time_limit_and_an_array_limit(tmp_path, monkeypatch):
-    """The sbatch script submitit writes for hydra/launcher=slurm; a fake `srun` on PATH stands in for a cluster."""
+    """The sbatch script submitit writes for hydra/launcher=submitit_slurm; a fake `srun` on PATH stands in for a cluster."""
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
@@ -60,7 +85,7 @@ def test_slurm_preset_asks_for_one_gpu_a_time_limit_and_an_array_limit(tmp_path,
     (fake / "srun").write_text("#!/bin/sh\n")
     (fake / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{__import__('os').environ['PATH']}")
-    cfg = _with_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"])
+    cfg = _with_hydra(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"])
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
     # What SlurmLauncher.launch does: shared keys as they are, the others slurm_-prefixed.
     shared = set(OmegaConf.structured(BaseQueueConf).keys()) - {"submitit_folder", "name"}
@@ -84,14 +109,18 @@ def test_multi_device_needs_a_multi_device_strategy():
 
 
 @pytest.mark.slow
-def test_sweep_through_the_real_submitit_local_launcher_one_job_at_a_time(tmp_path, store):
-    done = run_cli(["-m", "lora.r=4,8", "hydra/launcher=serial", *TINY, f"tracking.uri={store}"], cwd=tmp_path)
+def test_sweep_through_the_real_submitit_local_launcher_into_a_real_server_one_job_at_a_time(tmp_path, server):
+    """Issue #7's done-when: the same sweep command through hydra/launcher=submitit_local, recorded on a
+    running `mlflow server` (conftest.server, on 127.0.0.1)."""
+    experiment = "submitit-local"
+    done = run_cli(["-m", "lora.r=4,8", "hydra/launcher=submitit_local", *TINY, f"tracking.uri={server}",
+                    f"tracking.experiment={experiment}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = sorted(tmp_path.glob("multirun/*/*/*/results.json"))
     assert [json.loads(p.read_text())["status"] for p in results] == ["ok", "ok"]
     submitted = [p for p in tmp_path.glob("multirun/*/*/.submitit/*") if p.name.isdigit()]  # submitit job ids
     assert len(submitted) == 2
-    runs = _runs(store)
+    runs = _runs(server, experiment)
     jobs = [r for r in runs if r.data.tags.get("sweepbp.role") != "sweep"]
     parents = [r for r in runs if r.data.tags.get("sweepbp.role") == "sweep"]
     assert len(parents) == 1 and len(jobs) == 2

@@ -24,9 +24,10 @@ def help_text(overrides: list[str]) -> str:
     """The help page: usage, flags, every group's options, and the config the overrides compose to."""
     from sweepbp.cli import available_options, check_job_config
     from sweepbp.config import GROUPS, config_yaml
+    from sweepbp.launchers import PRESETS
 
     lines = [f"  {group}: {', '.join(available_options(group))}" for group in GROUPS]
-    lines.append(f"  hydra/launcher: {', '.join(['basic', *available_options('hydra/launcher')])}")
+    lines.append(f"  hydra/launcher: {', '.join(['basic', *PRESETS])}  (docs/scaling.md)")
     groups = "\n".join(lines)
     problems, run = check_job_config(overrides)
     if run is not None:

@@ -1,7 +1,8 @@
 """Hydra search-path plugin: a `conf/` folder in the working directory adds option files to sweepbp.
 
 A user puts `conf/model/my_model.yaml` next to where they run `python -m sweepbp` and selects it with
-`model=my_model`, without touching the installed package.
+`model=my_model`, without touching the installed package. When the application is sweepbp, it also stores
+sweepbp's launcher presets (sweepbp.launchers) before Hydra composes anything.
 """
 
 
@@ -16,6 +17,10 @@ class SweepbpUserConfig(SearchPathPlugin):
         shipped = str(config_dir())
         if not any(shipped in str(element.path) for element in search_path.get_path()):
             return  # another Hydra application: leave it alone
+        from sweepbp.launchers import register_launcher_presets, register_resolver
+
+        register_resolver()
+        register_launcher_presets()
         user = user_config_dir()
         if user is not None:
             search_path.append(provider="sweepbp-user", path=f"file://{user}")
