@@ -179,3 +179,22 @@ def test_store_uri_is_printed_as_given():
 
     assert redact("sqlite:////tmp/sweep/mlflow.db") == "sqlite:////tmp/sweep/mlflow.db"
     assert redact("http://user:secret@host:5000") == "http://***@host:5000"
+
+
+@pytest.mark.slow
+def test_sweep_end_summary_has_jobs_that_ran_where_the_folder_is_not_shared(sweep, server, tmp_path):
+    """Issue #7: jobs on other machines wrote their results.json elsewhere; the summary at the sweep's end
+    takes them from the tracking server, so it equals the summary of the whole folder."""
+    import shutil
+
+    from sweepbp.config import TrackingConfig
+    from sweepbp.report import report_sweep_folder
+    from sweepbp.runner import sweep_id_of
+
+    _, sweep_dir = sweep
+    here = tmp_path / "node-a"
+    for job in ("0", "1"):  # only these two jobs ran on this machine
+        shutil.copytree(sweep_dir / job, here / job)
+    tracking = TrackingConfig(name="mlflow", uri=server, experiment=EXPERIMENT)
+    report_sweep_folder(here, sweep_id_of(sweep_dir.resolve()), tracking)
+    assert (here / "summary.csv").read_text() == (sweep_dir / "summary.csv").read_text()

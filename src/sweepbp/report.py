@@ -192,13 +192,15 @@ def report_sweep_folder(sweep_dir: Path, sweep_id: str, tracking=None) -> list[P
     MLflow run, print the table. Returns the files written. `tracking` is the sweep's own tracking config
     (the records hold the tracking URI redacted); by default the first record's."""
     records = folder_records(sweep_dir)
+    tracking = tracking or (_tracking_of(records) if records else None)
+    if tracking is not None:
+        records += _store_only_records(tracking, sweep_id, records)
     if not records:
         return []
     summary = summarize(records)
     files = write_report(summary, sweep_dir)
     print(f"\n{table(summary)}\n\n" + "\n".join(answers(summary)) + f"\n\n[sweepbp] report: {sweep_dir}/summary.md",
           flush=True)
-    tracking = tracking or _tracking_of(records)
     if tracking is not None:
         from sweepbp.tracking import Recorder
 
@@ -206,6 +208,19 @@ def report_sweep_folder(sweep_dir: Path, sweep_id: str, tracking=None) -> list[P
         parent = recorder.sweep_parent(sweep_id, sweep_dir.resolve(), "sweepbp sweep")
         recorder.finish_sweep(parent, files, failed=any(r.status in ("failed", "killed") for r in records))
     return files
+
+
+def _store_only_records(tracking, sweep_id: str, have: list[Record]) -> list[Record]:
+    """Jobs of the sweep that the tracking store holds but the sweep folder does not: jobs that ran on
+    machines that do not share this folder. Nothing is downloaded for the jobs the folder has."""
+    from sweepbp.tracking import StoreError, sweep_records
+    from sweepbp.uris import resolve_uri
+
+    try:
+        return sweep_records(resolve_uri(tracking.uri), tracking.experiment, sweep_id,
+                             frozenset(r.job for r in have))[1]
+    except StoreError:
+        return []  # the store has no run of this sweep: the folder is all there is
 
 
 def _tracking_of(records: list[Record]):

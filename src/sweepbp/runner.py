@@ -127,7 +127,7 @@ def _start_run(run: RunConfig, context: JobContext, recorder, digest: str) -> st
     tags = {"sweepbp.config_hash": digest, "sweepbp.job_dir": str(context.output_dir)}
     if context.sweep_id is not None:
         tags["sweepbp.sweep_id"] = context.sweep_id
-        tags["sweepbp.job_num"] = str(context.number)
+        tags["sweepbp.job_num"] = str(context.number)  # tracking.TAG_JOB (runner imports no mlflow)
     return recorder.start_job(run, _run_name(run), parent, tags)
 
 

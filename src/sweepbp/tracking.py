@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 RUN_STATUS = {"ok": "FINISHED", "oom": "FINISHED", "diverged": "FINISHED", "skipped": "FINISHED",
               "failed": "FAILED", "killed": "KILLED"}
-TAG_STATUS, TAG_SWEEP, TAG_ROLE, TAG_HASH, TAG_MODE = (
-    "sweepbp.status", "sweepbp.sweep_id", "sweepbp.role", "sweepbp.config_hash", "sweepbp.mode")
+TAG_STATUS, TAG_SWEEP, TAG_ROLE, TAG_HASH, TAG_MODE, TAG_JOB = (
+    "sweepbp.status", "sweepbp.sweep_id", "sweepbp.role", "sweepbp.config_hash", "sweepbp.mode", "sweepbp.job_num")
 BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 
 
@@ -195,9 +195,11 @@ class StoreError(LookupError):
     """The store holds no such sweep or run; the message says what was looked for."""
 
 
-def sweep_records(uri: str, experiment: str | None, sweep_id: str | None) -> tuple[str, list[Record]]:
+def sweep_records(uri: str, experiment: str | None, sweep_id: str | None,
+                  known_jobs: frozenset[str] = frozenset()) -> tuple[str, list[Record]]:
     """The job records of one sweep (default: the latest) read from the store alone: each run's
-    results.json artifact, or its params, metrics and tags when the artifact is missing."""
+    results.json artifact, or its params, metrics and tags when the artifact is missing. Jobs whose
+    number is in `known_jobs` are left out (the caller has them already; nothing is downloaded for them)."""
     client = MlflowClient(tracking_uri=uri)
     experiment_ids = _experiment_ids(client, experiment)
     if sweep_id is None:
@@ -210,7 +212,7 @@ def sweep_records(uri: str, experiment: str | None, sweep_id: str | None) -> tup
     jobs = [run for run in runs if run.data.tags.get(TAG_ROLE) != "sweep"]
     if not jobs:
         raise StoreError(f"no runs of sweep {sweep_id!r} in experiment {experiment or '(any)'}")
-    return sweep_id, [_record_of(client, run) for run in jobs]
+    return sweep_id, [_record_of(client, run) for run in jobs if run.data.tags.get(TAG_JOB) not in known_jobs]
 
 
 def _download(client: MlflowClient, run_id: str, path: str) -> Path:
@@ -235,7 +237,7 @@ def _record_of(client: MlflowClient, run) -> Record:
     from sweepbp.summary import Record
 
     tags = run.data.tags
-    job = tags.get("sweepbp.job_num", run.info.run_id)
+    job = tags.get(TAG_JOB, run.info.run_id)
     try:
         record = Record.from_result(json.loads(_download(client, run.info.run_id, "results.json").read_text()), job)
         record.run_id = run.info.run_id
