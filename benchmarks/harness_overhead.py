@@ -44,7 +44,7 @@ class StepEnds:
     def __init__(self):
         self.ends: list[float] = []
 
-    def __call__(self, step: int, loss: float, step_time: float) -> None:
+    def __call__(self, step: int, loss: float, step_time: float, tokens: int) -> None:
         self.ends.append(time.perf_counter())
 
 

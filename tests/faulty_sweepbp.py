@@ -1,6 +1,7 @@
 """`python -m sweepbp` with faults injected into chosen jobs, for the failure tests. Test code only.
 
-Run as `python tests/faulty_sweepbp.py ARGS` (the same `sweepbp.cli.main` as `python -m sweepbp ARGS`).
+Run as `python tests/faulty_sweepbp.py ARGS` (the same `sweepbp.cli.main` as `python -m sweepbp ARGS`), or
+`python tests/faulty_sweepbp.py --rerun RUN_ID` (`python -m sweepbp.rerun RUN_ID`).
 The job whose `trainer.seed` equals
   SWEEPBP_FAULT_FAIL_SEED  raises RuntimeError("injected fault") in its second training step (-> failed);
   SWEEPBP_FAULT_HANG_SEED  writes its process id to the file SWEEPBP_FAULT_MARK in its second training
@@ -12,6 +13,7 @@ here reach them; the default fork server would import clean copies of the module
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +49,11 @@ def install() -> None:
 if __name__ == "__main__":
     os.environ["SWEEPBP_START_METHOD"] = "fork"
     install()
+    if sys.argv[1:2] == ["--rerun"]:
+        from sweepbp.rerun import command_line
+
+        del sys.argv[1]
+        raise SystemExit(command_line())
     from sweepbp.cli import main
 
     main()

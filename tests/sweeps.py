@@ -91,12 +91,13 @@ class Sweep:
         self.process.wait()
 
 
-def start_sweep(args: list[str], folder: Path, env: dict[str, str] | None = None, faulty: bool = True) -> Sweep:
+def start_sweep(args: list[str], folder: Path, env: dict[str, str] | None = None, faulty: bool = True,
+                multirun: bool = True) -> Sweep:
     """`python -m sweepbp -m ARGS` (or the fault-injecting wrapper of it) started in `folder`."""
     command = [sys.executable, str(FAULTY)] if faulty else [sys.executable, "-m", "sweepbp"]
     with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
-        process = subprocess.Popen([*command, "-m", *args], cwd=folder, env=cli_env(env), start_new_session=True,
-                                   stdout=out, stderr=err)
+        process = subprocess.Popen([*command, *(["-m"] if multirun else []), *args], cwd=folder, env=cli_env(env),
+                                   start_new_session=True, stdout=out, stderr=err)
     return Sweep(process, folder)
 
 

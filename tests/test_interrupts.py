@@ -101,3 +101,17 @@ def test_kill_9_of_the_sweep_loses_nothing_that_had_finished(tmp_path: Path):
     on_disk = json.loads((sweep_dirs(tmp_path)[0] / "0" / "results.json").read_text())
     assert logged == on_disk and logged["status"] == "ok"
     assert jobs[0].data.metrics["peak_memory_bytes"] == logged["metrics"]["peak_memory_bytes"] > 0
+
+
+def test_ctrl_c_of_a_rerun_is_one_line_and_records_the_rerun_as_killed(tmp_path: Path):
+    code, stderr = run_sweep(["trainer.seed=1", "batch.size=1", *SMALL], tmp_path)
+    assert code == 0, stderr
+    original = runs_of(tmp_path)[0][0].info.run_id
+    rerun = start_sweep(["--rerun", original], tmp_path, hang_seed_1(tmp_path), multirun=False)
+    rerun.wait_for_file(tmp_path / "job.pid", START_S)
+    rerun.signal_group(signal.SIGINT)
+
+    assert rerun.finish(STOP_S) == 130
+    assert "Traceback" not in rerun.stderr and "sweepbp.rerun: stopped (SIGINT)" in rerun.stderr
+    reruns = [r for r in runs_of(tmp_path)[0] if r.data.tags.get("sweepbp.rerun_of") == original]
+    assert [(r.data.tags["sweepbp.status"], r.info.status) for r in reruns] == [("killed", "KILLED")]

@@ -28,7 +28,7 @@ class LoraFinetune(L.LightningModule):
 
     def __init__(self, model: torch.nn.Module, memory: AppliedMemory, lr: float, weight_decay: float,
                  warmup_steps: int, budget_bytes: int | None, keep_timeline: bool = True,
-                 on_step: Callable[[int, float, float], None] | None = None):
+                 on_step: Callable[[int, float, float, int], None] | None = None):
         super().__init__()
         self.model = model
         self.memory = memory
@@ -63,8 +63,9 @@ class LoraFinetune(L.LightningModule):
         self.losses.append(value)
         if not math.isfinite(value):
             raise Diverged(f"loss became {value} at step {batch_idx + 1}")
-        if self.on_step is not None:
-            self.on_step(batch_idx, value, self.timers[-1].total if self.timers and batch_idx > self.traced_step else 0.0)
+        if self.on_step is not None:  # (step, loss, timed seconds or 0.0 if untimed, tokens in the step's batch)
+            timed = self.timers[-1].total if self.timers and batch_idx > self.traced_step else 0.0
+            self.on_step(batch_idx, value, timed, batch["input_ids"].numel())
 
     def _step(self, batch: dict[str, torch.Tensor], phase: Callable[[str], contextlib.AbstractContextManager]) -> torch.Tensor:
         return train_step(self.model, self.memory, batch, self.optimizers(), self.manual_backward, phase)

@@ -19,17 +19,16 @@ class ProgressLine:
     def __init__(self, label: str, run: RunConfig):
         self.label = label
         self.steps = run.cfg.trainer.steps
-        self.tokens_per_step = run.cfg.batch.size * run.cfg.batch.seq_len if isinstance(run.cfg.batch.size, int) else 0
         self.tty = sys.stderr.isatty()
         self.quiet = is_quiet()
         self.timed = 0.0
-        self.timed_steps = 0
+        self.timed_tokens = 0  # counted from the batches: batch.size=auto is only known inside the job
         self.last_print = 0.0
 
-    def __call__(self, step: int, loss: float, step_time: float) -> None:
+    def __call__(self, step: int, loss: float, step_time: float, tokens: int) -> None:
         if step_time > 0:
             self.timed += step_time
-            self.timed_steps += 1
+            self.timed_tokens += tokens
         done = step + 1 == self.steps
         if self.quiet and not done:
             return
@@ -37,7 +36,7 @@ class ProgressLine:
         if not done and not self.tty and now - self.last_print < 5.0:
             return  # a log file gets a line every 5 s, not one per step
         self.last_print = now
-        rate = f"{self.timed_steps * self.tokens_per_step / self.timed:,.0f} tokens/s" if self.timed else "warming up"
+        rate = f"{self.timed_tokens / self.timed:,.0f} tokens/s" if self.timed else "warming up"
         line = f"[sweepbp] job {self.label} | step {step + 1}/{self.steps} | loss {loss:.4f} | {rate}"
         end = "\n" if done or not self.tty else ""
         sys.stderr.write(("\r\033[K" if self.tty else "") + line + end)

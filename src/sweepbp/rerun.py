@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from sweepbp.config import ConfigError
     from sweepbp.runner import JobContext, record_job
-    from sweepbp.tracking import Recorder, StoreError, recorded_run
+    from sweepbp.tracking import StoreError, recorded_run
     from sweepbp.uris import redact, resolve_uri
 
     uri = resolve_uri(args.tracking_uri)
@@ -67,10 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"sweepbp.rerun: error: {line}" for line in err.problems), file=sys.stderr)
         return 2
     out = args.out or Path("outputs") / f"rerun-{args.run_id}"
-    result = record_job(run, JobContext(out, None, None, 0, 1))
+    result = record_job(run, JobContext(out, None, None, 0, 1, tags={"sweepbp.rerun_of": args.run_id}))
     new_id = result.environment.get("mlflow_run_id")
-    if new_id and run.cfg.tracking.name == "mlflow":
-        Recorder(run.cfg.tracking).set_tags(new_id, {"sweepbp.rerun_of": args.run_id})
     print(f"[sweepbp] rerun of {args.run_id}: status={result.status}, run {new_id or '(not recorded)'}, "
           f"results in {out / 'results.json'}", file=sys.stderr)
     print(f"[sweepbp] {loss_comparison(recorded.losses, result.losses)}", file=sys.stderr)
@@ -89,5 +87,19 @@ def loss_comparison(original: list[float] | None, new: list[float]) -> str:
     return f"loss curve differs from the recorded one by at most {worst:.3g} (e.g. GPU nondeterminism)"
 
 
+def command_line() -> int:
+    """`python -m sweepbp.rerun`: Ctrl-C or SIGTERM ends it with one line (the rerun's run is recorded as
+    killed, as in a sweep) and the shell's exit code 128 + signal."""
+    from sweepbp.signals import Stopped, ignore_signals, stop_on_signals
+
+    stop_on_signals()
+    try:
+        return main()
+    except KeyboardInterrupt as stop:
+        ignore_signals()
+        print(f"sweepbp.rerun: stopped ({stop}): the rerun is recorded as killed", file=sys.stderr)
+        return stop.exit_code if isinstance(stop, Stopped) else 130
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command_line())

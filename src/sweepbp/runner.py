@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -31,6 +31,7 @@ class JobContext:
     sweep_id: str | None
     number: int
     total: int
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags of the job's run (rerun: rerun_of)
 
     @property
     def label(self) -> str:
@@ -124,7 +125,7 @@ def _start_run(run: RunConfig, context: JobContext, recorder, digest: str) -> st
     parent = None
     if context.sweep_id is not None:
         parent = recorder.sweep_parent(context.sweep_id, context.sweep_dir, "sweepbp sweep")
-    tags = {"sweepbp.config_hash": digest, "sweepbp.job_dir": str(context.output_dir)}
+    tags = {"sweepbp.config_hash": digest, "sweepbp.job_dir": str(context.output_dir), **context.tags}
     if context.sweep_id is not None:
         tags["sweepbp.sweep_id"] = context.sweep_id
         tags["sweepbp.job_num"] = str(context.number)  # tracking.TAG_JOB (runner imports no mlflow)

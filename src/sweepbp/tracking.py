@@ -165,9 +165,6 @@ class Recorder:
         self.log_files(parent_id, files)
         with_retry(lambda: self.client.set_terminated(parent_id, "FAILED" if failed else "FINISHED"))
 
-    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        with_retry(lambda: self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
-
     def log_files(self, run_id: str, paths: list[Path]) -> None:
         for path in paths:
             if path.exists():
