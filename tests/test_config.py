@@ -68,6 +68,10 @@ BAD_INPUT = [
     (["tracking.uri=sqlite:////does/not/exist/mlflow.db"], "tracking.uri must be a reachable MLflow store",
      "/does/not/exist"),
     (["lora.r=[8"], "malformed override 'lora.r=[8'", "expected key=value"),
+    (["hydra/launcher=nope"], "hydra/launcher must be one of basic, joblib, submitit_local, submitit_slurm", "nope"),
+    (["hydra/launcher=submitit_slurm", "hydra.launcher.partiton=gpu"],
+     "hydra.launcher.partiton must be a key of the config (list them: python -m sweepbp --cfg hydra)", "partiton=gpu"),
+    (["hydra/launcher=joblib", "hydra.launcher.n_jobs=two"], "hydra.launcher.n_jobs must be an integer", "two"),
     (["lora.r"], "malformed override 'lora.r'", "expected key=value"),
     (["lora.r=abc"], "lora.r must be an integer", "'abc'"),
     (["trainer.lr=fast"], "trainer.lr must be a number", "'fast'"),
@@ -144,8 +148,9 @@ def test_sweep_without_multirun_flag_is_refused():
 
 def test_sweep_expands_to_the_cartesian_product():
     jobs = expand(["lora.r=8,16", "memory=ckpt,none", "hydra/launcher=basic"], multirun=True)
-    assert sorted(map(tuple, jobs)) == sorted([("lora.r=8", "memory=ckpt"), ("lora.r=8", "memory=none"),
-                                               ("lora.r=16", "memory=ckpt"), ("lora.r=16", "memory=none")])
+    launcher = "hydra/launcher=basic"  # Hydra's own settings go with every job, so they are checked too
+    assert sorted(map(tuple, jobs)) == sorted([("lora.r=8", "memory=ckpt", launcher), ("lora.r=8", "memory=none", launcher),
+                                               ("lora.r=16", "memory=ckpt", launcher), ("lora.r=16", "memory=none", launcher)])
 
 
 def test_shipped_config_dir_exists():

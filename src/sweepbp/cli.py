@@ -159,8 +159,8 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]] | None:
     axes: list[list[str]] = []
     for override in parsed:
         key = override.get_key_element()
-        if key.startswith("hydra") or key.startswith("+hydra") or key.startswith("~hydra"):
-            continue
+        if key.lstrip("+~").startswith("hydra") and override.is_sweep_override():
+            continue  # a sweep of Hydra's own settings: Hydra checks it
         if override.is_sweep_override():
             if not multirun:
                 raise ConfigError([f"{override.input_line} is a sweep: add -m (--multirun) to run each value"])
@@ -226,10 +226,10 @@ def _hydra_message(err: Exception, overrides: list[str]) -> str:
     text = str(err).strip()
     first = text.splitlines()[0] if text else type(err).__name__
     if "Could not find" in first or "Could not load" in first:
-        for group in GROUPS:
+        for group in (*GROUPS, "hydra/launcher"):
             chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == group]
             if chosen and f"'{group}/{chosen[0]}'" in first:
-                return f"{group} must be one of {', '.join(available_options(group))}, got {chosen[0]!r}"
+                return f"{group} must be one of {', '.join(_options(group))}, got {chosen[0]!r}"
     cause = err.__cause__
     key = getattr(cause, "full_key", None)
     if cause is not None and key:  # OmegaConf's reason, which names the key
@@ -241,12 +241,21 @@ def _hydra_message(err: Exception, overrides: list[str]) -> str:
             return f"{key} must be {kind}, got {converted.group(1)!r}"
         if reason.startswith("Key "):
             line = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), key)
-            return f"{key} must be a key of the config (list them: python -m sweepbp --cfg job), got {line!r}"
+            listing = "hydra" if key.startswith("hydra.") else "job"
+            return f"{key} must be a key of the config (list them: python -m sweepbp --cfg {listing}), got {line!r}"
         return f"{key}: {reason}"
     if "full_key" in text:
         key = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if "full_key" in ln), "")
         return f"{key}: {first}" if key else first
     return first
+
+
+def _options(group: str) -> list[str]:
+    if group == "hydra/launcher":
+        from sweepbp.launchers import PRESETS
+
+        return ["basic", *PRESETS]
+    return available_options(group)
 
 
 def available_options(group: str) -> list[str]:
