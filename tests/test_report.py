@@ -196,5 +196,7 @@ def test_sweep_end_summary_has_jobs_that_ran_where_the_folder_is_not_shared(swee
     for job in ("0", "1"):  # only these two jobs ran on this machine
         shutil.copytree(sweep_dir / job, here / job)
     tracking = TrackingConfig(name="mlflow", uri=server, experiment=EXPERIMENT)
-    report_sweep_folder(here, sweep_id_of(sweep_dir.resolve()), tracking)
+    elsewhere = report_sweep_folder(here, sweep_id_of(sweep_dir.resolve()), tracking)
     assert (here / "summary.csv").read_text() == (sweep_dir / "summary.csv").read_text()
+    # what the sweep's exit code counts besides the folder: job 3 failed on the other machine
+    assert sorted((r.job, r.status) for r in elsewhere) == [("2", "ok"), ("3", "failed")]

@@ -53,7 +53,9 @@ def test_launcher_presets_are_the_plugins_configs_with_sweepbps_defaults(preset,
 
 
 def test_launcher_presets_keep_the_plugins_schema():
-    with pytest.raises(Exception, match="partiton"):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="partiton"):
         _with_hydra(["hydra/launcher=submitit_slurm", "hydra.launcher.partiton=gpu"])
     cfg = _with_hydra(["hydra/launcher=submitit_local", "hydra.sweeper.max_batch_size=4"])
     assert cfg.hydra.sweeper.max_batch_size == 4  # the user's choice wins
@@ -120,6 +122,8 @@ def test_sweep_through_the_real_submitit_local_launcher_into_a_real_server_one_j
     assert [json.loads(p.read_text())["status"] for p in results] == ["ok", "ok"]
     submitted = [p for p in tmp_path.glob("multirun/*/*/.submitit/*") if p.name.isdigit()]  # submitit job ids
     assert len(submitted) == 2
+    launcher = next(tmp_path.glob("multirun/*/*/0/.hydra/hydra.yaml")).read_text()
+    assert "timeout_min: 120" in launcher and "gpus_per_node: 1" in launcher  # sweepbp's preset reached the job
     runs = _runs(server, experiment)
     jobs = [r for r in runs if r.data.tags.get("sweepbp.role") != "sweep"]
     parents = [r for r in runs if r.data.tags.get("sweepbp.role") == "sweep"]

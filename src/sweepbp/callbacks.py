@@ -64,10 +64,11 @@ class SweepEnd(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        lines, code = summary_lines(sweep_results(sweep_dir), sweep_dir)
+        elsewhere = write_sweep_report(sweep_dir, _tracking_of(config))
+        results = sweep_results(sweep_dir) + [{"status": record.status} for record in elsewhere]
+        lines, code = summary_lines(results, sweep_dir)
         for line in lines:
             print(line, file=sys.stderr)
-        write_sweep_report(sweep_dir, _tracking_of(config))
         if code:
             raise SystemExit(code)
 
@@ -81,14 +82,16 @@ def _tracking_of(config: DictConfig):
     return TrackingConfig(name="mlflow", uri=config.tracking.uri, experiment=config.tracking.experiment)
 
 
-def write_sweep_report(sweep_dir: Path, tracking=None) -> None:
+def write_sweep_report(sweep_dir: Path, tracking=None) -> list:
     """The sweep's report into its folder and its parent MLflow run; a problem here never hides the
-    jobs' results or changes the exit code, so it is printed, not raised."""
+    jobs' results, so it is printed, not raised. Returns the records of jobs that ran elsewhere (in the
+    store, not in the folder), which count towards the sweep's outcome."""
     from sweepbp.report import report_sweep_folder
     from sweepbp.runner import sweep_id_of
 
     try:
-        report_sweep_folder(sweep_dir, sweep_id_of(sweep_dir.resolve()), tracking)
+        return report_sweep_folder(sweep_dir, sweep_id_of(sweep_dir.resolve()), tracking)
     except Exception as err:  # noqa: BLE001 (the report is a by-product; the runs are already recorded)
         print(f"[sweepbp] warning: the sweep report could not be written: {type(err).__name__}: {err}",
               file=sys.stderr)
+        return []

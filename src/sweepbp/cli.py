@@ -101,7 +101,9 @@ def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], N
     if any(getattr(parsed, flag, None) for flag in INFO_FLAGS):
         return [], 1
     try:
-        combos = expand(parsed.overrides, multirun=parsed.multirun)
+        # With -cd/-cp/-cn Hydra reads configs this check does not see: leave Hydra's own settings to Hydra.
+        own_config = any(getattr(parsed, flag, None) for flag in ("config_dir", "config_path", "config_name"))
+        combos = expand(parsed.overrides, multirun=parsed.multirun, with_hydra=not own_config)
     except ConfigError as err:
         return err.problems, 0
     if combos is None:  # Hydra's sweeper validates every job itself; check what can be checked here
@@ -143,9 +145,10 @@ def _stop_workers_if_started() -> None:
         stop_workers()
 
 
-def expand(overrides: list[str], multirun: bool) -> list[list[str]] | None:
+def expand(overrides: list[str], multirun: bool, with_hydra: bool = True) -> list[list[str]] | None:
     """The override list of every job (the cartesian product, as Hydra's basic sweeper makes it);
-    None for sweeps only Hydra can expand (glob())."""
+    None for sweeps only Hydra can expand (glob()). Overrides of Hydra's own settings (hydra.*,
+    hydra/launcher=...) go with every job unless `with_hydra` is false; sweeps of them are Hydra's."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -159,8 +162,8 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]] | None:
     axes: list[list[str]] = []
     for override in parsed:
         key = override.get_key_element()
-        if key.lstrip("+~").startswith("hydra") and override.is_sweep_override():
-            continue  # a sweep of Hydra's own settings: Hydra checks it
+        if override.is_hydra_override() and (override.is_sweep_override() or not with_hydra):
+            continue  # Hydra checks these itself
         if override.is_sweep_override():
             if not multirun:
                 raise ConfigError([f"{override.input_line} is a sweep: add -m (--multirun) to run each value"])
@@ -229,7 +232,7 @@ def _hydra_message(err: Exception, overrides: list[str]) -> str:
         for group in (*GROUPS, "hydra/launcher"):
             chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == group]
             if chosen and f"'{group}/{chosen[0]}'" in first:
-                return f"{group} must be one of {', '.join(_options(group))}, got {chosen[0]!r}"
+                return f"{group} must be one of {', '.join(_options(group))}, got {chosen[0]!r}{_install_hint(chosen[0])}"
     cause = err.__cause__
     key = getattr(cause, "full_key", None)
     if cause is not None and key:  # OmegaConf's reason, which names the key
@@ -252,10 +255,16 @@ def _hydra_message(err: Exception, overrides: list[str]) -> str:
 
 def _options(group: str) -> list[str]:
     if group == "hydra/launcher":
-        from sweepbp.launchers import PRESETS
+        from sweepbp.launchers import launcher_options
 
-        return ["basic", *PRESETS]
+        return launcher_options(available_options(group))
     return available_options(group)
+
+
+def _install_hint(option: str) -> str:
+    from sweepbp.launchers import PRESETS
+
+    return " (install the launcher plugins: pip install -e \".[launchers]\")" if option in PRESETS else ""
 
 
 def available_options(group: str) -> list[str]:

@@ -22,8 +22,17 @@ from omegaconf import OmegaConf
 LOCAL_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
 TIME_LIMIT_MIN = 120  # a job still running after this is killed (sbatch --time on SLURM)
 
-# Names sweepbp configures, listed by `--help` (the plugins may register more).
+# Names sweepbp configures when their plugin is installed.
 PRESETS = ("joblib", "submitit_local", "submitit_slurm")
+
+
+def launcher_options(user_files: list[str]) -> list[str]:
+    """Every `hydra/launcher` option Hydra can find now: Hydra's own and the installed plugins' (all in the
+    ConfigStore once Hydra has scanned its plugins) and option files of the user's ./conf."""
+    from hydra.core.config_store import ConfigStore
+
+    stored = [name.removesuffix(".yaml") for name in ConfigStore.instance().list("hydra/launcher")]
+    return sorted({*stored, *user_files}, key=lambda name: (name != "basic", name))
 
 
 def jobs_at_once(launcher_target: str) -> int | None:

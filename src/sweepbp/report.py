@@ -187,14 +187,16 @@ def _md_row(cells: list[str]) -> str:
 
 
 # -- the sweep's end and the command line ---------------------------------------------------------------
-def report_sweep_folder(sweep_dir: Path, sweep_id: str, tracking=None) -> list[Path]:
+def report_sweep_folder(sweep_dir: Path, sweep_id: str, tracking=None) -> list[Record]:
     """At the end of a multirun: write the report into the sweep folder, log it to the sweep's parent
-    MLflow run, print the table. Returns the files written. `tracking` is the sweep's own tracking config
-    (the records hold the tracking URI redacted); by default the first record's."""
+    MLflow run, print the table. `tracking` is the sweep's own tracking config (the records hold the
+    tracking URI redacted); by default the first record's. The report covers the jobs in the folder and
+    the sweep's runs in the store that the folder lacks (jobs on machines that do not share the folder);
+    returns the latter."""
     records = folder_records(sweep_dir)
     tracking = tracking or (_tracking_of(records) if records else None)
-    if tracking is not None:
-        records += _store_only_records(tracking, sweep_id, records)
+    elsewhere = _store_only_records(tracking, sweep_id, records) if tracking is not None else []
+    records += elsewhere
     if not records:
         return []
     summary = summarize(records)
@@ -207,20 +209,26 @@ def report_sweep_folder(sweep_dir: Path, sweep_id: str, tracking=None) -> list[P
         recorder = Recorder(tracking)
         parent = recorder.sweep_parent(sweep_id, sweep_dir.resolve(), "sweepbp sweep")
         recorder.finish_sweep(parent, files, failed=any(r.status in ("failed", "killed") for r in records))
-    return files
+    return elsewhere
 
 
 def _store_only_records(tracking, sweep_id: str, have: list[Record]) -> list[Record]:
-    """Jobs of the sweep that the tracking store holds but the sweep folder does not: jobs that ran on
-    machines that do not share this folder. Nothing is downloaded for the jobs the folder has."""
+    """Runs of the sweep that the tracking store holds but the sweep folder does not (matched by MLflow
+    run id). Nothing is downloaded for the runs the folder has. A store that cannot be read leaves the
+    folder's report as it is, with a warning."""
     from sweepbp.tracking import StoreError, sweep_records
-    from sweepbp.uris import resolve_uri
+    from sweepbp.uris import redact, resolve_uri
 
     try:
         return sweep_records(resolve_uri(tracking.uri), tracking.experiment, sweep_id,
-                             frozenset(r.job for r in have))[1]
+                             known_runs=frozenset(r.run_id for r in have if r.run_id))[1]
     except StoreError:
         return []  # the store has no run of this sweep: the folder is all there is
+    except Exception as err:  # noqa: BLE001 (an unreachable server must not cost the folder's report)
+        print(f"[sweepbp] warning: jobs run elsewhere not added to the report, the store {redact(tracking.uri)} "
+              f"could not be read: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+              file=sys.stderr)
+        return []
 
 
 def _tracking_of(records: list[Record]):

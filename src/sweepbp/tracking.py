@@ -193,10 +193,10 @@ class StoreError(LookupError):
 
 
 def sweep_records(uri: str, experiment: str | None, sweep_id: str | None,
-                  known_jobs: frozenset[str] = frozenset()) -> tuple[str, list[Record]]:
+                  known_runs: frozenset[str] = frozenset()) -> tuple[str, list[Record]]:
     """The job records of one sweep (default: the latest) read from the store alone: each run's
-    results.json artifact, or its params, metrics and tags when the artifact is missing. Jobs whose
-    number is in `known_jobs` are left out (the caller has them already; nothing is downloaded for them)."""
+    results.json artifact, or its params, metrics and tags when the artifact is missing. Runs whose id
+    is in `known_runs` are left out (the caller has them already; nothing is downloaded for them)."""
     client = MlflowClient(tracking_uri=uri)
     experiment_ids = _experiment_ids(client, experiment)
     if sweep_id is None:
@@ -209,7 +209,7 @@ def sweep_records(uri: str, experiment: str | None, sweep_id: str | None,
     jobs = [run for run in runs if run.data.tags.get(TAG_ROLE) != "sweep"]
     if not jobs:
         raise StoreError(f"no runs of sweep {sweep_id!r} in experiment {experiment or '(any)'}")
-    return sweep_id, [_record_of(client, run) for run in jobs if run.data.tags.get(TAG_JOB) not in known_jobs]
+    return sweep_id, [_record_of(client, run) for run in jobs if run.info.run_id not in known_runs]
 
 
 def _download(client: MlflowClient, run_id: str, path: str) -> Path:

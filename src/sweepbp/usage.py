@@ -24,12 +24,13 @@ def help_text(overrides: list[str]) -> str:
     """The help page: usage, flags, every group's options, and the config the overrides compose to."""
     from sweepbp.cli import available_options, check_job_config
     from sweepbp.config import GROUPS, config_yaml
-    from sweepbp.launchers import PRESETS
+    from sweepbp.launchers import launcher_options
 
+    problems, run = check_job_config(overrides)  # also lets Hydra find its launcher plugins
     lines = [f"  {group}: {', '.join(available_options(group))}" for group in GROUPS]
-    lines.append(f"  hydra/launcher: {', '.join(['basic', *PRESETS])}  (docs/scaling.md)")
+    launchers = launcher_options(available_options("hydra/launcher"))
+    lines.append(f"  hydra/launcher: {', '.join(launchers)}  (docs/scaling.md)")
     groups = "\n".join(lines)
-    problems, run = check_job_config(overrides)
     if run is not None:
         config = config_yaml(run.cfg).rstrip()
     else:
