@@ -131,23 +131,24 @@ def report(results: list[dict], command: str, smoke: bool) -> str:
              f"peft {env.get('peft', '?')}, lightning {env.get('lightning', '?')}; "
              f"PYTORCH_CUDA_ALLOC_CONF='{env.get('PYTORCH_CUDA_ALLOC_CONF', '')}'; git {env.get('git_commit', '?')[:10]}.",
              "", "## Speed", "",
-             "| memory | batch | status | tokens/s | step s | fwd s | bwd s | optim s | bwd/fwd | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| memory | batch | status | tokens/s | step s | fwd s | bwd s | optim s | bwd/fwd | MFU | setup s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in measured:
         m = r["metrics"]
         lines.append(f"| {key(r)[0]} | {key(r)[1]} | {r['status']} | {num(m.get('tokens_per_s'), ',.0f')} | "
                      f"{num(m.get('step_time_s'), '.3f')} | {num(m.get('fwd_time_s'), '.3f')} | "
                      f"{num(m.get('bwd_time_s'), '.3f')} | {num(m.get('optim_time_s'), '.3f')} | "
-                     f"{num(m.get('bwd_fwd_ratio'), '.2f')} | {num(m.get('mfu'), '.3f')} |")
+                     f"{num(m.get('bwd_fwd_ratio'), '.2f')} | {num(m.get('mfu'), '.3f')} | "
+                     f"{num(m.get('setup_time_s'), '.1f')} |")
     lines += ["", "## Memory (GB = 1e9 bytes)", "",
-              "| memory | batch | peak (tracker) | allocated peak | reserved peak | NVML process | activations "
-              "| inference peak | predicted peak (in job) | error vs tracker | error vs allocator "
+              "| memory | batch | peak (tracker) | allocated peak | tracker vs allocator | reserved peak | NVML process "
+              "| activations | inference peak | predicted peak (in job) | error vs tracker | error vs allocator "
               "| predicted peak (mode=predict) | formula peak |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in measured:
         m, p = r["metrics"], predicted.get(key(r), {}).get("metrics", {})
         lines.append(f"| {key(r)[0]} | {key(r)[1]} | {gb(m.get('peak_memory_bytes'))} | {gb(m.get('peak_allocated_bytes'))} | "
-                     f"{gb(m.get('peak_reserved_bytes'))} | {gb(m.get('nvml_process_bytes'))} | "
+                     f"{pct(m.get('tracker_vs_allocated_pct'))} | {gb(m.get('peak_reserved_bytes'))} | {gb(m.get('nvml_process_bytes'))} | "
                      f"{gb(m.get('activation_bytes'))} | {gb(m.get('inference_peak_bytes'))} | "
                      f"{gb(m.get('predicted_peak_memory_bytes'))} | {pct(m.get('predicted_error_pct'))} | "
                      f"{pct(m.get('predicted_allocator_error_pct'))} | {gb(p.get('predicted_peak_memory_bytes'))} | "
