@@ -84,3 +84,18 @@ def test_categories_add_up_and_checkpointing_saves_what_the_layer_count_predicts
         assert 0 < metrics["inference_peak_bytes"] < metrics["peak_memory_bytes"]
     # Same data, same seed, same LoRA init: checkpointing changes memory, never the loss curve.
     assert none8["loss"] == ckpt8["loss"]
+
+
+def test_gradient_hooks_exist_only_around_the_traced_step():
+    """Adapter gradients are retagged as GRAD by post-accumulate hooks during the traced step; the timed
+    steps run without them (no tracing hook while timing)."""
+    from sweepbp.module import counting_gradients
+
+    model = torch.nn.Linear(4, 2)
+    model.bias.requires_grad_(False)
+    tracker = MemoryTracker("cpu")
+    tracker.register(list(model.parameters()), TRAINABLE)
+    with counting_gradients(model), tracker:
+        model(torch.randn(3, 4)).sum().backward()
+    assert tracker.report().category_peaks[GRAD] == model.weight.numel() * F32  # retagged by the hook
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # gone after the step

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
@@ -44,7 +44,6 @@ class LoraFinetune(L.LightningModule):
         self.trace: MemoryReport | None = None
         self.allocator_figures: dict[str, float] = {}  # CUDA allocator peaks of the traced step
         self.steps_time_s = 0.0  # wall time inside all training steps (warm-up, traced, timed): the job's work
-        count_gradients(self.model)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return make_optimizer(self.model, self.lr, self.weight_decay)
@@ -75,7 +74,7 @@ class LoraFinetune(L.LightningModule):
                                self.keep_timeline)
         reset_device_peaks(self.device)
         try:
-            with tracker:
+            with counting_gradients(self.model), tracker:
                 return self._step(batch, tracker.phase_of).detach()
         finally:
             self.trace = tracker.report()  # also when the budget ran out mid-step
@@ -114,11 +113,17 @@ def step_tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     return tracker
 
 
-def count_gradients(model: torch.nn.Module) -> None:
-    """Adapter gradients, once accumulated into `param.grad`, count as gradients rather than temporaries."""
-    for param in model.parameters():
-        if param.requires_grad:
-            param.register_post_accumulate_grad_hook(_count_as_gradient)
+@contextlib.contextmanager
+def counting_gradients(model: torch.nn.Module) -> Iterator[None]:
+    """Adapter gradients, once accumulated into `param.grad`, count as gradients rather than temporaries.
+    The hooks exist only around the traced step: timed steps run without any tracing hook."""
+    handles = [param.register_post_accumulate_grad_hook(_count_as_gradient)
+               for param in model.parameters() if param.requires_grad]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def register_state(tracker: MemoryTracker, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -85,7 +85,7 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
     from sweepbp.lora import apply_lora
     from sweepbp.memory import apply_memory_strategy, assert_training_mode
     from sweepbp.model import build_model
-    from sweepbp.module import count_gradients, make_optimizer, step_tracker, train_step
+    from sweepbp.module import counting_gradients, make_optimizer, step_tracker, train_step
     from sweepbp.target import MetaTracker, precision_plugin, target_kernels
 
     size = int(batch_size if batch_size is not None else cfg.batch.size)
@@ -106,12 +106,11 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
         inference = _inference_peak(model, batch, counted, kind)
         plugin = precision_plugin(cfg.trainer.precision, device, modelled)
         model = plugin.convert_module(model)  # Lightning converts at fit, after the inference measurement
-        count_gradients(model)
         optimizer = make_optimizer(model, cfg.trainer.lr, cfg.trainer.weight_decay, foreach=_foreach(device, modelled))
         with plugin.train_step_context():  # Lightning runs every training_step inside it
             warm_optimizer(optimizer)
             tracker = step_tracker(model, optimizer, batch, counted, None, keep_timeline, kind)
-            with tracker:
+            with counting_gradients(model), tracker:
                 train_step(model, applied, batch, optimizer, _backward, tracker.phase_of)
             report = tracker.report()
     return Prediction(device=device, batch_size=size, report=report, inference_peak_bytes=inference,
