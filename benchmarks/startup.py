@@ -163,7 +163,7 @@ def main() -> None:
     print(f"sweep_wall_per_job_s     {per_job:7.2f}   ({sweep_wall:.1f} s for python -m sweepbp {' '.join(SWEEP)}) / 8, fastest of {args.repeat}")
     print(f"steps_time_s             {steps:7.2f}   inside all training steps per job (warm-up, traced, timed), mean of 8")
     print(f"  train_time_s           {timed:7.2f}   of which the timed steps")
-    print(f"  setup_time_s           {setup:7.2f}   model build + adapter + memory strategy per job")
+    print(f"  setup_time_s           {setup:7.2f}   prediction + model build + adapter + memory strategy per job")
     print(f"  job_time_s             {job:7.2f}   whole job inside its process (setup, inference peak, Trainer, steps)")
     print(f"per_job_overhead_s       {per_job - steps:7.2f}   sweep wall / 8 - steps_time_s (target < 2), made of:")
     print(f"  start_up_s             {start_up:7.2f}   once: launch until the first job's own work is done, minus its job_time_s")
