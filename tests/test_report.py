@@ -200,3 +200,13 @@ def test_sweep_end_summary_has_jobs_that_ran_where_the_folder_is_not_shared(swee
     assert (here / "summary.csv").read_text() == (sweep_dir / "summary.csv").read_text()
     # what the sweep's exit code counts besides the folder: job 3 failed on the other machine
     assert sorted((r.job, r.status) for r in elsewhere) == [("2", "ok"), ("3", "failed")]
+
+
+def test_an_unreachable_store_at_the_sweeps_end_keeps_the_folders_report(capsys):
+    """Adding jobs run elsewhere must not cost the folder's report, nor minutes of HTTP retries."""
+    from sweepbp.config import TrackingConfig
+    from sweepbp.report import _store_only_records
+
+    down = TrackingConfig(name="mlflow", uri="http://127.0.0.1:9", experiment=EXPERIMENT)
+    assert _store_only_records(down, "any-sweep", []) == []
+    assert "jobs run elsewhere not added to the report" in capsys.readouterr().err

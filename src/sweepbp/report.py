@@ -217,8 +217,13 @@ def _store_only_records(tracking, sweep_id: str, have: list[Record]) -> list[Rec
     run id). Nothing is downloaded for the runs the folder has. A store that cannot be read leaves the
     folder's report as it is, with a warning."""
     from sweepbp.tracking import StoreError, sweep_records
-    from sweepbp.uris import redact, resolve_uri
+    from sweepbp.uris import redact, resolve_uri, unreachable_reason
 
+    reason = unreachable_reason(tracking.uri)  # seconds at most, where MLflow's own retries take minutes
+    if reason:
+        print(f"[sweepbp] warning: jobs run elsewhere not added to the report, the store {redact(tracking.uri)} "
+              f"is unreachable: {reason}", file=sys.stderr)
+        return []
     try:
         return sweep_records(resolve_uri(tracking.uri), tracking.experiment, sweep_id,
                              known_runs=frozenset(r.run_id for r in have if r.run_id))[1]
