@@ -59,6 +59,30 @@ def through_sweepbp(run) -> tuple[list[float], float]:
     return _timed_intervals(ends.ends, run), result.metrics["tokens_per_s"]
 
 
+def lightning_gaps(run) -> list[float]:
+    """Seconds Lightning's loop spends between two timed `training_step` calls (one extra sweepbp run, with
+    the step wrapped to note when it is entered and left; not part of the compared rounds)."""
+    from sweepbp.module import LoraFinetune
+
+    entered, left = [], []
+    step = LoraFinetune.training_step
+
+    def noted(self, batch, batch_idx):
+        entered.append(time.perf_counter())
+        try:
+            return step(self, batch, batch_idx)
+        finally:
+            left.append(time.perf_counter())
+
+    LoraFinetune.training_step = noted
+    try:
+        through_sweepbp(run)
+    finally:
+        LoraFinetune.training_step = step
+    first_timed = run.cfg.trainer.warmup_steps + 1
+    return [entered[i] - left[i - 1] for i in range(first_timed + 1, len(entered))]
+
+
 def plain_loop(run) -> list[float]:
     """The same steps in a hand-written loop; per-step wall times of the steps sweepbp would time."""
     import torch
@@ -128,6 +152,7 @@ def main() -> None:
     print(f"median of the {len(paired)} paired round ratios: {statistics.median(paired):.3f}"
           f"   (min {min(paired):.3f}, max {max(paired):.3f})")
     print(f"reported ratio (sweepbp's tokens_per_s / plain loop): {statistics.median(reported) / (tokens / plain_step):.3f}")
+    print(f"Lightning's loop between two timed steps: {statistics.median(lightning_gaps(run)) * 1e3:.3f} ms (median)")
     print(f"# load average {os.getloadavg()[0]:.2f} at end")
 
 

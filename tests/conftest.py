@@ -58,9 +58,13 @@ def store(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+def http_get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
 def _health(url: str) -> bool:
-    with urllib.request.urlopen(url + "/health", timeout=30) as response:
-        return response.read().strip() == b"OK"
+    return http_get(url + "/health").strip() == b"OK"
 
 
 def _free_port() -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, run_cli
+from conftest import FAST, http_get, run_cli
 from sweepbp.report import csv_text, folder_records, write_report
 from sweepbp.summary import Record, fastest_within, summarize, swept_keys
 
@@ -71,11 +71,6 @@ def test_predicted_metrics_alone_make_a_report(tmp_path):
 
 
 # -- a real sweep against a real MLflow server (conftest.server) -----------------------------------------
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return response.read()
-
-
 def _api(base: str, path: str, body: dict | None = None) -> dict:
     request = urllib.request.Request(base + path, data=json.dumps(body).encode() if body is not None else None,
                                      headers={"Content-Type": "application/json"})
@@ -150,7 +145,7 @@ def test_server_serves_runs_params_metrics_and_chart(sweep, server):
     parent_id = parent["info"]["run_id"]
     assert {"summary.csv", "summary.md", "tradeoff.png"} <= _artifact_names(server, parent_id)
     query = urllib.parse.urlencode({"path": "tradeoff.png", "run_uuid": parent_id})
-    assert _get(f"{server}/get-artifact?{query}").startswith(PNG)
+    assert http_get(f"{server}/get-artifact?{query}").startswith(PNG)
 
 
 def _artifact_names(server: str, run_id: str) -> set[str]:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, open_dict
 
 from sweepbp.config import GROUPS, ConfigError, RunConfig, register_schemas, to_run_config
 from sweepbp.redaction import install_log_redaction
-from sweepbp.signals import Stopped, ignore_signals, stop_on_signals
+from sweepbp.signals import stop_on_signals, stopped_exit_code
 from sweepbp.uris import redact, unreachable_reason
 
 # OmegaConf's type errors: "Value 'abc' of type 'str' could not be converted to Integer", "... is not a valid bool"
@@ -49,11 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _main(args)
     except KeyboardInterrupt as stop:
-        ignore_signals()  # the job is recorded: a second Ctrl-C must not turn this line into a traceback
-        code = stop.exit_code if isinstance(stop, Stopped) else 130
-        print(f"sweepbp: stopped ({stop}): the job that was running is recorded as killed, finished jobs are kept; "
-              "rerun the same command with resume=true to run the rest", file=sys.stderr)
-        raise SystemExit(code) from None
+        raise SystemExit(stopped_exit_code(stop, (
+            f"sweepbp: stopped ({stop}): the job that was running is recorded as killed, finished jobs are kept; "
+            "rerun the same command with resume=true to run the rest"))) from None
 
 
 def _main(args: list[str]) -> None:

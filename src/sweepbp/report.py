@@ -220,20 +220,17 @@ def _store_only_records(tracking, sweep_id: str, have: list[Record]) -> list[Rec
     from sweepbp.uris import redact, resolve_uri, unreachable_reason
 
     reason = unreachable_reason(tracking.uri)  # seconds at most, where MLflow's own retries take minutes
-    if reason:
-        print(f"[sweepbp] warning: jobs run elsewhere not added to the report, the store {redact(tracking.uri)} "
-              f"is unreachable: {reason}", file=sys.stderr)
-        return []
-    try:
-        return sweep_records(resolve_uri(tracking.uri), tracking.experiment, sweep_id,
-                             known_runs=frozenset(r.run_id for r in have if r.run_id))[1]
-    except StoreError:
-        return []  # the store has no run of this sweep: the folder is all there is
-    except Exception as err:  # noqa: BLE001 (an unreachable server must not cost the folder's report)
-        print(f"[sweepbp] warning: jobs run elsewhere not added to the report, the store {redact(tracking.uri)} "
-              f"could not be read: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-              file=sys.stderr)
-        return []
+    if not reason:
+        try:
+            return sweep_records(resolve_uri(tracking.uri), tracking.experiment, sweep_id,
+                                 known_runs=frozenset(r.run_id for r in have if r.run_id))[1]
+        except StoreError:
+            return []  # the store has no run of this sweep: the folder is all there is
+        except Exception as err:  # noqa: BLE001 (a failing store must not cost the folder's report)
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    print(f"[sweepbp] warning: jobs run elsewhere not added to the report, the store {redact(tracking.uri)} "
+          f"could not be read: {reason}", file=sys.stderr)
+    return []
 
 
 def _tracking_of(records: list[Record]):

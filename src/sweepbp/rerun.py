@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from sweepbp.config import SCHEMAS, SweepbpConfig, register_schemas, to_run_config
+from sweepbp.signals import stop_on_signals, stopped_exit_code
 
 
 def typed_config(text: str) -> DictConfig:
@@ -67,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"sweepbp.rerun: error: {line}" for line in err.problems), file=sys.stderr)
         return 2
     out = args.out or Path("outputs") / f"rerun-{args.run_id}"
-    global _job_started
-    _job_started = ("the rerun is recorded as killed" if run.cfg.tracking.name == "mlflow"
-                    else f"the rerun is recorded as killed in {out / 'results.json'} only (no MLflow run)")
-    result = record_job(run, JobContext(out, None, None, 0, 1, tags={"sweepbp.rerun_of": args.run_id}))
+    try:
+        result = record_job(run, JobContext(out, None, None, 0, 1, tags={"sweepbp.rerun_of": args.run_id}))
+    except KeyboardInterrupt as stop:  # record_job has recorded the rerun as killed before re-raising
+        where = "" if run.cfg.tracking.name == "mlflow" else f" in {out / 'results.json'} only (no MLflow run)"
+        return stopped_exit_code(stop, f"sweepbp.rerun: stopped ({stop}): the rerun is recorded as killed{where}")
     new_id = result.environment.get("mlflow_run_id")
     print(f"[sweepbp] rerun of {args.run_id}: status={result.status}, run {new_id or '(not recorded)'}, "
           f"results in {out / 'results.json'}", file=sys.stderr)
@@ -90,22 +92,14 @@ def loss_comparison(original: list[float] | None, new: list[float]) -> str:
     return f"loss curve differs from the recorded one by at most {worst:.3g} (e.g. GPU nondeterminism)"
 
 
-_job_started: str | None = None  # once the rerun's job has started: where its `killed` result goes
-
-
 def command_line() -> int:
     """`python -m sweepbp.rerun`: Ctrl-C or SIGTERM ends it with one line (a started rerun is recorded as
     killed, as in a sweep) and the shell's exit code 128 + signal."""
-    from sweepbp.signals import Stopped, ignore_signals, stop_on_signals
-
     stop_on_signals()
     try:
         return main()
-    except KeyboardInterrupt as stop:
-        ignore_signals()
-        outcome = _job_started or "before the rerun started"
-        print(f"sweepbp.rerun: stopped ({stop}): {outcome}", file=sys.stderr)
-        return stop.exit_code if isinstance(stop, Stopped) else 130
+    except KeyboardInterrupt as stop:  # before the job started (main handles a stop during it)
+        return stopped_exit_code(stop, f"sweepbp.rerun: stopped ({stop}): before the rerun started")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,6 +50,14 @@ def ignore_signals() -> None:
     """Ignore SIGINT and SIGTERM from now on (the sweep is already stopping)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def stopped_exit_code(stop: KeyboardInterrupt, message: str) -> int:
+    """After a command line caught a stop: ignore later signals (so a second Ctrl-C cannot turn the one
+    line into a traceback), print `message`, and return the shell's exit code (128 + signal)."""
+    ignore_signals()
+    print(message, file=sys.stderr)
+    return stop.exit_code if isinstance(stop, Stopped) else 128 + signal.SIGINT
 
 
 def _main_thread() -> bool:
