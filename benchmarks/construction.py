@@ -26,7 +26,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from sweepbp.job import pick_device
-    from sweepbp.model import DTYPES, build_model, hf_config
+    from sweepbp.train.model import DTYPES, build_model, hf_config
 
     cfg, device = run.cfg.model, pick_device(run.cfg.trainer.accelerator)
     start = time.perf_counter()

@@ -205,7 +205,7 @@ def import_results(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO / "src"))
     from sweepbp.config import TrackingConfig
     from sweepbp.result import JobResult
-    from sweepbp.tracking import Recorder
+    from sweepbp.tracking.mlflow_store import Recorder
 
     results = [JobResult(**r) for r in json.loads(Path(args.results).read_text())]
     recorder = Recorder(TrackingConfig(uri=args.tracking_uri, experiment=args.experiment))

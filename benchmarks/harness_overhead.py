@@ -28,7 +28,7 @@ DEFAULT = ["tracking=none", "trainer.steps=24", "trainer.warmup_steps=2"]
 
 
 def compose(overrides: list[str]):
-    from sweepbp.cli import check_job_config
+    from sweepbp.cli.main import check_job_config
     from sweepbp.config import register_schemas
 
     register_schemas()
@@ -62,7 +62,7 @@ def through_sweepbp(run) -> tuple[list[float], float]:
 def lightning_gaps(run) -> list[float]:
     """Seconds Lightning's loop spends between two timed `training_step` calls (one extra sweepbp run, with
     the step wrapped to note when it is entered and left; not part of the compared rounds)."""
-    from sweepbp.module import LoraFinetune
+    from sweepbp.train.module import LoraFinetune
 
     entered, left = [], []
     step = LoraFinetune.training_step
@@ -87,11 +87,11 @@ def plain_loop(run) -> list[float]:
     """The same steps in a hand-written loop; per-step wall times of the steps sweepbp would time."""
     import torch
 
-    from sweepbp.data import TokenBatches
+    from sweepbp.train.data import TokenBatches
     from sweepbp.job import pick_device
-    from sweepbp.lora import apply_lora
+    from sweepbp.train.lora import apply_lora
     from sweepbp.memory import apply_memory_strategy
-    from sweepbp.model import build_model
+    from sweepbp.train.model import build_model
 
     cfg = run.cfg
     device = pick_device(cfg.trainer.accelerator)

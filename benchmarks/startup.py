@@ -83,7 +83,7 @@ def tracking_cost(records: list[dict], folder: Path) -> dict[str, float]:
     figures = {"import_mlflow_s": time.perf_counter() - start}
     from sweepbp.config import TrackingConfig
     from sweepbp.result import JobResult
-    from sweepbp.tracking import Recorder
+    from sweepbp.tracking.mlflow_store import Recorder
 
     tracking = TrackingConfig(uri=f"sqlite:///{folder / 'mlflow.db'}", experiment="bench")
     start = time.perf_counter()
@@ -110,7 +110,7 @@ def tracking_cost(records: list[dict], folder: Path) -> dict[str, float]:
 
 def _run_config(record: dict):
     """The typed config of one of the sweep's jobs, composed again from its choices."""
-    from sweepbp.cli import check_job_config
+    from sweepbp.cli.main import check_job_config
     from sweepbp.config import register_schemas
 
     register_schemas()

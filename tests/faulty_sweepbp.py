@@ -1,6 +1,6 @@
 """`python -m sweepbp` with faults injected into chosen jobs, for the failure tests. Test code only.
 
-Run as `python tests/faulty_sweepbp.py ARGS` (the same `sweepbp.cli.main` as `python -m sweepbp ARGS`), or
+Run as `python tests/faulty_sweepbp.py ARGS` (the same `sweepbp.cli.main.main` as `python -m sweepbp ARGS`), or
 `python tests/faulty_sweepbp.py --rerun RUN_ID` (`python -m sweepbp.rerun RUN_ID`).
 The job whose `trainer.seed` equals
   SWEEPBP_FAULT_FAIL_SEED  raises RuntimeError("injected fault") in its second training step (-> failed);
@@ -23,10 +23,10 @@ FAIL, HANG, MARK = "SWEEPBP_FAULT_FAIL_SEED", "SWEEPBP_FAULT_HANG_SEED", "SWEEPB
 def install() -> None:
     """Wrap the job recipe and the training step with the faults the environment asks for."""
     import sweepbp.job
-    import sweepbp.module
+    import sweepbp.train.module
 
     fit = sweepbp.job._fit_and_measure
-    step = sweepbp.module.LoraFinetune.training_step
+    step = sweepbp.train.module.LoraFinetune.training_step
     seed: list[int] = []
 
     def fit_with_faults(run, *args, **kwargs):
@@ -43,7 +43,7 @@ def install() -> None:
         return step(self, batch, batch_idx)
 
     sweepbp.job._fit_and_measure = fit_with_faults
-    sweepbp.module.LoraFinetune.training_step = step_with_faults
+    sweepbp.train.module.LoraFinetune.training_step = step_with_faults
 
 
 if __name__ == "__main__":
@@ -54,6 +54,6 @@ if __name__ == "__main__":
 
         del sys.argv[1]
         raise SystemExit(command_line())
-    from sweepbp.cli import main
+    from sweepbp.cli.main import main
 
     main()

@@ -23,8 +23,8 @@ from typing import TypeVar
 T = TypeVar("T")
 TESTS = Path(__file__).resolve().parent
 FAULTY = TESTS / "faulty_sweepbp.py"
-PRELOAD = ["torch", "lightning.pytorch", "transformers", "peft", "sweepbp.job", "sweepbp.module", "sweepbp.model",
-           "sweepbp.lora", "sweepbp.memory", "transformers.models.llama.modeling_llama", "conftest"]
+PRELOAD = ["torch", "lightning.pytorch", "transformers", "peft", "sweepbp.job", "sweepbp.train.module", "sweepbp.train.model",
+           "sweepbp.train.lora", "sweepbp.memory", "transformers.models.llama.modeling_llama", "conftest"]
 # Tiny and short: warm-up step, traced step, one timed step. batch.size is set by each test.
 SMALL = ["trainer.steps=3", "trainer.warmup_steps=1", "batch.seq_len=16"]
 

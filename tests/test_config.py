@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose, run_cli
-from sweepbp.cli import available_options, config_dir, expand, precheck
+from sweepbp.cli.main import available_options, config_dir, expand, precheck
 from sweepbp.config import GROUPS, ConfigError, leaf_params
 
 
@@ -125,7 +125,7 @@ def test_bad_input_fails_before_anything_heavy_is_imported(tmp_path):
             "heavy = ('torch', 'transformers', 'lightning', 'mlflow')\n"
             "loaded = lambda: ' '.join(m for m in heavy if m in sys.modules)\n"
             "atexit.register(lambda: open(os.environ['PROBE'], 'w').write(loaded()))\n"
-            "from sweepbp.cli import main\n"
+            "from sweepbp.cli.main import main\n"
             "main()")
     done = subprocess.run([sys.executable, "-c", code, "lora.r=0", "batch.seq_len=4096"], cwd=tmp_path,
                           env={**os.environ, "PROBE": str(probe)}, capture_output=True, text=True, timeout=120)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose
-from sweepbp.callbacks import summary_lines
+from sweepbp.sweep.callbacks import summary_lines
 from sweepbp.job import run_job
 from sweeps import SMALL, artifact_json, in_clean_process, run_sweep, runs_of, sweep_dirs
 

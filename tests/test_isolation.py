@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import FAST, compose
 from sweeps import in_clean_process
-from sweepbp.worker import run_isolated
+from sweepbp.sweep.worker import run_isolated
 
 TRACKED = ("peak_memory_bytes", "activation_bytes", "param_bytes", "trainable_param_bytes", "grad_bytes",
            "optimizer_state_bytes", "other_bytes", "inference_peak_bytes")

@@ -15,13 +15,13 @@ import torch
 
 from conftest import FAST, compose, problems_of
 from sweepbp.config import SELECTIVE_POLICIES, leaf_params
-from sweepbp.data import TokenBatches
-from sweepbp.lora import apply_lora
-from sweepbp.measure import ACTIVATION, MemoryTracker
+from sweepbp.train.data import TokenBatches
+from sweepbp.train.lora import apply_lora
+from sweepbp.measure.tracker import ACTIVATION, MemoryTracker
 from sweepbp.memory import AppliedMemory, apply_memory_strategy, assert_training_mode, decoder_layers
-from sweepbp.model import build_model
-from sweepbp.module import register_state
-from sweepbp.selective import MATMUL_OPS, POLICIES, adapter_rank
+from sweepbp.train.model import build_model
+from sweepbp.train.module import register_state
+from sweepbp.memory.selective import MATMUL_OPS, POLICIES, adapter_rank
 
 RTOL, ATOL = 1e-5, 1e-6
 CPU = torch.device("cpu")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from conftest import FAST, compose
-from sweepbp.autobatch import BatchSearch, largest_fitting
-from sweepbp.cli import available_options
+from sweepbp.predict.autobatch import BatchSearch, largest_fitting
+from sweepbp.cli.main import available_options
 from sweepbp.job import run_job
-from sweepbp.predict import predict
+from sweepbp.predict.trace import predict
 
 MEASURED = ["peak_memory_bytes", "param_bytes", "trainable_param_bytes", "grad_bytes", "optimizer_state_bytes",
             "activation_bytes", "other_bytes", "host_offload_bytes", "inference_peak_bytes"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conftest import compose
-from sweepbp.progress import ProgressLine
+from sweepbp.sweep.progress import ProgressLine
 
 
 def test_rate_counts_the_batches_tokens_also_when_the_batch_size_is_auto(monkeypatch, capsys):

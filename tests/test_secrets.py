@@ -13,12 +13,12 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from conftest import compose
-from sweepbp.callbacks import SweepEnd
+from sweepbp.sweep.callbacks import SweepEnd
 from sweepbp.config import TrackingConfig, config_as_dict, config_yaml, leaf_params
-from sweepbp.redaction import install_log_redaction, redact_text
+from sweepbp.tracking.redaction import install_log_redaction, redact_text
 from sweepbp.result import JobResult, host_environment
-from sweepbp.runner import JobContext, _finish
-from sweepbp.uris import redact
+from sweepbp.sweep.task import JobContext, _finish
+from sweepbp.tracking.uris import redact
 
 SECRET_URI = "http://alice:s3cret@mlflow.example:5000/?token=t0k3n&experiment=7"
 LEAKS = ("s3cret", "t0k3n")
@@ -62,7 +62,7 @@ def test_a_recorded_job_holds_no_credentials_anywhere(tmp_path: Path, monkeypatc
     """Params, tags, artifacts and job files of a job whose error message quotes the secret URI."""
     from mlflow.tracking import MlflowClient
 
-    from sweepbp.tracking import Recorder
+    from sweepbp.tracking.mlflow_store import Recorder
 
     monkeypatch.setenv("HF_TOKEN", "hf_t0k3n")
     run = compose([f"tracking.uri='{SECRET_URI}'"])

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from sweepbp.signals import Stopped, held, raise_once, stopping
+from sweepbp.sweep.signals import Stopped, held, raise_once, stopping
 
 
 @pytest.fixture(autouse=True)

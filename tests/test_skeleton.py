@@ -16,11 +16,11 @@ def test_only_lora_weights_train_and_the_loss_falls():
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from sweepbp.data import TokenBatches
-    from sweepbp.lora import apply_lora
+    from sweepbp.train.data import TokenBatches
+    from sweepbp.train.lora import apply_lora
     from sweepbp.memory import apply_memory_strategy
-    from sweepbp.model import build_model
-    from sweepbp.module import LoraFinetune
+    from sweepbp.train.model import build_model
+    from sweepbp.train.module import LoraFinetune
 
     # A small vocabulary makes the counting sequence learnable in 30 steps through the adapter alone.
     run = compose(["model.config.vocab_size=64", "trainer.steps=30", "trainer.warmup_steps=1", "trainer.lr=1e-2", "batch.size=4",
@@ -44,7 +44,7 @@ def test_only_lora_weights_train_and_the_loss_falls():
 
 
 def test_local_safetensors_checkpoint_round_trip(tmp_path):
-    from sweepbp.model import build_model
+    from sweepbp.train.model import build_model
 
     run = compose(FAST)
     saved = build_model(run.cfg.model, torch.device("cpu"), seed=7)

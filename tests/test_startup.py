@@ -43,7 +43,7 @@ def probe(args: list[str], cwd) -> tuple[dict, str]:
 def test_help_imports_nothing_heavy_and_lists_the_groups(tmp_path):
     report, output = probe(["--help"], tmp_path)
     assert report == {"code": 0, "heavy": []}, output
-    from sweepbp.cli import available_options
+    from sweepbp.cli.main import available_options
 
     assert "memory: " + ", ".join(available_options("memory")) in output
     assert "hydra/launcher: basic" in output
@@ -68,7 +68,7 @@ def test_config_error_imports_nothing_heavy(tmp_path, args):
 def test_job_runs_in_a_fresh_process_with_the_current_environment(monkeypatch):
     """The fork server starts before the job's environment is final (Hydra sets hydra.job.env_set per job,
     tests set variables): the job must still see the environment of the moment it was launched."""
-    from sweepbp.worker import run_isolated, start_method, start_workers
+    from sweepbp.sweep.worker import run_isolated, start_method, start_workers
 
     run = compose([*FAST, "tracking=none"])
     start_workers(run.cfg.model.arch)
@@ -87,7 +87,7 @@ def test_llama3_8b_is_built_in_bf16_without_an_fp32_detour():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from sweepbp.model import build_model
+    from sweepbp.train.model import build_model
 
     class Created(TorchDispatchMode):
         def __init__(self):
@@ -117,8 +117,8 @@ def test_worker_warm_up_stays_on_the_meta_device():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from sweepbp.warmup import warm
-    from sweepbp.worker import preload_modules
+    from sweepbp.train.warmup import warm
+    from sweepbp.sweep.worker import preload_modules
 
     for name in preload_modules("llama")[:-1]:  # what the fork server imports before warming up
         __import__(name)

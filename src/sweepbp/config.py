@@ -342,7 +342,7 @@ def config_as_dict(cfg: SweepbpConfig) -> dict[str, Any]:
 
 def _redacted(cfg: SweepbpConfig) -> DictConfig:
     """The config as an OmegaConf node with tracking.uri redacted: what is written or logged, never used."""
-    from sweepbp.uris import redact
+    from sweepbp.tracking.uris import redact
 
     node = OmegaConf.structured(cfg)
     if node.tracking.uri:

@@ -26,7 +26,7 @@ class Interrupted(BaseException):
 
 def pick_device(accelerator: str) -> torch.device:
     """The job's device: the GPU of this rank (LOCAL_RANK, 0 for a single-device job) when there is one."""
-    from sweepbp.distributed import local_rank
+    from sweepbp.sweep.ranks import local_rank
 
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank())
@@ -42,7 +42,7 @@ def run_job(run: RunConfig, progress=None) -> JobResult:
     try:
         _quiet_libraries()
         if cfg.mode == "predict":
-            from sweepbp.predict import predict_job
+            from sweepbp.predict.trace import predict_job
 
             result.environment.update(device_environment(torch.device("cpu"), cfg.trainer.seed))
             predict_job(run, result)
@@ -56,7 +56,7 @@ def run_job(run: RunConfig, progress=None) -> JobResult:
     except (Interrupted, KeyboardInterrupt):
         result.status, result.error = "killed", "interrupted (Ctrl-C or SIGTERM)"
     except Exception as err:
-        from sweepbp.module import Diverged
+        from sweepbp.train.module import Diverged
 
         if isinstance(err, Diverged):
             result.status, result.error = "diverged", _one_line(err)
@@ -71,14 +71,14 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from sweepbp.data import TokenBatches
-    from sweepbp.distributed import data_seed, process_group_record, trainer_arguments
-    from sweepbp.lora import apply_lora
+    from sweepbp.train.data import TokenBatches
+    from sweepbp.sweep.ranks import data_seed, process_group_record, trainer_arguments
+    from sweepbp.train.lora import apply_lora
     from sweepbp.memory import apply_memory_strategy, assert_training_mode
-    from sweepbp.autobatch import resolve_batch_size
-    from sweepbp.model import build_model
-    from sweepbp.module import LoraFinetune
-    from sweepbp.predict import add_prediction
+    from sweepbp.predict.autobatch import resolve_batch_size
+    from sweepbp.train.model import build_model
+    from sweepbp.train.module import LoraFinetune
+    from sweepbp.predict.trace import add_prediction
 
     run = resolve_batch_size(run, device.type, result.metrics)  # batch.size=auto
     cfg = run.cfg
@@ -115,8 +115,8 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
 
 def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
     """Whatever was measured so far goes into the result, also when the fit stopped early."""
-    from sweepbp.measure import TimingSummary, rss_peak_bytes
-    from sweepbp.predict import prediction_errors
+    from sweepbp.measure.tracker import TimingSummary, rss_peak_bytes
+    from sweepbp.predict.trace import prediction_errors
 
     if module.trace is not None:
         result.metrics.update(module.trace.metrics())
@@ -145,8 +145,8 @@ def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
 
 def measure_inference(model: torch.nn.Module, batch: dict, device: torch.device, budget: int | None) -> dict[str, float]:
     """Peak of a forward pass without gradients on the same batch: weights + adapter + transients."""
-    from sweepbp.measure import MemoryTracker, device_allocated, reset_device_peaks
-    from sweepbp.module import register_state
+    from sweepbp.measure.tracker import MemoryTracker, device_allocated, reset_device_peaks
+    from sweepbp.train.module import register_state
 
     batch = {k: v.to(device) for k, v in batch.items()}
     tracker = MemoryTracker(device.type, budget)
@@ -163,7 +163,7 @@ def measure_inference(model: torch.nn.Module, batch: dict, device: torch.device,
 
 
 def parameter_counts(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
-    from sweepbp.flops import lora_flops_per_token
+    from sweepbp.train.flops import lora_flops_per_token
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     embedding = model.get_input_embeddings().weight.numel()
@@ -174,7 +174,7 @@ def parameter_counts(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
 
 
 def _add_mfu(result: JobResult, device: torch.device) -> None:
-    from sweepbp.flops import peak_flops
+    from sweepbp.train.flops import peak_flops
 
     if device.type != "cuda":
         return

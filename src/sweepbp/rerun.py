@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from sweepbp.config import SCHEMAS, SweepbpConfig, register_schemas, to_run_config
-from sweepbp.signals import stop_on_signals, stopped_exit_code
+from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
 
 
 def typed_config(text: str) -> DictConfig:
@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     """Rerun one recorded run; exit 0 when it finished ok."""
     args = parse_args(argv)
     from sweepbp.config import ConfigError
-    from sweepbp.runner import JobContext, record_job
-    from sweepbp.tracking import StoreError, recorded_run
-    from sweepbp.uris import redact, resolve_uri
+    from sweepbp.sweep.task import JobContext, record_job
+    from sweepbp.tracking.mlflow_store import StoreError, recorded_run
+    from sweepbp.tracking.uris import redact, resolve_uri
 
     uri = resolve_uri(args.tracking_uri)
     try:

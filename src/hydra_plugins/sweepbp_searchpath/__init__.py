@@ -2,7 +2,7 @@
 
 A user puts `conf/model/my_model.yaml` next to where they run `python -m sweepbp` and selects it with
 `model=my_model`, without touching the installed package. When the application is sweepbp, it also stores
-sweepbp's launcher presets (sweepbp.launchers) before Hydra composes anything.
+sweepbp's launcher presets (sweepbp.cli.launchers) before Hydra composes anything.
 """
 
 
@@ -12,12 +12,12 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 class SweepbpUserConfig(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        from sweepbp.cli import config_dir, user_config_dir
+        from sweepbp.cli.main import config_dir, user_config_dir
 
         shipped = str(config_dir())
         if not any(shipped in str(element.path) for element in search_path.get_path()):
             return  # another Hydra application: leave it alone
-        from sweepbp.launchers import register_launcher_presets, register_resolver
+        from sweepbp.cli.launchers import register_launcher_presets, register_resolver
 
         register_resolver()
         register_launcher_presets()

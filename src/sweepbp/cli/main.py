@@ -17,9 +17,9 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from sweepbp.config import GROUPS, ConfigError, RunConfig, register_schemas, to_run_config
-from sweepbp.redaction import install_log_redaction
-from sweepbp.signals import stop_on_signals, stopped_exit_code
-from sweepbp.uris import redact, unreachable_reason
+from sweepbp.tracking.redaction import install_log_redaction
+from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
+from sweepbp.tracking.uris import redact, unreachable_reason
 
 # OmegaConf's type errors: "Value 'abc' of type 'str' could not be converted to Integer", "... is not a valid bool"
 CONVERSION = re.compile(r"Value '(.*)' (?:of type '.*' could not be converted to (\w+)|is not a valid (bool))")
@@ -30,10 +30,11 @@ MAX_PRECHECKED_JOBS = 512
 
 def config_dir() -> Path:
     """The shipped conf/: inside the installed package, or at the root of a source checkout."""
-    packaged = Path(__file__).resolve().parent / "conf"
+    package = Path(__file__).resolve().parents[1]  # src/sweepbp
+    packaged = package / "conf"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parents[2] / "conf"
+    return package.parents[1] / "conf"
 
 
 def user_config_dir() -> Path | None:
@@ -59,7 +60,7 @@ def _main(args: list[str]) -> None:
     if _wants_help(args):
         from hydra._internal.utils import get_args_parser
 
-        from sweepbp.usage import help_text
+        from sweepbp.cli.usage import help_text
 
         print(help_text(get_args_parser().parse_args(args).overrides))
         return
@@ -77,7 +78,7 @@ def _main(args: list[str]) -> None:
     sys.argv = [sys.argv[0], *args]
     import hydra
 
-    from sweepbp.runner import run_task
+    from sweepbp.sweep.task import run_task
 
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(run_task)()
 
@@ -130,7 +131,7 @@ def _start_workers_early(run: RunConfig, overrides: list[str]) -> None:
     launcher = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "hydra/launcher"]
     if launcher and launcher[-1] != "basic":
         return  # the jobs run in other processes, which start their own worker
-    from sweepbp.worker import start_workers
+    from sweepbp.sweep.worker import start_workers
 
     start_workers(run.cfg.model.arch)
     _started_workers = True
@@ -138,7 +139,7 @@ def _start_workers_early(run: RunConfig, overrides: list[str]) -> None:
 
 def _stop_workers_if_started() -> None:
     if _started_workers:
-        from sweepbp.worker import stop_workers
+        from sweepbp.sweep.worker import stop_workers
 
         stop_workers()
 
@@ -253,14 +254,14 @@ def _hydra_message(err: Exception, overrides: list[str]) -> str:
 
 def _options(group: str) -> list[str]:
     if group == "hydra/launcher":
-        from sweepbp.launchers import launcher_options
+        from sweepbp.cli.launchers import launcher_options
 
         return launcher_options(available_options(group))
     return available_options(group)
 
 
 def _install_hint(option: str) -> str:
-    from sweepbp.launchers import PRESETS
+    from sweepbp.cli.launchers import PRESETS
 
     return " (install the launcher plugins: pip install -e \".[launchers]\")" if option in PRESETS else ""
 

@@ -21,10 +21,10 @@ from mlflow.tracking import MlflowClient
 
 from sweepbp.config import RunConfig, TrackingConfig, leaf_params
 from sweepbp.result import JobResult
-from sweepbp.uris import redact, resolve_uri, sqlite_path
+from sweepbp.tracking.uris import redact, resolve_uri, sqlite_path
 
 if TYPE_CHECKING:
-    from sweepbp.summary import Record
+    from sweepbp.report.summary import Record
 
 T = TypeVar("T")
 RUN_STATUS = {"ok": "FINISHED", "oom": "FINISHED", "diverged": "FINISHED", "skipped": "FINISHED",
@@ -231,7 +231,7 @@ def _experiment_ids(client: MlflowClient, name: str | None) -> list[str]:
 
 def _record_of(client: MlflowClient, run) -> Record:
     from sweepbp.config import GROUPS
-    from sweepbp.summary import Record
+    from sweepbp.report.summary import Record
 
     tags = run.data.tags
     job = tags.get(TAG_JOB, run.info.run_id)

@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sweepbp.redaction import scrub_files
+from sweepbp.tracking.redaction import scrub_files
 
 ERRORS = ("failed", "killed")  # statuses that make a sweep exit non-zero
 
@@ -86,8 +86,8 @@ def write_sweep_report(sweep_dir: Path, tracking=None) -> list:
     """The sweep's report into its folder and its parent MLflow run; a problem here never hides the
     jobs' results, so it is printed, not raised. Returns the records of jobs that ran elsewhere (in the
     store, not in the folder), which count towards the sweep's outcome."""
-    from sweepbp.report import report_sweep_folder
-    from sweepbp.runner import sweep_id_of
+    from sweepbp.report.tables import report_sweep_folder
+    from sweepbp.sweep.task import sweep_id_of
 
     try:
         return report_sweep_folder(sweep_dir, sweep_id_of(sweep_dir.resolve()), tracking)

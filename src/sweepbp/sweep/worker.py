@@ -29,15 +29,15 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 from sweepbp.config import RunConfig
-from sweepbp.distributed import free_port, local_rank, merge_ranks, rank_environment, setup_rank, world_size
+from sweepbp.sweep.ranks import free_port, local_rank, merge_ranks, rank_environment, setup_rank, world_size
 from sweepbp.result import JobResult
-from sweepbp.signals import STOP_SIGNALS, Stopped, die_with_parent, ignore_signals, raise_once, stopping
+from sweepbp.sweep.signals import STOP_SIGNALS, Stopped, die_with_parent, ignore_signals, raise_once, stopping
 
 GRACE_S = 60.0  # how long an interrupted child may take to hand back its partial result
 
 
-PRELOAD = ("torch", "lightning", "transformers", "peft", "sweepbp.job", "sweepbp.lora", "sweepbp.memory",
-           "sweepbp.model", "sweepbp.module", "sweepbp.measure", "sweepbp.predict", "sweepbp.data", "sweepbp.flops", "sweepbp.progress",
+PRELOAD = ("torch", "lightning", "transformers", "peft", "sweepbp.job", "sweepbp.train.lora", "sweepbp.memory",
+           "sweepbp.train.model", "sweepbp.train.module", "sweepbp.measure.tracker", "sweepbp.predict.trace", "sweepbp.train.data", "sweepbp.train.flops", "sweepbp.sweep.progress",
            "peft.utils.transformers_weight_conversion")
 
 
@@ -52,8 +52,8 @@ def start_method() -> str:
 
 def preload_modules(arch: str) -> list[str]:
     """What a job needs imported before it is forked: the libraries, the model family's modeling code,
-    and last sweepbp.warmup, whose import warms them up on the meta device (see warmup.py)."""
-    return [*PRELOAD, f"transformers.models.{arch}.modeling_{arch}", "sweepbp.warmup"]
+    and last sweepbp.train.warmup, whose import warms them up on the meta device (see warmup.py)."""
+    return [*PRELOAD, f"transformers.models.{arch}.modeling_{arch}", "sweepbp.train.warmup"]
 
 
 def start_workers(arch: str) -> None:
@@ -69,11 +69,11 @@ def start_workers(arch: str) -> None:
         return
     from multiprocessing import forkserver
 
-    from sweepbp.warmup import ARCH_VARIABLE
+    from sweepbp.train.warmup import ARCH_VARIABLE
 
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(preload_modules(arch))
-    os.environ[ARCH_VARIABLE] = arch  # read by the fork server's import of sweepbp.warmup
+    os.environ[ARCH_VARIABLE] = arch  # read by the fork server's import of sweepbp.train.warmup
     try:
         forkserver.ensure_running()
     finally:
@@ -105,7 +105,7 @@ def preload(arch: str) -> None:
             importlib.import_module(name)
         except ImportError:  # an arch without its own modeling module: imported lazily by the job
             pass
-    from sweepbp.warmup import warm
+    from sweepbp.train.warmup import warm
 
     try:
         warm(arch)
@@ -232,7 +232,7 @@ def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> 
     if "LOCAL_RANK" in environ:
         setup_rank()
     from sweepbp.job import Interrupted, run_job
-    from sweepbp.progress import ProgressLine
+    from sweepbp.sweep.progress import ProgressLine
 
     die_with_parent(os.getppid())  # the fork server (or the sweep process), which ends with the sweep
     interrupt = raise_once(Interrupted)

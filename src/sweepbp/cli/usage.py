@@ -22,9 +22,9 @@ FLAGS = """\
 
 def help_text(overrides: list[str]) -> str:
     """The help page: usage, flags, every group's options, and the config the overrides compose to."""
-    from sweepbp.cli import available_options, check_job_config
+    from sweepbp.cli.main import available_options, check_job_config
     from sweepbp.config import GROUPS, config_yaml
-    from sweepbp.launchers import launcher_options
+    from sweepbp.cli.launchers import launcher_options
 
     problems, run = check_job_config(overrides)  # also lets Hydra find its launcher plugins
     lines = [f"  {group}: {', '.join(available_options(group))}" for group in GROUPS]

@@ -64,7 +64,7 @@ def config_hash(run: RunConfig) -> str:
 
 def run_task(cfg: DictConfig) -> str:
     """Hydra's task function: one job. Returns its status."""
-    from sweepbp.redaction import install_log_redaction
+    from sweepbp.tracking.redaction import install_log_redaction
 
     install_log_redaction()  # again: a joblib worker process never ran the command line's main()
     context = job_context()
@@ -88,8 +88,8 @@ def record_job(run: RunConfig, context: JobContext) -> JobResult:
     A stop (Ctrl-C, SIGTERM) during the job records it as `killed` with what it measured, closes the sweep's
     parent run as KILLED and re-raises `Stopped`; a stop while a finished job is recorded waits for the record.
     """
-    from sweepbp.signals import Stopped, held, ignore_signals
-    from sweepbp.worker import JobInterrupted, run_isolated
+    from sweepbp.sweep.signals import Stopped, held, ignore_signals
+    from sweepbp.sweep.worker import JobInterrupted, run_isolated
 
     recorder = _recorder(run)
     digest = config_hash(run)
@@ -133,7 +133,7 @@ def _start_run(run: RunConfig, context: JobContext, recorder, digest: str) -> st
 
 
 def _finish(run, context, recorder, run_id, result: JobResult) -> None:
-    from sweepbp.redaction import redact_result
+    from sweepbp.tracking.redaction import redact_result
 
     redact_result(result)
     if run_id is not None:
@@ -159,7 +159,7 @@ def _job_charts(folder: Path, run: RunConfig, result: JobResult) -> list[Path]:
     if not result.timeline:
         return []
     try:
-        from sweepbp.charts import memory_timeline_chart
+        from sweepbp.report.charts import memory_timeline_chart
 
         path = memory_timeline_chart(result.timeline, folder / "memory_timeline.png", _run_name(run))
     except Exception as err:  # noqa: BLE001 (a picture must never cost a job its record)
@@ -185,8 +185,8 @@ def _recorder(run: RunConfig):
     """One Recorder per store and experiment in this process: the jobs of a sweep share its connection."""
     if run.cfg.tracking.name != "mlflow":
         return None
-    from sweepbp.tracking import Recorder
-    from sweepbp.uris import resolve_uri
+    from sweepbp.tracking.mlflow_store import Recorder
+    from sweepbp.tracking.uris import resolve_uri
 
     key = (resolve_uri(run.cfg.tracking.uri), run.cfg.tracking.experiment)
     if key not in _recorders:

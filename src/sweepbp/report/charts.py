@@ -10,8 +10,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from sweepbp.report import describe, fmt_bytes, metric_label
-from sweepbp.summary import BASELINE, GB, Summary, label, on_chart, plotted
+from sweepbp.report.tables import describe, fmt_bytes, metric_label
+from sweepbp.report.summary import BASELINE, GB, Summary, label, on_chart, plotted
 
 DPI = 110
 # Categories of the memory tracker, bottom to top of the stack, with what they hold.

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from sweepbp.summary import GB, STRATEGY, Record, Summary, fastest_within, label, on_chart, plotted, summarize
+from sweepbp.report.summary import GB, STRATEGY, Record, Summary, fastest_within, label, on_chart, plotted, summarize
 
 FILES = ("summary.csv", "summary.md", "tradeoff.png")
 TABLE_METRICS = ("tokens_per_s", "peak_memory_bytes", "activation_bytes", "step_time_s", "fwd_time_s", "bwd_time_s")
@@ -36,7 +36,7 @@ def folder_records(sweep_dir: Path) -> list[Record]:
 # -- writing ------------------------------------------------------------------------------------------
 def write_report(summary: Summary, out_dir: Path) -> list[Path]:
     """Write summary.csv, summary.md and tradeoff.png into `out_dir`; returns their paths."""
-    from sweepbp.charts import tradeoff_chart
+    from sweepbp.report.charts import tradeoff_chart
 
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = (out_dir / name for name in FILES)
@@ -204,7 +204,7 @@ def report_sweep_folder(sweep_dir: Path, sweep_id: str, tracking=None) -> list[R
     print(f"\n{table(summary)}\n\n" + "\n".join(answers(summary)) + f"\n\n[sweepbp] report: {sweep_dir}/summary.md",
           flush=True)
     if tracking is not None:
-        from sweepbp.tracking import Recorder
+        from sweepbp.tracking.mlflow_store import Recorder
 
         recorder = Recorder(tracking)
         parent = recorder.sweep_parent(sweep_id, sweep_dir.resolve(), "sweepbp sweep")
@@ -216,8 +216,8 @@ def _store_only_records(tracking, sweep_id: str, have: list[Record]) -> list[Rec
     """Runs of the sweep that the tracking store holds but the sweep folder does not (matched by MLflow
     run id). Nothing is downloaded for the runs the folder has. A store that cannot be read leaves the
     folder's report as it is, with a warning."""
-    from sweepbp.tracking import StoreError, sweep_records
-    from sweepbp.uris import redact, resolve_uri, unreachable_reason
+    from sweepbp.tracking.mlflow_store import StoreError, sweep_records
+    from sweepbp.tracking.uris import redact, resolve_uri, unreachable_reason
 
     reason = unreachable_reason(tracking.uri)  # seconds at most, where MLflow's own retries take minutes
     if not reason:
@@ -262,9 +262,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """`python -m sweepbp.report`: rebuild the report of one sweep from its MLflow runs."""
     args = parse_args(argv)
-    from sweepbp.runner import sweep_id_of
-    from sweepbp.tracking import StoreError, sweep_records
-    from sweepbp.uris import redact, resolve_uri
+    from sweepbp.sweep.task import sweep_id_of
+    from sweepbp.tracking.mlflow_store import StoreError, sweep_records
+    from sweepbp.tracking.uris import redact, resolve_uri
 
     sweep_id = args.sweep_id or (sweep_id_of(args.sweep_dir.resolve()) if args.sweep_dir else None)
     uri = resolve_uri(args.tracking_uri)

@@ -19,9 +19,9 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from sweepbp.config import CkptOffloadMemoryConfig, MemoryConfig, OffloadMemoryConfig, SelectiveMemoryConfig
-from sweepbp.measure import layer_scope
-from sweepbp.offload import HostOffload
-from sweepbp.selective import selective_policy
+from sweepbp.measure.tracker import layer_scope
+from sweepbp.memory.offload import HostOffload
+from sweepbp.memory.selective import selective_policy
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import lightning as L
 import torch
 
-from sweepbp.measure import (GRAD, OPTIMIZER, OTHER, PARAM, TRAINABLE, MemoryReport, MemoryTracker, StepTimer,
+from sweepbp.measure.tracker import (GRAD, OPTIMIZER, OTHER, PARAM, TRAINABLE, MemoryReport, MemoryTracker, StepTimer,
                              active_tracker, device_peaks, reset_device_peaks, tensors_of)
 from sweepbp.memory import AppliedMemory
 

@@ -71,7 +71,7 @@ class BatchSearch:
 
     def peak(self, size: int) -> int:
         if size not in self.peaks:
-            from sweepbp.predict import predict
+            from sweepbp.predict.trace import predict
 
             self.peaks[size] = predict(self.run.cfg, self.device, batch_size=size).peak_bytes
         return self.peaks[size]

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from sweepbp.result import JobResult
-from sweepbp.uris import redact
+from sweepbp.tracking.uris import redact
 
 # scheme://... up to whitespace, a quote or a closing bracket: wide enough for URIs inside log lines,
 # override lists (`['tracking.uri=http://u:p@h']`) and YAML values.

@@ -29,7 +29,7 @@ from unittest import mock
 import torch
 
 from sweepbp.config import RunConfig, SweepbpConfig
-from sweepbp.measure import MemoryReport, MemoryTracker
+from sweepbp.measure.tracker import MemoryReport, MemoryTracker
 from sweepbp.result import JobResult
 
 PREFIX = "predicted_"
@@ -82,11 +82,11 @@ def target_device(accelerator: str) -> str:
 def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep_timeline: bool = False) -> Prediction:
     """Trace one steady-state training step of `cfg` without data, for a `device` (cpu or cuda) target."""
     from sweepbp.job import parameter_counts
-    from sweepbp.lora import apply_lora
+    from sweepbp.train.lora import apply_lora
     from sweepbp.memory import apply_memory_strategy, assert_training_mode
-    from sweepbp.model import build_model
-    from sweepbp.module import counting_gradients, make_optimizer, step_tracker, train_step
-    from sweepbp.target import MetaTracker, precision_plugin, target_kernels
+    from sweepbp.train.model import build_model
+    from sweepbp.train.module import counting_gradients, make_optimizer, step_tracker, train_step
+    from sweepbp.predict.target import MetaTracker, precision_plugin, target_kernels
 
     size = int(batch_size if batch_size is not None else cfg.batch.size)
     start = time.perf_counter()
@@ -169,7 +169,7 @@ def _foreach(device: str, modelled: list[str]) -> bool | None:
 def _inference_peak(model: torch.nn.Module, batch: dict[str, torch.Tensor], counted: tuple[str, ...],
                     kind: type[MemoryTracker]) -> int:
     """`job.measure_inference` without data: the same registration and tracker, no budget."""
-    from sweepbp.module import step_tracker
+    from sweepbp.train.module import step_tracker
 
     tracker = step_tracker(model, None, batch, counted, None, False, kind)
     with torch.no_grad(), tracker, tracker.phase_of("inference"):
@@ -207,7 +207,7 @@ def unpadded_sequences() -> Iterator[None]:
 def predict_job(run: RunConfig, result: JobResult) -> None:
     """mode=predict: the job's record is its prediction. Over `budget_gb` it is an `oom` result (with
     every predicted figure kept), as the real job would be."""
-    from sweepbp.autobatch import resolve_batch_size
+    from sweepbp.predict.autobatch import resolve_batch_size
 
     device = target_device(run.cfg.trainer.accelerator)
     result.environment["predicted_device"] = device
@@ -254,8 +254,8 @@ def prediction_errors(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _record(cfg: SweepbpConfig, prediction: Prediction, result: JobResult) -> None:
-    from sweepbp.estimate import estimate
-    from sweepbp.model import hf_config
+    from sweepbp.predict.estimate import estimate
+    from sweepbp.train.model import hf_config
 
     result.metrics.update(prediction.metrics())
     formula = estimate(cfg, hf_config(cfg.model), prediction.batch_size)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sweepbp.measure import host_scope, layer_scope
+from sweepbp.measure.tracker import host_scope, layer_scope
 
 
 @dataclass

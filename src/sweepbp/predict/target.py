@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 import torch
 
-from sweepbp.measure import MemoryTracker
+from sweepbp.measure.tracker import MemoryTracker
 
 HALF = (torch.float16, torch.bfloat16)
 

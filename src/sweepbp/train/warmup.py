@@ -27,9 +27,9 @@ def warm(arch: str) -> None:
 
     from sweepbp.config import LoraConfig, ModelConfig
     from sweepbp.job import _quiet_libraries
-    from sweepbp.lora import apply_lora
+    from sweepbp.train.lora import apply_lora
     from sweepbp.memory import checkpoint_layers
-    from sweepbp.model import build_model
+    from sweepbp.train.model import build_model
 
     _quiet_libraries()
     meta = torch.device("meta")

@@ -1,0 +1,3 @@
+from sweepbp.report.tables import main
+
+raise SystemExit(main())
