@@ -28,7 +28,7 @@ DEFAULT = ["tracking=none", "trainer.steps=24", "trainer.warmup_steps=2"]
 
 
 def compose(overrides: list[str]):
-    from sweepbp.cli.main import check_job_config
+    from sweepbp.cli.precheck import check_job_config
     from sweepbp.config import register_schemas
 
     register_schemas()

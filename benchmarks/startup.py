@@ -110,7 +110,7 @@ def tracking_cost(records: list[dict], folder: Path) -> dict[str, float]:
 
 def _run_config(record: dict):
     """The typed config of one of the sweep's jobs, composed again from its choices."""
-    from sweepbp.cli.main import check_job_config
+    from sweepbp.cli.precheck import check_job_config
     from sweepbp.config import register_schemas
 
     register_schemas()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose, run_cli
-from sweepbp.cli.main import available_options, config_dir, expand, precheck
+from sweepbp.cli.precheck import available_options, config_dir, expand, precheck
 from sweepbp.config import GROUPS, ConfigError, leaf_params
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from conftest import REPO
-from sweepbp.cli.main import available_options
+from sweepbp.cli.precheck import available_options
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from gpu_ground_truth import DEFAULT_MEMORY  # noqa: E402

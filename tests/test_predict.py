@@ -7,7 +7,7 @@ import pytest
 
 from conftest import FAST, compose
 from sweepbp.predict.autobatch import BatchSearch, largest_fitting
-from sweepbp.cli.main import available_options
+from sweepbp.cli.precheck import available_options
 from sweepbp.job import run_job
 from sweepbp.predict.trace import predict
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, http_get, run_cli
-from sweepbp.report.tables import csv_text, folder_records, write_report
+from sweepbp.report.files import folder_records, write_report
+from sweepbp.report.tables import csv_text
 from sweepbp.report.summary import Record, fastest_within, summarize, swept_keys
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -114,7 +115,7 @@ def test_sweep_with_failed_jobs_writes_summary_and_chart(sweep):
 
 @pytest.mark.slow
 def test_report_rebuilds_identical_summary_from_the_store_alone(sweep, server, tmp_path, capsys):
-    from sweepbp.report.tables import main
+    from sweepbp.report.command import main
 
     _, sweep_dir = sweep
     out = tmp_path / "rebuilt"
@@ -170,10 +171,10 @@ def test_rerun_reproduces_the_loss_curve_from_the_store(sweep, server, tmp_path)
 
 def test_store_uri_is_printed_as_given():
     """The report names its store: redacting credentials must not mangle an absolute SQLite path."""
-    from sweepbp.tracking.uris import redact
+    from sweepbp.config import redact_uri
 
-    assert redact("sqlite:////tmp/sweep/mlflow.db") == "sqlite:////tmp/sweep/mlflow.db"
-    assert redact("http://user:secret@host:5000") == "http://***@host:5000"
+    assert redact_uri("sqlite:////tmp/sweep/mlflow.db") == "sqlite:////tmp/sweep/mlflow.db"
+    assert redact_uri("http://user:secret@host:5000") == "http://***@host:5000"
 
 
 @pytest.mark.slow
@@ -183,8 +184,8 @@ def test_sweep_end_summary_has_jobs_that_ran_where_the_folder_is_not_shared(swee
     import shutil
 
     from sweepbp.config import TrackingConfig
-    from sweepbp.report.tables import report_sweep_folder
-    from sweepbp.sweep.task import sweep_id_of
+    from sweepbp.report.files import report_sweep_folder
+    from sweepbp.result import sweep_id_of
 
     _, sweep_dir = sweep
     here = tmp_path / "node-a"
@@ -200,7 +201,7 @@ def test_sweep_end_summary_has_jobs_that_ran_where_the_folder_is_not_shared(swee
 def test_an_unreachable_store_at_the_sweeps_end_keeps_the_folders_report(capsys):
     """Adding jobs run elsewhere must not cost the folder's report, nor minutes of HTTP retries."""
     from sweepbp.config import TrackingConfig
-    from sweepbp.report.tables import _store_only_records
+    from sweepbp.report.files import _store_only_records
 
     down = TrackingConfig(name="mlflow", uri="http://127.0.0.1:9", experiment=EXPERIMENT)
     assert _store_only_records(down, "any-sweep", []) == []

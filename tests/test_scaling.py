@@ -17,7 +17,7 @@ def _with_hydra(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from sweepbp.cli.main import config_dir
+    from sweepbp.cli.precheck import config_dir
     from sweepbp.config import register_schemas
 
     register_schemas()

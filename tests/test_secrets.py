@@ -18,7 +18,7 @@ from sweepbp.config import TrackingConfig, config_as_dict, config_yaml, leaf_par
 from sweepbp.tracking.redaction import install_log_redaction, redact_text
 from sweepbp.result import JobResult, host_environment
 from sweepbp.sweep.task import JobContext, _finish
-from sweepbp.tracking.uris import redact
+from sweepbp.config import redact_uri
 
 SECRET_URI = "http://alice:s3cret@mlflow.example:5000/?token=t0k3n&experiment=7"
 LEAKS = ("s3cret", "t0k3n")
@@ -32,7 +32,7 @@ LEAKS = ("s3cret", "t0k3n")
     ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
 ])
 def test_redact_hides_credentials_and_keeps_the_rest(uri, shown):
-    assert redact(uri) == shown
+    assert redact_uri(uri) == shown
 
 
 def test_uris_inside_text_are_redacted():

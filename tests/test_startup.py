@@ -43,7 +43,7 @@ def probe(args: list[str], cwd) -> tuple[dict, str]:
 def test_help_imports_nothing_heavy_and_lists_the_groups(tmp_path):
     report, output = probe(["--help"], tmp_path)
     assert report == {"code": 0, "heavy": []}, output
-    from sweepbp.cli.main import available_options
+    from sweepbp.cli.precheck import available_options
 
     assert "memory: " + ", ".join(available_options("memory")) in output
     assert "hydra/launcher: basic" in output

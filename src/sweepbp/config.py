@@ -9,9 +9,11 @@ without importing torch, transformers or mlflow, so bad input fails in well unde
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -169,6 +171,11 @@ class SweepbpConfig:
     mode: str = "measure"  # measure: run it; predict: trace it on fake tensors
     budget_gb: Optional[float] = None  # emulate a device with this much memory (GB = 1e9 bytes)
     resume: bool = False  # skip jobs whose exact config already finished ok or oom in the store
+
+    @property
+    def world_size(self) -> int:
+        """Processes of one job: trainer.devices for ddp and fsdp, else 1."""
+        return self.trainer.devices if self.strategy.name in ("ddp", "fsdp") else 1
 
 
 @dataclass
@@ -342,11 +349,9 @@ def config_as_dict(cfg: SweepbpConfig) -> dict[str, Any]:
 
 def _redacted(cfg: SweepbpConfig) -> DictConfig:
     """The config as an OmegaConf node with tracking.uri redacted: what is written or logged, never used."""
-    from sweepbp.tracking.uris import redact
-
     node = OmegaConf.structured(cfg)
     if node.tracking.uri:
-        node.tracking.uri = redact(node.tracking.uri)
+        node.tracking.uri = redact_uri(node.tracking.uri)
     return node
 
 
@@ -373,3 +378,20 @@ def dotted_leaves(container: dict[str, Any]) -> dict[str, str]:
 def config_yaml(cfg: SweepbpConfig) -> str:
     """The resolved config as YAML, the artifact a rerun composes from (credentials redacted)."""
     return OmegaConf.to_yaml(_redacted(cfg))
+
+
+def redact_uri(uri: str) -> str:
+    """Hide user:password@ and token-like query values wherever a URI is printed or logged.
+
+    Edits the text in place rather than re-assembling the URI: urlunsplit would turn
+    sqlite:////abs/path into sqlite://abs/path.
+    """
+    parts = urlsplit(uri)
+    shown = uri
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rsplit("@", 1)[0]
+        shown = shown.replace(userinfo + "@", "***@", 1)
+    if parts.query:
+        query = re.sub(r"(?i)((?:token|password|secret|key)[^=&]*=)[^&]*", r"\1***", parts.query)
+        shown = shown.replace("?" + parts.query, "?" + query, 1)
+    return shown

@@ -1,20 +1,35 @@
-"""The recipe of one job: build -> adapt -> apply memory strategy -> fit -> measure -> result.
+"""The recipe of one job: predict -> build -> adapt -> apply memory strategy -> fit -> measure -> result.
 
-Runs inside the job's own process (see worker.py), so nothing it allocates outlives it.
+Runs inside the job's own process (sweepbp.sweep.worker forks it), so nothing it allocates outlives it.
+mode=predict takes the same path on tensors without data (sweepbp.predict) and records the prediction.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import traceback
-import warnings
 from dataclasses import asdict
 
+import lightning as L
 import torch
+from torch.utils.data import DataLoader
 
-from sweepbp.config import RunConfig, config_as_dict
+from sweepbp.config import RunConfig, SweepbpConfig, config_as_dict
+from sweepbp.measure.device import (cap_device_memory, device_allocated, inference_allocator_figures,
+                                    reset_device_peaks, rss_peak_bytes)
+from sweepbp.measure.timing import TimingSummary
+from sweepbp.memory import apply_memory_strategy, assert_training_mode
+from sweepbp.predict.autobatch import resolve_batch_size
+from sweepbp.predict.estimate import estimate
+from sweepbp.predict.trace import PREFIX, Prediction, predict, target_device
 from sweepbp.result import JobResult, host_environment
+from sweepbp.train.data import TokenBatches
+from sweepbp.train.distributed import data_seed, process_group_record, trainer_arguments
+from sweepbp.train.environment import device_environment, pick_device, quiet_libraries
+from sweepbp.train.flops import peak_flops
+from sweepbp.train.lora import apply_lora
+from sweepbp.train.model import build_model, hf_config, parameter_counts
+from sweepbp.train.module import Diverged, LoraFinetune, inference_peak
 
 GB = 1e9
 
@@ -24,15 +39,6 @@ class Interrupted(BaseException):
     Lightning re-raises it instead of turning it into sys.exit(1))."""
 
 
-def pick_device(accelerator: str) -> torch.device:
-    """The job's device: the GPU of this rank (LOCAL_RANK, 0 for a single-device job) when there is one."""
-    from sweepbp.sweep.ranks import local_rank
-
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank())
-    return torch.device("cpu")
-
-
 def run_job(run: RunConfig, progress=None) -> JobResult:
     """Run one job to a result; every expected failure becomes a status, never an exception."""
     cfg = run.cfg
@@ -40,10 +46,8 @@ def run_job(run: RunConfig, progress=None) -> JobResult:
                        environment=host_environment())
     start = time.perf_counter()
     try:
-        _quiet_libraries()
+        quiet_libraries()
         if cfg.mode == "predict":
-            from sweepbp.predict.trace import predict_job
-
             result.environment.update(device_environment(torch.device("cpu"), cfg.trainer.seed))
             predict_job(run, result)
         else:
@@ -56,8 +60,6 @@ def run_job(run: RunConfig, progress=None) -> JobResult:
     except (Interrupted, KeyboardInterrupt):
         result.status, result.error = "killed", "interrupted (Ctrl-C or SIGTERM)"
     except Exception as err:
-        from sweepbp.train.module import Diverged
-
         if isinstance(err, Diverged):
             result.status, result.error = "diverged", _one_line(err)
         else:
@@ -68,18 +70,6 @@ def run_job(run: RunConfig, progress=None) -> JobResult:
 
 
 def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, progress, start: float) -> None:
-    import lightning as L
-    from torch.utils.data import DataLoader
-
-    from sweepbp.train.data import TokenBatches
-    from sweepbp.sweep.ranks import data_seed, process_group_record, trainer_arguments
-    from sweepbp.train.lora import apply_lora
-    from sweepbp.memory import apply_memory_strategy, assert_training_mode
-    from sweepbp.predict.autobatch import resolve_batch_size
-    from sweepbp.train.model import build_model
-    from sweepbp.train.module import LoraFinetune
-    from sweepbp.predict.trace import add_prediction
-
     run = resolve_batch_size(run, device.type, result.metrics)  # batch.size=auto
     cfg = run.cfg
     add_prediction(cfg, device.type, result)  # before the real model exists: it costs no device memory
@@ -115,9 +105,6 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
 
 def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
     """Whatever was measured so far goes into the result, also when the fit stopped early."""
-    from sweepbp.measure.tracker import TimingSummary, rss_peak_bytes
-    from sweepbp.predict.trace import prediction_errors
-
     if module.trace is not None:
         result.metrics.update(module.trace.metrics())
         result.timeline = [asdict(s) for s in module.trace.timeline[:: max(1, len(module.trace.timeline) // 2000)]]
@@ -145,37 +132,15 @@ def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
 
 def measure_inference(model: torch.nn.Module, batch: dict, device: torch.device, budget: int | None) -> dict[str, float]:
     """Peak of a forward pass without gradients on the same batch: weights + adapter + transients."""
-    from sweepbp.measure.tracker import MemoryTracker, device_allocated, reset_device_peaks
-    from sweepbp.train.module import register_state
-
     batch = {k: v.to(device) for k, v in batch.items()}
-    tracker = MemoryTracker(device.type, budget)
-    register_state(tracker, model, None, batch)
     reset_device_peaks(device)
     before = device_allocated(device)
-    with torch.no_grad(), tracker, tracker.phase_of("inference"):
-        model(**batch)
-    figures = {"inference_peak_bytes": float(tracker.report().peak_bytes)}
-    if device.type == "cuda":
-        figures["inference_peak_allocated_bytes"] = float(torch.cuda.max_memory_allocated(device))
-        figures["inference_allocated_before_bytes"] = float(before)
+    figures = {"inference_peak_bytes": float(inference_peak(model, batch, device.type, budget))}
+    figures.update(inference_allocator_figures(device, before))
     return figures
 
 
-def parameter_counts(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
-    from sweepbp.train.flops import lora_flops_per_token
-
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    embedding = model.get_input_embeddings().weight.numel()
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    config = model.config
-    flops = lora_flops_per_token(frozen - embedding, trainable, config.num_hidden_layers, seq_len, config.hidden_size)
-    return {"trainable_params": float(trainable), "frozen_params": float(frozen), "flops_per_token": flops}
-
-
 def _add_mfu(result: JobResult, device: torch.device) -> None:
-    from sweepbp.train.flops import peak_flops
-
     if device.type != "cuda":
         return
     peak = peak_flops(result.environment.get("device_name", ""))
@@ -183,56 +148,62 @@ def _add_mfu(result: JobResult, device: torch.device) -> None:
         result.metrics["mfu"] = result.metrics["tokens_per_s"] * result.metrics["flops_per_token"] / peak
 
 
-def cap_device_memory(device: torch.device, budget: int) -> None:
-    """Emulate a smaller GPU: the caching allocator refuses to grow past the budget."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
-
-
-def device_environment(device: torch.device, seed: int) -> dict[str, str]:
-    import lightning
-    import peft
-    import transformers
-
-    env = {
-        "device": device.type,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "lightning": lightning.__version__,
-        "torch_threads": str(torch.get_num_threads()),
-        "seed": str(seed),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update({"device_name": props.name, "device_total_memory_bytes": str(props.total_memory),
-                    "cuda": str(torch.version.cuda), "driver": _driver_version()})
-    else:
-        env["device_name"] = "cpu"
-    return env
-
-
-def _driver_version() -> str:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return str(pynvml.nvmlSystemGetDriverVersion())
-    except Exception:
-        return "unknown"
-
-
-def _quiet_libraries() -> None:
-    import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: quieten after it)
-
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-
-
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def predict_job(run: RunConfig, result: JobResult) -> None:
+    """mode=predict: the job's record is its prediction. Over `budget_gb` it is an `oom` result (with
+    every predicted figure kept), as the real job would be."""
+    device = target_device(run.cfg.trainer.accelerator)
+    result.environment["predicted_device"] = device
+    run = resolve_batch_size(run, device, result.metrics)
+    prediction = predict(run.cfg, device, keep_timeline=True)
+    _record(run.cfg, prediction, result)
+    result.metrics.update(prediction.parameters)
+    result.metrics["checkpointed_layers"] = float(prediction.checkpointed_layers)
+    result.timeline = [asdict(s) for s in prediction.report.timeline[:: max(1, len(prediction.report.timeline) // 2000)]]
+    budget = int(run.cfg.budget_gb * GB) if run.cfg.budget_gb is not None else None
+    if not prediction.fits(budget):
+        raise torch.OutOfMemoryError(f"predicted peak {prediction.peak_bytes:,} bytes exceeds "
+                                     f"budget_gb={run.cfg.budget_gb:g} on {device}")
+
+
+def add_prediction(cfg: SweepbpConfig, device: str, result: JobResult) -> None:
+    """mode=measure: log the job's prediction beside its measurement. A prediction that fails is noted
+    in the environment and never fails the measured job."""
+    result.environment["predicted_device"] = device
+    try:
+        _record(cfg, predict(cfg, device), result)
+    except Exception as err:  # the measurement is what the job is for
+        result.environment["prediction_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def prediction_errors(metrics: dict[str, float]) -> dict[str, float]:
+    """Signed relative errors of the prediction, in percent: (predicted - measured) / measured * 100.
+
+    `predicted_error_pct` compares with the exact tracker's `peak_memory_bytes`; on CUDA
+    `predicted_allocator_error_pct` compares with `torch.cuda.max_memory_allocated` (`peak_allocated_bytes`).
+    """
+    predicted = metrics.get(f"{PREFIX}peak_memory_bytes")
+    errors: dict[str, float] = {}
+    if predicted is None:
+        return errors
+    for name, measured in (("predicted_error_pct", "peak_memory_bytes"),
+                           ("predicted_allocator_error_pct", "peak_allocated_bytes"),
+                           ("predicted_inference_error_pct", "inference_peak_bytes")):
+        truth = metrics.get(measured)
+        guess = predicted if measured != "inference_peak_bytes" else metrics.get(f"{PREFIX}inference_peak_bytes")
+        if truth and guess is not None:
+            errors[name] = 100.0 * (guess - truth) / truth
+    return errors
+
+
+def _record(cfg: SweepbpConfig, prediction: Prediction, result: JobResult) -> None:
+    result.metrics.update(prediction.metrics())
+    formula = estimate(cfg, hf_config(cfg.model), prediction.batch_size)
+    if formula is not None:
+        result.metrics.update(formula.metrics())
+    if prediction.modelled:
+        result.environment["predicted_kernels"] = "; ".join(prediction.modelled)

@@ -49,13 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     from sweepbp.config import ConfigError
     from sweepbp.sweep.task import JobContext, record_job
     from sweepbp.tracking.mlflow_store import StoreError, recorded_run
-    from sweepbp.tracking.uris import redact, resolve_uri
+    from sweepbp.config import redact_uri
+    from sweepbp.tracking.uris import resolve_uri
 
     uri = resolve_uri(args.tracking_uri)
     try:
         recorded = recorded_run(uri, args.run_id)
     except StoreError as err:
-        print(f"sweepbp.rerun: error: {err} (store {redact(uri)})", file=sys.stderr)
+        print(f"sweepbp.rerun: error: {err} (store {redact_uri(uri)})", file=sys.stderr)
         return 1
     register_schemas()
     cfg = typed_config(recorded.config_text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -75,3 +76,9 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def sweep_id_of(sweep_dir: Path) -> str:
+    """A readable sweep id from the sweep folder (multirun/DATE/TIME -> DATE_TIME-<hash>)."""
+    digest = hashlib.sha1(str(sweep_dir).encode()).hexdigest()[:6]
+    return f"{sweep_dir.parent.name}_{sweep_dir.name}-{digest}"

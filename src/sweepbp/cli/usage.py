@@ -22,7 +22,7 @@ FLAGS = """\
 
 def help_text(overrides: list[str]) -> str:
     """The help page: usage, flags, every group's options, and the config the overrides compose to."""
-    from sweepbp.cli.main import available_options, check_job_config
+    from sweepbp.cli.precheck import available_options, check_job_config
     from sweepbp.config import GROUPS, config_yaml
     from sweepbp.cli.launchers import launcher_options
 

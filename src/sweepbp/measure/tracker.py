@@ -1,4 +1,4 @@
-"""Measurement: exact tensor-level memory accounting by category, and synchronised step timing.
+"""The exact memory tracker: tensor-level accounting by category, the same for real and data-less tensors.
 
 `MemoryTracker` is a TorchDispatchMode. Every tensor an operator returns is looked at once: a storage
 not seen before is counted with its exact byte size and given a category, and a finalizer on the
@@ -7,16 +7,12 @@ adapter, optimizer state, the batch) are registered explicitly. The same code co
 tensors and fake tensors (mode=predict), so a prediction is the same accounting as a measurement.
 
 What it cannot see: scratch memory inside one kernel (e.g. cuBLAS workspaces) and allocator rounding;
-on CUDA the allocator's own peaks are reported beside it for that reason.
-
-Only this module knows about allocators.
+on CUDA the allocator's own peaks are reported beside it for that reason (measure/device.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -235,122 +231,6 @@ class MemoryTracker(TorchDispatchMode):
 
 def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing
-
-
-class StepTimer:
-    """Wall-clock phases of one step, with the device synchronised before every clock read."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.phases: dict[str, float] = {}
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
-
-    @property
-    def total(self) -> float:
-        return sum(self.phases.values())
-
-
-@dataclass
-class TimingSummary:
-    """Medians and spread over the timed (post-warm-up, untraced) steps."""
-
-    step_times: list[float]
-    fwd_times: list[float]
-    bwd_times: list[float]
-    optim_times: list[float]
-
-    def metrics(self, tokens_per_step: int, samples_per_step: int) -> dict[str, float]:
-        step = statistics.median(self.step_times)
-        q1, q3 = _quartiles(self.step_times)
-        fwd, bwd = statistics.median(self.fwd_times), statistics.median(self.bwd_times)
-        return {
-            "step_time_s": step,
-            "step_time_iqr_s": q3 - q1,
-            "step_time_min_s": min(self.step_times),
-            "step_time_max_s": max(self.step_times),
-            "fwd_time_s": fwd,
-            "bwd_time_s": bwd,
-            "optim_time_s": statistics.median(self.optim_times),
-            "bwd_fwd_ratio": bwd / fwd if fwd > 0 else float("nan"),
-            "tokens_per_s": tokens_per_step / step,
-            "samples_per_s": samples_per_step / step,
-            "timed_steps": len(self.step_times),
-            "train_time_s": sum(self.step_times),
-        }
-
-
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
-
-
-# ---------------------------------------------------------------------------------------------
-# Allocator figures (CUDA) and process figures
-
-
-def reset_device_peaks(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def device_peaks(device: torch.device) -> dict[str, float]:
-    """The CUDA caching allocator's peaks since the last reset, and NVML's view of this process."""
-    if device.type != "cuda":
-        return {}
-    figures = {
-        "peak_allocated_bytes": float(torch.cuda.max_memory_allocated(device)),
-        "peak_reserved_bytes": float(torch.cuda.max_memory_reserved(device)),
-    }
-    nvml = _nvml_process_bytes(device)
-    if nvml is not None:
-        figures["nvml_process_bytes"] = float(nvml)
-    return figures
-
-
-def device_allocated(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-
-
-def _nvml_process_bytes(device: torch.device) -> int | None:
-    try:
-        import os
-
-        import pynvml  # shipped with torch's CUDA builds as nvidia-ml-py
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == os.getpid():
-                return int(proc.usedGpuMemory)
-    except Exception:  # NVML missing or not permitted: the figure is optional
-        return None
-    return None
-
-
-def rss_peak_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def tensors_of(obj: object) -> list[torch.Tensor]:

@@ -23,17 +23,15 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from unittest import mock
 
 import torch
 
-from sweepbp.config import RunConfig, SweepbpConfig
+from sweepbp.config import SweepbpConfig
 from sweepbp.measure.tracker import MemoryReport, MemoryTracker
-from sweepbp.result import JobResult
 
 PREFIX = "predicted_"
-GB = 1e9
 
 
 @dataclass
@@ -74,18 +72,17 @@ def target_device(accelerator: str) -> str:
     """
     if accelerator in ("gpu", "cuda"):
         return "cuda"
-    from sweepbp.job import pick_device
+    from sweepbp.train.environment import pick_device
 
     return pick_device(accelerator).type
 
 
 def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep_timeline: bool = False) -> Prediction:
     """Trace one steady-state training step of `cfg` without data, for a `device` (cpu or cuda) target."""
-    from sweepbp.job import parameter_counts
     from sweepbp.train.lora import apply_lora
     from sweepbp.memory import apply_memory_strategy, assert_training_mode
-    from sweepbp.train.model import build_model
-    from sweepbp.train.module import counting_gradients, make_optimizer, step_tracker, train_step
+    from sweepbp.train.model import build_model, parameter_counts
+    from sweepbp.train.module import counting_gradients, inference_peak, make_optimizer, step_tracker, train_step
     from sweepbp.predict.target import MetaTracker, precision_plugin, target_kernels
 
     size = int(batch_size if batch_size is not None else cfg.batch.size)
@@ -103,7 +100,7 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
         batch = empty_batch(size, cfg.batch.seq_len, counted[0])
         parameters = parameter_counts(model, cfg.batch.seq_len)
         kind = MetaTracker if meta_trace else MemoryTracker
-        inference = _inference_peak(model, batch, counted, kind)
+        inference = inference_peak(model, batch, counted, kind=kind)
         plugin = precision_plugin(cfg.trainer.precision, device, modelled)
         model = plugin.convert_module(model)  # Lightning converts at fit, after the inference measurement
         optimizer = make_optimizer(model, cfg.trainer.lr, cfg.trainer.weight_decay, foreach=_foreach(device, modelled))
@@ -166,17 +163,6 @@ def _foreach(device: str, modelled: list[str]) -> bool | None:
     return None
 
 
-def _inference_peak(model: torch.nn.Module, batch: dict[str, torch.Tensor], counted: tuple[str, ...],
-                    kind: type[MemoryTracker]) -> int:
-    """`job.measure_inference` without data: the same registration and tracker, no budget."""
-    from sweepbp.train.module import step_tracker
-
-    tracker = step_tracker(model, None, batch, counted, None, False, kind)
-    with torch.no_grad(), tracker, tracker.phase_of("inference"):
-        model(**batch)
-    return tracker.report().peak_bytes
-
-
 def _backward(loss: torch.Tensor) -> None:
     loss.backward()
 
@@ -198,89 +184,3 @@ def unpadded_sequences() -> Iterator[None]:
             if hasattr(owner, name):  # older transformers releases lack one or the other
                 stack.enter_context(mock.patch.object(owner, name, stand_in))
         yield
-
-
-# ---------------------------------------------------------------------------------------------
-# Predictions inside jobs
-
-
-def predict_job(run: RunConfig, result: JobResult) -> None:
-    """mode=predict: the job's record is its prediction. Over `budget_gb` it is an `oom` result (with
-    every predicted figure kept), as the real job would be."""
-    from sweepbp.predict.autobatch import resolve_batch_size
-
-    device = target_device(run.cfg.trainer.accelerator)
-    result.environment["predicted_device"] = device
-    run = resolve_batch_size(run, device, result.metrics)
-    prediction = predict(run.cfg, device, keep_timeline=True)
-    _record(run.cfg, prediction, result)
-    result.metrics.update(prediction.parameters)
-    result.metrics["checkpointed_layers"] = float(prediction.checkpointed_layers)
-    result.timeline = [asdict(s) for s in prediction.report.timeline[:: max(1, len(prediction.report.timeline) // 2000)]]
-    budget = int(run.cfg.budget_gb * GB) if run.cfg.budget_gb is not None else None
-    if not prediction.fits(budget):
-        raise torch.OutOfMemoryError(f"predicted peak {prediction.peak_bytes:,} bytes exceeds "
-                                     f"budget_gb={run.cfg.budget_gb:g} on {device}")
-
-
-def add_prediction(cfg: SweepbpConfig, device: str, result: JobResult) -> None:
-    """mode=measure: log the job's prediction beside its measurement. A prediction that fails is noted
-    in the environment and never fails the measured job."""
-    result.environment["predicted_device"] = device
-    try:
-        _record(cfg, predict(cfg, device), result)
-    except Exception as err:  # the measurement is what the job is for
-        result.environment["prediction_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-
-
-def prediction_errors(metrics: dict[str, float]) -> dict[str, float]:
-    """Signed relative errors of the prediction, in percent: (predicted - measured) / measured * 100.
-
-    `predicted_error_pct` compares with the exact tracker's `peak_memory_bytes`; on CUDA
-    `predicted_allocator_error_pct` compares with `torch.cuda.max_memory_allocated` (`peak_allocated_bytes`).
-    """
-    predicted = metrics.get(f"{PREFIX}peak_memory_bytes")
-    errors: dict[str, float] = {}
-    if predicted is None:
-        return errors
-    for name, measured in (("predicted_error_pct", "peak_memory_bytes"),
-                           ("predicted_allocator_error_pct", "peak_allocated_bytes"),
-                           ("predicted_inference_error_pct", "inference_peak_bytes")):
-        truth = metrics.get(measured)
-        guess = predicted if measured != "inference_peak_bytes" else metrics.get(f"{PREFIX}inference_peak_bytes")
-        if truth and guess is not None:
-            errors[name] = 100.0 * (guess - truth) / truth
-    return errors
-
-
-def _record(cfg: SweepbpConfig, prediction: Prediction, result: JobResult) -> None:
-    from sweepbp.predict.estimate import estimate
-    from sweepbp.train.model import hf_config
-
-    result.metrics.update(prediction.metrics())
-    formula = estimate(cfg, hf_config(cfg.model), prediction.batch_size)
-    if formula is not None:
-        result.metrics.update(formula.metrics())
-    if prediction.modelled:
-        result.environment["predicted_kernels"] = "; ".join(prediction.modelled)
-
-
-_warm = False
-
-
-def warm_up() -> None:
-    """Trace a one-layer model once, so forked jobs inherit warm caches (lazy imports, dispatch tables,
-    ABC checks): about a second less per job. Meta tensors only: no CUDA, no allocator is touched."""
-    global _warm
-    if _warm:
-        return
-    from sweepbp.config import (BatchConfig, DataConfig, LoraConfig, MemoryConfig, ModelConfig, TrackingConfig,
-                                TrainerConfig)
-
-    shape = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-             "num_attention_heads": 2, "num_key_value_heads": 1}
-    micro = SweepbpConfig(model=ModelConfig(config=shape), lora=LoraConfig(r=2), memory=MemoryConfig(),
-                          batch=BatchConfig(size=1, seq_len=8), trainer=TrainerConfig(), data=DataConfig(),
-                          tracking=TrackingConfig(name="none"))
-    predict(micro, "cpu")
-    _warm = True

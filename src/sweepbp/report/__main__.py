@@ -1,3 +1,3 @@
-from sweepbp.report.tables import main
+from sweepbp.report.command import main
 
 raise SystemExit(main())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from sweepbp.report.tables import describe, fmt_bytes, metric_label
+from sweepbp.report.formats import describe, fmt_bytes, metric_label
 from sweepbp.report.summary import BASELINE, GB, Summary, label, on_chart, plotted
 
 DPI = 110

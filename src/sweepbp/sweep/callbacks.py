@@ -86,8 +86,8 @@ def write_sweep_report(sweep_dir: Path, tracking=None) -> list:
     """The sweep's report into its folder and its parent MLflow run; a problem here never hides the
     jobs' results, so it is printed, not raised. Returns the records of jobs that ran elsewhere (in the
     store, not in the folder), which count towards the sweep's outcome."""
-    from sweepbp.report.tables import report_sweep_folder
-    from sweepbp.sweep.task import sweep_id_of
+    from sweepbp.report.files import report_sweep_folder
+    from sweepbp.result import sweep_id_of
 
     try:
         return report_sweep_folder(sweep_dir, sweep_id_of(sweep_dir.resolve()), tracking)

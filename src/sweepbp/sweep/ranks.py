@@ -1,6 +1,6 @@
 """Several devices in one job (strategy=ddp or fsdp, trainer.devices=N): one process per rank, results merged.
 
-sweepbp starts the ranks itself, each forked like a single-device job (see worker.py), with the
+sweepbp starts the ranks itself, each forked like a single-device job (see sweep/worker.py), with the
 environment torchrun would give them (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK). Lightning
 sees LOCAL_RANK, treats the processes as created externally, and only joins them into a process group.
 Lightning's own `ddp` launcher would re-execute sys.argv, i.e. the whole `python -m sweepbp -m ...` sweep,
@@ -9,15 +9,13 @@ have touched CUDA and would have to ship the results back through Lightning's ch
 
 Every rank measures itself (its own exact memory tracker, its own step timers) and sends its JobResult
 to the sweep process, which merges them into one result, so one MLflow run holds every rank's figures
-and no rank writes to MLflow at all.
+and no rank writes to MLflow at all. The job side of the ranks is sweepbp.train.distributed.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 
-from sweepbp.config import RunConfig
 from sweepbp.result import JobResult
 
 # Summed over ranks: how much work the job does per second. Everything else is rank 0's, plus the maximum
@@ -33,11 +31,6 @@ PER_RANK = ("peak_memory_bytes", "activation_bytes", "param_bytes", "grad_bytes"
 STATUS_ORDER = ("oom", "diverged", "failed", "killed", "ok")
 
 
-def world_size(run: RunConfig) -> int:
-    """Processes of one job: trainer.devices for ddp and fsdp, else 1."""
-    return run.cfg.trainer.devices if run.cfg.strategy.name in ("ddp", "fsdp") else 1
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (the ranks' rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -49,64 +42,6 @@ def rank_environment(rank: int, world: int, port: int) -> dict[str, str]:
     """What torchrun would set for one rank on one node."""
     return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank),
             "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world), "NODE_RANK": "0"}
-
-
-def local_rank() -> int:
-    """This process's rank on its node (0 outside a multi-device job)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def data_seed(seed: int) -> int:
-    """Each rank trains on its own batches (data parallel); rank 0 sees what a single-device job sees."""
-    return seed + 1000 * local_rank()
-
-
-def setup_rank() -> None:
-    """In a rank's process, before the job: the ranks share the host's cores, so each gets its share
-    of threads instead of all of them (oversubscribed cores would slow every rank down)."""
-    import torch
-
-    world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-
-
-def trainer_arguments(run: RunConfig, device_type: str) -> dict:
-    """Lightning Trainer arguments for the job's strategy (single device: Lightning's defaults)."""
-    world = world_size(run)
-    if world == 1:
-        return {"strategy": "auto"}
-    from lightning.pytorch.plugins.environments import LightningEnvironment
-
-    strategy = run.cfg.strategy
-    if strategy.name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        # use_orig_params: LoRA mixes frozen and trainable parameters in one wrapped module.
-        chosen = FSDPStrategy(sharding_strategy=strategy.sharding_strategy, use_orig_params=True,
-                              auto_wrap_policy=_decoder_layer_classes())
-    else:
-        from lightning.pytorch.strategies import DDPStrategy
-
-        chosen = DDPStrategy(process_group_backend="nccl" if device_type == "cuda" else "gloo")
-    # LightningEnvironment explicitly: under SLURM, Lightning would otherwise take SLURM's task count as
-    # the world size; the ranks here are sweepbp's own processes.
-    return {"strategy": chosen, "plugins": [LightningEnvironment()], "use_distributed_sampler": False}
-
-
-def _decoder_layer_classes() -> set[type]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return {GradientCheckpointingLayer}
-
-
-def process_group_record() -> dict[str, str]:
-    """The process group a rank trained in (empty for a single-device job): proof the ranks were joined."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return {}
-    return {"process_group_backend": str(dist.get_backend()), "process_group_size": str(dist.get_world_size()),
-            "rank": str(dist.get_rank())}
 
 
 def merge_ranks(results: list[JobResult]) -> JobResult:

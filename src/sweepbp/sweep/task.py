@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sweepbp.config import ConfigError, RunConfig, config_as_dict, to_run_config
-from sweepbp.result import JobResult
+from sweepbp.result import JobResult, sweep_id_of
 
 
 @dataclass
@@ -46,12 +46,6 @@ def job_context() -> JobContext:
         total = int(os.environ.get("SWEEPBP_SWEEP_SIZE", "0")) or 1
         return JobContext(output_dir, sweep_dir, sweep_id_of(sweep_dir), hydra.job.num, total)
     return JobContext(output_dir, None, None, 0, 1)
-
-
-def sweep_id_of(sweep_dir: Path) -> str:
-    """A readable sweep id from the sweep folder (multirun/DATE/TIME -> DATE_TIME-<hash>)."""
-    digest = hashlib.sha1(str(sweep_dir).encode()).hexdigest()[:6]
-    return f"{sweep_dir.parent.name}_{sweep_dir.name}-{digest}"
 
 
 def config_hash(run: RunConfig) -> str:

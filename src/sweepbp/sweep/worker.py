@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 from sweepbp.config import RunConfig
-from sweepbp.sweep.ranks import free_port, local_rank, merge_ranks, rank_environment, setup_rank, world_size
+from sweepbp.sweep.ranks import free_port, merge_ranks, rank_environment
 from sweepbp.result import JobResult
 from sweepbp.sweep.signals import STOP_SIGNALS, Stopped, die_with_parent, ignore_signals, raise_once, stopping
 
@@ -162,7 +162,7 @@ class _Rank:
 def _start_ranks(run: RunConfig, label: str, ranks: list[_Rank]) -> None:
     """Start every rank, appending each to `ranks` as soon as it runs (so a stop can reach it)."""
     context = mp.get_context(start_method())
-    world = world_size(run)
+    world = run.cfg.world_size
     port = free_port() if world > 1 else 0
     for rank in range(world):
         receiver, sender = context.Pipe(duplex=False)
@@ -229,9 +229,12 @@ def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> 
     if os.environ != environ:
         os.environ.clear()
         os.environ.update(environ)
+    # The job's own modules, imported here in the job's process: the sweep process never imports torch.
+    from sweepbp.job import Interrupted, run_job
+    from sweepbp.train.distributed import local_rank, setup_rank
+
     if "LOCAL_RANK" in environ:
         setup_rank()
-    from sweepbp.job import Interrupted, run_job
     from sweepbp.sweep.progress import ProgressLine
 
     die_with_parent(os.getppid())  # the fork server (or the sweep process), which ends with the sweep

@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from sweepbp.config import RunConfig, TrackingConfig, leaf_params
 from sweepbp.result import JobResult
-from sweepbp.tracking.uris import redact, resolve_uri, sqlite_path
+from sweepbp.config import redact_uri
+from sweepbp.tracking.uris import resolve_uri, sqlite_path
 
 if TYPE_CHECKING:
     from sweepbp.report.summary import Record
@@ -132,7 +133,7 @@ class Recorder:
         created = with_retry(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=all_tags))
         run_id = created.info.run_id
         params = {**{g: c for g, c in run.choices.items() if c}, **leaf_params(run.cfg)}
-        params["tracking.uri"] = redact(params.get("tracking.uri", ""))
+        params["tracking.uri"] = redact_uri(params.get("tracking.uri", ""))
         items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), BATCH):
             with_retry(lambda chunk=items[i:i + BATCH]: self.client.log_batch(run_id, params=chunk))

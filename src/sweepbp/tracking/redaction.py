@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from sweepbp.result import JobResult
-from sweepbp.tracking.uris import redact
+from sweepbp.config import redact_uri
 
 # scheme://... up to whitespace, a quote or a closing bracket: wide enough for URIs inside log lines,
 # override lists (`['tracking.uri=http://u:p@h']`) and YAML values.
@@ -31,7 +31,7 @@ def redact_text(text: str) -> str:
 
 def _redact_one(uri: str) -> str:
     try:
-        return redact(uri)
+        return redact_uri(uri)
     except ValueError:  # not parseable as a URI (e.g. a broken IPv6 host): hide it whole
         return uri.split("://", 1)[0] + "://***"
 

@@ -1,11 +1,10 @@
-"""Tracking URIs: resolving relative SQLite paths, redacting credentials, failing fast when unreachable.
+"""Tracking URIs: resolving relative SQLite paths, failing fast when unreachable (redacting: config.redact_uri).
 
 No mlflow import here: the command line checks the URI before anything heavy is loaded.
 """
 
 from __future__ import annotations
 
-import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,23 +24,6 @@ def sqlite_path(uri: str) -> Path | None:
     if uri.startswith(SQLITE):
         return Path(uri[len(SQLITE):])
     return None
-
-
-def redact(uri: str) -> str:
-    """Hide user:password@ and token-like query values wherever a URI is printed or logged.
-
-    Edits the text in place rather than re-assembling the URI: urlunsplit would turn
-    sqlite:////abs/path into sqlite://abs/path.
-    """
-    parts = urlsplit(uri)
-    shown = uri
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rsplit("@", 1)[0]
-        shown = shown.replace(userinfo + "@", "***@", 1)
-    if parts.query:
-        query = re.sub(r"(?i)((?:token|password|secret|key)[^=&]*=)[^&]*", r"\1***", parts.query)
-        shown = shown.replace("?" + parts.query, "?" + query, 1)
-    return shown
 
 
 def _health_url(uri: str) -> str:

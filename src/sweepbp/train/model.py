@@ -6,6 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from sweepbp.config import ConfigError, ModelConfig
+from sweepbp.train.flops import lora_flops_per_token
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,3 +42,13 @@ def build_model(model: ModelConfig, device: torch.device, seed: int) -> PreTrain
 
 def max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
+
+
+def parameter_counts(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
+    """Trainable and frozen parameter counts, and the model FLOPs per token of a LoRA step (train/flops.py)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    embedding = model.get_input_embeddings().weight.numel()
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    config = model.config
+    flops = lora_flops_per_token(frozen - embedding, trainable, config.num_hidden_layers, seq_len, config.hidden_size)
+    return {"trainable_params": float(trainable), "frozen_params": float(frozen), "flops_per_token": flops}

@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterator
 import lightning as L
 import torch
 
-from sweepbp.measure.tracker import (GRAD, OPTIMIZER, OTHER, PARAM, TRAINABLE, MemoryReport, MemoryTracker, StepTimer,
-                             active_tracker, device_peaks, reset_device_peaks, tensors_of)
+from sweepbp.measure.device import device_peaks, reset_device_peaks
+from sweepbp.measure.timing import StepTimer
+from sweepbp.measure.tracker import (GRAD, OPTIMIZER, OTHER, PARAM, TRAINABLE, MemoryReport, MemoryTracker,
+                                     active_tracker, tensors_of)
 from sweepbp.memory import AppliedMemory
 
 
@@ -111,6 +113,16 @@ def step_tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     tracker = kind(device_type, budget_bytes, keep_timeline=keep_timeline)
     register_state(tracker, model, optimizer, batch)
     return tracker
+
+
+def inference_peak(model: torch.nn.Module, batch: dict[str, torch.Tensor], device_type: str | tuple[str, ...],
+                   budget_bytes: int | None = None, kind: type[MemoryTracker] = MemoryTracker) -> int:
+    """Peak bytes of a forward pass without gradients on `batch`: weights, adapter and transients, counted by
+    the same exact tracker as the training step (mode=predict passes its data-less `kind`)."""
+    tracker = step_tracker(model, None, batch, device_type, budget_bytes, False, kind)
+    with torch.no_grad(), tracker, tracker.phase_of("inference"):
+        model(**batch)
+    return tracker.report().peak_bytes
 
 
 @contextlib.contextmanager

@@ -26,12 +26,12 @@ def warm(arch: str) -> None:
     import torch
 
     from sweepbp.config import LoraConfig, ModelConfig
-    from sweepbp.job import _quiet_libraries
+    from sweepbp.train.environment import quiet_libraries
     from sweepbp.train.lora import apply_lora
     from sweepbp.memory import checkpoint_layers
     from sweepbp.train.model import build_model
 
-    _quiet_libraries()
+    quiet_libraries()
     meta = torch.device("meta")
     with meta:  # peft creates its adapter layers outside build_model: keep them on meta too
         model = apply_lora(build_model(ModelConfig(arch=arch, config=dict(TINY)), meta, seed=0), LoraConfig())

@@ -1,0 +1,205 @@
+"""Pre-flight: every job of a sweep composed like Hydra will and validated, one line per problem.
+
+Nothing heavy is imported here (no torch, transformers, Lightning or mlflow), so a typo costs well under two
+seconds: `sweepbp: error: lora.r must be a positive integer, got 0`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+from sweepbp.config import GROUPS, ConfigError, RunConfig, to_run_config
+from sweepbp.config import redact_uri
+from sweepbp.tracking.uris import unreachable_reason
+
+# OmegaConf's type errors: "Value 'abc' of type 'str' could not be converted to Integer", "... is not a valid bool"
+CONVERSION = re.compile(r"Value '(.*)' (?:of type '.*' could not be converted to (\w+)|is not a valid (bool))")
+KINDS = {"Integer": "an integer", "Float": "a number", "bool": "true or false", "String": "a string"}
+INFO_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve")
+MAX_PRECHECKED_JOBS = 512
+
+
+def config_dir() -> Path:
+    """The shipped conf/: inside the installed package, or at the root of a source checkout."""
+    package = Path(__file__).resolve().parents[1]  # src/sweepbp
+    packaged = package / "conf"
+    if packaged.is_dir():
+        return packaged
+    return package.parents[1] / "conf"
+
+
+def user_config_dir() -> Path | None:
+    """./conf of the working folder: a user's own option files (e.g. conf/model/my_model.yaml)."""
+    folder = Path.cwd() / "conf"
+    return folder if folder.is_dir() and folder.resolve() != config_dir().resolve() else None
+
+
+def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], None] | None = None
+             ) -> tuple[list[str], int]:
+    """Problems of every job of the sweep (empty if none) and the number of jobs.
+
+    `on_first_valid` is called once, with the first job that validates: the command line starts the
+    pre-importing worker there, so the heavy imports overlap with checking the remaining jobs.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    parsed = get_args_parser().parse_args(args)
+    if any(getattr(parsed, flag, None) for flag in INFO_FLAGS):
+        return [], 1
+    try:
+        # With -cd/-cp/-cn Hydra reads configs this check does not see: leave Hydra's own settings to Hydra.
+        own_config = any(getattr(parsed, flag, None) for flag in ("config_dir", "config_path", "config_name"))
+        combos = expand(parsed.overrides, multirun=parsed.multirun, with_hydra=not own_config)
+    except ConfigError as err:
+        return err.problems, 0
+    if combos is None:  # Hydra's sweeper validates every job itself; check what can be checked here
+        problems, _ = precheck([a for a in args if "glob(" not in a], on_first_valid)
+        return problems, 0
+    problems: list[str] = []
+    for combo in combos[:MAX_PRECHECKED_JOBS]:
+        lines, run = check_job_config(combo)
+        if not lines and run is not None:
+            lines = tracking_problems(run)
+        for line in lines:
+            if line not in problems:
+                problems.append(line)
+        if run is not None and not problems and on_first_valid is not None:
+            on_first_valid(run, parsed.overrides)
+            on_first_valid = None
+    return problems, len(combos)
+
+
+def expand(overrides: list[str], multirun: bool, with_hydra: bool = True) -> list[list[str]] | None:
+    """The override list of every job (the cartesian product, as Hydra's basic sweeper makes it);
+    None for sweeps only Hydra can expand (glob()). Overrides of Hydra's own settings (hydra.*,
+    hydra/launcher=...) go with every job unless `with_hydra` is false; sweeps of them are Hydra's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for line in overrides:  # one at a time, so the message can name the override that is wrong
+        try:
+            parsed.append(parser.parse_override(line))
+        except HydraException as err:
+            raise ConfigError([_parse_message(line, err)]) from None
+    axes: list[list[str]] = []
+    for override in parsed:
+        key = override.get_key_element()
+        if override.is_hydra_override() and (override.is_sweep_override() or not with_hydra):
+            continue  # Hydra checks these itself
+        if override.is_sweep_override():
+            if not multirun:
+                raise ConfigError([f"{override.input_line} is a sweep: add -m (--multirun) to run each value"])
+            try:
+                values = list(override.sweep_string_iterator())
+            except Exception:  # glob() and other sweeps Hydra expands itself: checked per job instead
+                return None
+            axes.append([f"{key}={v}" for v in values])
+        else:
+            axes.append([override.input_line])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def check_job(overrides: list[str]) -> list[str]:
+    """Compose one job like Hydra will and validate it; problems as one-liners."""
+    problems, run = check_job_config(overrides)
+    if run is not None and not problems:
+        problems = tracking_problems(run)
+    return problems
+
+
+def check_job_config(overrides: list[str]) -> tuple[list[str], RunConfig | None]:
+    """Compose one job like Hydra will and validate its config (not its tracking store)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="sweepbp"):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        return [_hydra_message(err, overrides)], None
+    choices = dict(cfg.hydra.runtime.choices)
+    try:
+        return [], to_run_config(_without_hydra(cfg), choices)
+    except ConfigError as err:
+        return err.problems, None
+
+
+def tracking_problems(run: RunConfig) -> list[str]:
+    """Whether the job's tracking store can be reached (HTTP servers are asked for /health)."""
+    if run.cfg.tracking.name == "mlflow":
+        reason = unreachable_reason(run.cfg.tracking.uri)
+        if reason:
+            return [f"tracking.uri must be a reachable MLflow store, got {redact_uri(run.cfg.tracking.uri)!r} ({reason})"]
+    return []
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def _parse_message(line: str, err: Exception) -> str:
+    details = [ln for ln in str(err).strip().splitlines()
+               if ln and not ln.startswith("Error parsing override") and not ln.startswith("See https")]
+    detail = f" ({details[0]})" if details else ""
+    return f"malformed override {line!r}{detail}: expected key=value, e.g. lora.r=16, lora.r=8,16 with -m"
+
+
+def _hydra_message(err: Exception, overrides: list[str]) -> str:
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    if "Could not find" in first or "Could not load" in first:
+        for group in (*GROUPS, "hydra/launcher"):
+            chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == group]
+            if chosen and f"'{group}/{chosen[0]}'" in first:
+                return f"{group} must be one of {', '.join(_options(group))}, got {chosen[0]!r}{_install_hint(chosen[0])}"
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    if cause is not None and key:  # OmegaConf's reason, which names the key
+        reason = str(cause).strip().splitlines()[0]
+        converted = CONVERSION.match(reason)
+        if converted:
+            kind = converted.group(2) or converted.group(3)
+            kind = KINDS.get(kind, kind)
+            return f"{key} must be {kind}, got {converted.group(1)!r}"
+        if reason.startswith("Key "):
+            line = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), key)
+            listing = "hydra" if key.startswith("hydra.") else "job"
+            return f"{key} must be a key of the config (list them: python -m sweepbp --cfg {listing}), got {line!r}"
+        return f"{key}: {reason}"
+    if "full_key" in text:
+        key = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if "full_key" in ln), "")
+        return f"{key}: {first}" if key else first
+    return first
+
+
+def _options(group: str) -> list[str]:
+    if group == "hydra/launcher":
+        from sweepbp.cli.launchers import launcher_options
+
+        return launcher_options(available_options(group))
+    return available_options(group)
+
+
+def _install_hint(option: str) -> str:
+    from sweepbp.cli.launchers import PRESETS
+
+    return " (install the launcher plugins: pip install -e \".[launchers]\")" if option in PRESETS else ""
+
+
+def available_options(group: str) -> list[str]:
+    """Option names of a config group: shipped YAML files plus the user's ./conf/<group>/."""
+    folders = [config_dir() / group]
+    user = user_config_dir()
+    if user is not None:
+        folders.append(user / group)
+    return sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})

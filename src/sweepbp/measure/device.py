@@ -1,0 +1,66 @@
+"""Device figures: the CUDA caching allocator's peaks and cap, NVML, the process's RSS. The only code that
+calls torch.cuda memory functions.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import torch
+
+
+def cap_device_memory(device: torch.device, budget: int) -> None:
+    """Emulate a smaller GPU: the caching allocator refuses to grow past the budget."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+
+
+def reset_device_peaks(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_peaks(device: torch.device) -> dict[str, float]:
+    """The CUDA caching allocator's peaks since the last reset, and NVML's view of this process."""
+    if device.type != "cuda":
+        return {}
+    figures = {
+        "peak_allocated_bytes": float(torch.cuda.max_memory_allocated(device)),
+        "peak_reserved_bytes": float(torch.cuda.max_memory_reserved(device)),
+    }
+    nvml = _nvml_process_bytes(device)
+    if nvml is not None:
+        figures["nvml_process_bytes"] = float(nvml)
+    return figures
+
+
+def device_allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def inference_allocator_figures(device: torch.device, allocated_before: int) -> dict[str, float]:
+    """The allocator's view of an inference pass since `reset_device_peaks` (GPU only)."""
+    if device.type != "cuda":
+        return {}
+    return {"inference_peak_allocated_bytes": float(torch.cuda.max_memory_allocated(device)),
+            "inference_allocated_before_bytes": float(allocated_before)}
+
+
+def _nvml_process_bytes(device: torch.device) -> int | None:
+    try:
+        import pynvml  # shipped with torch's CUDA builds as nvidia-ml-py
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid():
+                return int(proc.usedGpuMemory)
+    except Exception:  # NVML missing or not permitted: the figure is optional
+        return None
+    return None
+
+
+def rss_peak_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

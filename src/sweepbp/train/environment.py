@@ -1,0 +1,61 @@
+"""The job's device and its libraries: which device a job runs on, what is recorded about it, quiet logs."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from sweepbp.train.distributed import local_rank
+
+
+def pick_device(accelerator: str) -> torch.device:
+    """The job's device: the GPU of this rank (LOCAL_RANK, 0 for a single-device job) when there is one."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def device_environment(device: torch.device, seed: int) -> dict[str, str]:
+    import lightning
+    import peft
+    import transformers
+
+    env = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "lightning": lightning.__version__,
+        "torch_threads": str(torch.get_num_threads()),
+        "seed": str(seed),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update({"device_name": props.name, "device_total_memory_bytes": str(props.total_memory),
+                    "cuda": str(torch.version.cuda), "driver": _driver_version()})
+    else:
+        env["device_name"] = "cpu"
+    return env
+
+
+def _driver_version() -> str:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return str(pynvml.nvmlSystemGetDriverVersion())
+    except Exception:
+        return "unknown"
+
+
+def quiet_libraries() -> None:
+    import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: quieten after it)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
