@@ -205,16 +205,16 @@ def import_results(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO / "src"))
     from sweepbp.config import TrackingConfig
     from sweepbp.result import JobResult
-    from sweepbp.tracking.mlflow_store import Recorder
+    from sweepbp.tracking import open_store
 
     results = [JobResult(**r) for r in json.loads(Path(args.results).read_text())]
-    recorder = Recorder(TrackingConfig(uri=args.tracking_uri, experiment=args.experiment))
+    recorder = open_store(TrackingConfig(uri=args.tracking_uri, experiment=args.experiment))
     source = Path(args.results).resolve().parent
-    parent = recorder.sweep_parent(args.sweep_id or source.name, source, "GPU ground truth (imported)")
+    parent = recorder.open_sweep(args.sweep_id or source.name, source)
     for number, result in enumerate(results):
         run = config_of(result)
         name = f"{result.mode} {result.choices.get('model', '')} {run.memory_name} b={run.cfg.batch.size}"
-        run_id = recorder.start_job(run, name, parent, {"sweepbp.sweep_id": args.sweep_id or source.name,
+        run_id = recorder.open_job(run, name, parent, {"sweepbp.sweep_id": args.sweep_id or source.name,
                                                          "sweepbp.job_num": str(number)})
         with tempfile.TemporaryDirectory() as folder:
             recorder.finish_job(run_id, result, [result.write(Path(folder))])

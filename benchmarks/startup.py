@@ -83,13 +83,14 @@ def tracking_cost(records: list[dict], folder: Path) -> dict[str, float]:
     figures = {"import_mlflow_s": time.perf_counter() - start}
     from sweepbp.config import TrackingConfig
     from sweepbp.result import JobResult
-    from sweepbp.tracking.mlflow_store import Recorder
+    from sweepbp.tracking.mlflow_store import MlflowStore
 
     tracking = TrackingConfig(uri=f"sqlite:///{folder / 'mlflow.db'}", experiment="bench")
     start = time.perf_counter()
-    recorder = Recorder(tracking)
+    recorder = MlflowStore(tracking)
+    recorder.experiment_id()  # the schema and the experiment, as a sweep's first job creates them
     figures["create_store_s"] = time.perf_counter() - start
-    parent = recorder.sweep_parent("bench", folder / "sweep", "benchmark")
+    parent = recorder.open_sweep("bench", folder / "sweep")
     starts, finishes = [], []
     for number, record in enumerate(records):
         run = _run_config(record)
@@ -98,7 +99,7 @@ def tracking_cost(records: list[dict], folder: Path) -> dict[str, float]:
         files = [result.write(job_dir), job_dir / "config.yaml"]
         files[1].write_text("from: benchmark\n")
         start = time.perf_counter()
-        run_id = recorder.start_job(run, f"job {number}", parent, {"sweepbp.job_num": str(number)})
+        run_id = recorder.open_job(run, f"job {number}", parent, {"sweepbp.job_num": str(number)})
         starts.append(time.perf_counter() - start)
         start = time.perf_counter()
         recorder.finish_job(run_id, result, files)

@@ -38,7 +38,7 @@ def compose(overrides: list[str]) -> RunConfig:
 
 def problems_of(overrides: list[str]) -> list[str]:
     register_schemas()
-    return check_job(overrides)
+    return check_job(overrides)[0]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 420, env: dict | None = None,

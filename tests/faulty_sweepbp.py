@@ -25,7 +25,7 @@ def install() -> None:
     import sweepbp.job
     import sweepbp.train.module
 
-    fit = sweepbp.job._fit_and_measure
+    fit = sweepbp.job.measure_job
     step = sweepbp.train.module.LoraFinetune.training_step
     seed: list[int] = []
 
@@ -42,7 +42,7 @@ def install() -> None:
                 time.sleep(0.05)
         return step(self, batch, batch_idx)
 
-    sweepbp.job._fit_and_measure = fit_with_faults
+    sweepbp.job.measure_job = fit_with_faults
     sweepbp.train.module.LoraFinetune.training_step = step_with_faults
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose, run_cli
-from sweepbp.cli.precheck import available_options, config_dir, expand, precheck
+from sweepbp.cli.precheck import available_options, config_dir, expand, local_cuda_gpus, precheck
 from sweepbp.config import GROUPS, ConfigError, leaf_params
 
 
@@ -78,6 +78,15 @@ BAD_INPUT = [
     (["nokey=3"], "nokey must be a key of the config", "'nokey=3'"),
     (["lora.r=8,16"], "lora.r=8,16 is a sweep: add -m", "8,16"),
     (["-m", "lora.r=8,0"], "lora.r must be a positive integer", "0"),
+    (["memory=none", "memory.name=ckpt"], "memory.name must be none, the chosen option's own name", "'ckpt'"),
+    (["memory.name=nope"], "memory.name must be one of none, ckpt, selective, offload, ckpt_offload", "'nope'"),
+    (["strategy=single", "strategy.name=fsdp"], "strategy.name must be single or ddp", "'fsdp'"),
+    (["model.config.num_hidden_layers=0"], "model.config.num_hidden_layers must be a positive integer", "0"),
+    (["model.config.vocab_size=-5"], "model.config.vocab_size must be a positive integer", "-5"),
+    (["model.config.num_attention_heads=3", "model.config.num_key_value_heads=1"],
+     "model.config.num_attention_heads must divide model.config.hidden_size=128", "3"),
+    (["model.config.num_key_value_heads=3"], "model.config.num_key_value_heads must divide "
+     "model.config.num_attention_heads=4", "3"),
 ]
 
 
@@ -104,10 +113,16 @@ CLI_BAD_INPUT = [
     (["lora.r=[8"], "malformed override 'lora.r=[8'"),
     (["tracking.uri=http://alice:s3cret@127.0.0.1:1"], "tracking.uri must be a reachable MLflow store, got "
                                                        "'http://***@127.0.0.1:1'"),
+    (["memory=none", "memory.name=ckpt"], "memory.name must be none, the chosen option's own name"),
+    (["model.config.num_hidden_layers=0"], "model.config.num_hidden_layers must be a positive integer, got 0"),
+    pytest.param(["strategy=fsdp", "trainer.devices=2"],
+                 "strategy must be single or ddp on a machine without a CUDA GPU, got 'fsdp'", id="strategy=fsdp",
+                 marks=pytest.mark.skipif(local_cuda_gpus() != 0, reason="this machine has a CUDA GPU")),
 ]
 
 
-@pytest.mark.parametrize(("args", "message"), CLI_BAD_INPUT, ids=[" ".join(c[0]) for c in CLI_BAD_INPUT])
+@pytest.mark.parametrize(("args", "message"), CLI_BAD_INPUT,
+                         ids=[c.id if hasattr(c, "id") else " ".join(c[0]) for c in CLI_BAD_INPUT])
 def test_bad_input_through_the_cli_is_one_line_and_records_nothing(args, message, tmp_path):
     done = run_cli(args, cwd=tmp_path, timeout=120)
 

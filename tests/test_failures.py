@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose
+from sweepbp.report.summary import Record
 from sweepbp.sweep.callbacks import summary_lines
 from sweepbp.job import run_job
 from sweeps import SMALL, artifact_json, in_clean_process, run_sweep, runs_of, sweep_dirs
@@ -140,6 +141,7 @@ def test_a_failed_job_fails_the_sweep_after_all_jobs_ran(tmp_path: Path):
     (["killed", "ok"], 1),
 ])
 def test_only_failed_and_killed_jobs_make_a_sweep_exit_non_zero(statuses, code):
-    lines, exit_code = summary_lines([{"status": s, "environment": {}} for s in statuses], Path("multirun/x"))
+    records = [Record(str(i), s, {}, {"memory": "none"}, {}) for i, s in enumerate(statuses)]
+    lines, exit_code = summary_lines(records, Path("multirun/x"))
     assert exit_code == code
     assert lines[0].startswith(f"[sweepbp] sweep finished: {len(statuses)} jobs (")

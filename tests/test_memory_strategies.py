@@ -8,6 +8,7 @@ same kernels, so in practice the values agree bit for bit on CPU).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -18,9 +19,10 @@ from sweepbp.config import SELECTIVE_POLICIES, leaf_params
 from sweepbp.train.data import TokenBatches
 from sweepbp.train.lora import apply_lora
 from sweepbp.measure.tracker import ACTIVATION, MemoryTracker
-from sweepbp.memory import AppliedMemory, apply_memory_strategy, assert_training_mode, decoder_layers
+from sweepbp.memory import AppliedMemory, apply_memory_strategy, assert_training_mode
+from sweepbp.memory.checkpoint import decoder_layers
 from sweepbp.train.model import build_model
-from sweepbp.train.module import register_state
+from sweepbp.train.module import register_state, train_step
 from sweepbp.memory.selective import MATMUL_OPS, POLICIES, adapter_rank
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -34,6 +36,10 @@ STRATEGIES = {  # label -> overrides
     "offload": ["memory=offload"],
     "ckpt_offload": ["memory=ckpt_offload"],
 }
+
+
+def _untimed(phase: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -63,19 +69,37 @@ def build(overrides: list[str], train: bool = True, device: torch.device = CPU):
     return model, applied, batches
 
 
+class KeepGradients:
+    """Stands in for the optimizer of `train_step`: its step keeps a copy of the adapter gradients."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def step(self) -> None:
+        self.grads = {n: p.grad.detach().clone() for n, p in self.params.items()}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.params.values():
+            param.grad = None
+
+
 def traced_step(model, applied: AppliedMemory, batch: dict) -> Trace:
+    """The module's own training step (`train_step`: the strategy's forward context, backward, optimizer),
+    traced; the bytes still live when the backward starts are what the forward saved for it."""
     tracker = MemoryTracker("cpu")
     register_state(tracker, model, None, batch)
+    optimizer = KeepGradients(model)
+    saved: list[int] = []
+
+    def backward(loss: torch.Tensor) -> None:
+        saved.append(tracker.live_bytes - tracker.report().start_bytes)  # host copies are not device bytes
+        loss.backward()
+
     with tracker:
-        with tracker.phase_of("forward"), applied.forward_context():
-            loss = model(**batch).loss
-        # everything the forward allocates is an activation (host copies are not device bytes)
-        saved = tracker.live_bytes - tracker.report().start_bytes
-        with tracker.phase_of("backward"):
-            loss.backward()
+        train_step(model, applied, batch, optimizer, backward, tracker.phase_of)
     report = tracker.report()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return Trace(report.category_peaks[ACTIVATION], saved, report.host_peak_bytes, grads, applied)
+    return Trace(report.category_peaks[ACTIVATION], saved[0], report.host_peak_bytes, optimizer.grads, applied)
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +131,7 @@ def test_same_loss_curve_as_none_with_dropout():
         torch.manual_seed(0)
         losses = []
         for step in range(3):
-            with applied.forward_context():
-                loss = model(**batches[step]).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, applied, batches[step], optimizer, torch.Tensor.backward, _untimed)
             losses.append(loss.item())
         curves[label] = torch.tensor(losses)
     assert len(set(curves["none"].tolist())) == 3  # the adapter did learn: the curve is not flat

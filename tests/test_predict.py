@@ -9,10 +9,11 @@ from conftest import FAST, compose
 from sweepbp.predict.autobatch import BatchSearch, largest_fitting
 from sweepbp.cli.precheck import available_options
 from sweepbp.job import run_job
+from sweepbp.metrics import CATALOGUE
 from sweepbp.predict.trace import predict
 
-MEASURED = ["peak_memory_bytes", "param_bytes", "trainable_param_bytes", "grad_bytes", "optimizer_state_bytes",
-            "activation_bytes", "other_bytes", "host_offload_bytes", "inference_peak_bytes"]
+# Every memory figure the catalogue says a prediction also gives (predicted_<name>).
+MEASURED = [m.name for m in CATALOGUE if m.predicted and m.unit == "bytes"]
 
 
 def assert_prediction_exact(metrics: dict[str, float]) -> None:
@@ -30,6 +31,9 @@ def test_measured_run_logs_an_exact_prediction_for_every_strategy(strategy):
     assert result.environment["predicted_device"] == "cpu"
     assert_prediction_exact(result.metrics)
     assert result.metrics["predict_time_s"] > 0
+    # the strategy acted in the measured step itself (equal to a prediction that also lacked it would pass)
+    assert (result.metrics["host_offload_bytes"] > 0) == ("offload" in strategy)
+    assert (result.metrics["checkpointed_layers"] > 0) == (strategy in ("ckpt", "selective", "ckpt_offload"))
 
 
 @pytest.mark.parametrize("overrides", [

@@ -192,10 +192,11 @@ def test_sweep_end_summary_has_jobs_that_ran_where_the_folder_is_not_shared(swee
     for job in ("0", "1"):  # only these two jobs ran on this machine
         shutil.copytree(sweep_dir / job, here / job)
     tracking = TrackingConfig(name="mlflow", uri=server, experiment=EXPERIMENT)
-    elsewhere = report_sweep_folder(here, sweep_id_of(sweep_dir.resolve()), tracking)
+    records = report_sweep_folder(here, sweep_id_of(sweep_dir.resolve()), tracking)
     assert (here / "summary.csv").read_text() == (sweep_dir / "summary.csv").read_text()
     # what the sweep's exit code counts besides the folder: job 3 failed on the other machine
-    assert sorted((r.job, r.status) for r in elsewhere) == [("2", "ok"), ("3", "failed")]
+    elsewhere = sorted((r.job, r.status) for r in records if r.job not in ("0", "1"))
+    assert elsewhere == [("2", "ok"), ("3", "failed")]
 
 
 def test_an_unreachable_store_at_the_sweeps_end_keeps_the_folders_report(capsys):
@@ -205,4 +206,7 @@ def test_an_unreachable_store_at_the_sweeps_end_keeps_the_folders_report(capsys)
 
     down = TrackingConfig(name="mlflow", uri="http://127.0.0.1:9", experiment=EXPERIMENT)
     assert _store_only_records(down, "any-sweep", []) == []
-    assert "jobs run elsewhere not added to the report" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "jobs run elsewhere not added to the report" in err
+    # the health check answered (one refused connection), not MLflow's client after its minutes of retries
+    assert "Connection refused" in err and "Mlflow" not in err

@@ -77,25 +77,28 @@ def test_other_hydra_applications_keep_the_plugins_defaults(tmp_path):
 
 
 def test_slurm_preset_asks_for_one_gpu_a_time_limit_and_an_array_limit(tmp_path, monkeypatch):
-    """The sbatch script submitit writes for hydra/launcher=submitit_slurm; a fake `srun` on PATH stands in for a cluster."""
-    import submitit
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    """The sbatch script that hydra/launcher=submitit_slurm submits for a 20-job sweep: the real plugin's
+    launch() and submitit write it; fake `srun` and `sbatch` on PATH stand in for a cluster, and sbatch keeps
+    the script and refuses the job."""
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
     from omegaconf import OmegaConf
 
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "srun").write_text("#!/bin/sh\n")
-    (fake / "srun").chmod(0o755)
+    kept = tmp_path / "submitted.sh"
+    (fake / "sbatch").write_text(f"#!/bin/sh\ncp \"$1\" {kept}\necho 'no cluster here' >&2\nexit 1\n")
+    (fake / "srun").write_text("#!/bin/sh\n")  # submitit looks for srun before it submits anything
+    for tool in ("sbatch", "srun"):
+        (fake / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{__import__('os').environ['PATH']}")
-    cfg = _with_hydra(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"])
-    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
-    # What SlurmLauncher.launch does: shared keys as they are, the others slurm_-prefixed.
-    shared = set(OmegaConf.structured(BaseQueueConf).keys()) - {"submitit_folder", "name"}
-    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
-    executor.update_parameters(**{k if k in shared else f"slurm_{k}": v for k, v in params.items()
-                                  if k not in ("_target_", "submitit_folder", "name", "max_num_timeout")})
-    executor._executor.parameters["map_count"] = 20  # what map_array sets for a 20-job sweep
-    text = executor._executor._make_submission_file_text("python -m job", "uid")
+    cfg = _with_hydra(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+                       f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    launcher = SlurmLauncher(**{k: v for k, v in params.items() if k != "_target_"})
+    launcher.setup(hydra_context=None, task_function=lambda cfg: None, config=cfg)
+    with pytest.raises(Exception, match="no cluster here"):
+        launcher.launch([[f"trainer.seed={i}"] for i in range(20)], initial_job_idx=0)
+    text = kept.read_text()
     assert "#SBATCH --gpus-per-node=1" in text
     assert "#SBATCH --time=120" in text
     assert "#SBATCH --partition=gpu" in text

@@ -62,13 +62,13 @@ def test_a_recorded_job_holds_no_credentials_anywhere(tmp_path: Path, monkeypatc
     """Params, tags, artifacts and job files of a job whose error message quotes the secret URI."""
     from mlflow.tracking import MlflowClient
 
-    from sweepbp.tracking.mlflow_store import Recorder
+    from sweepbp.tracking import open_store
 
     monkeypatch.setenv("HF_TOKEN", "hf_t0k3n")
     run = compose([f"tracking.uri='{SECRET_URI}'"])
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    recorder = Recorder(TrackingConfig(uri=store))  # the secret server does not exist: record locally
-    run_id = recorder.start_job(run, "secret", None, {"sweepbp.config_hash": "x"})
+    recorder = open_store(TrackingConfig(uri=store))  # the secret server does not exist: record locally
+    run_id = recorder.open_job(run, "secret", None, {"sweepbp.config_hash": "x"})
     result = JobResult(status="failed", mode="measure", config=config_as_dict(run.cfg), choices=run.choices,
                        environment={**host_environment(), "traceback": f"ConnectionError: {SECRET_URI}"},
                        error=f"MlflowException: cannot reach {SECRET_URI}")

@@ -17,14 +17,14 @@ from urllib.parse import urlsplit
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+GB = 1e9  # budget_gb and every figure shown in GB are decimal gigabytes, like device memory sizes
 GROUPS = ("model", "lora", "memory", "batch", "trainer", "data", "tracking", "strategy")
-STRATEGIES = ("single", "ddp", "fsdp")
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa")
 MODES = ("measure", "predict")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
-SELECTIVE_POLICIES = ("save_matmuls", "save_attention")  # memory.policy of memory=selective (see selective.py)
+SELECTIVE_POLICIES = ("save_matmuls", "save_attention")  # memory.policy of memory=selective (see memory/selective.py)
 # Linear sub-modules of the decoder families sweepbp builds from a config (Llama, Mistral, Qwen2 share them).
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -173,9 +173,25 @@ class SweepbpConfig:
     resume: bool = False  # skip jobs whose exact config already finished ok or oom in the store
 
     @property
+    def budget_bytes(self) -> int | None:
+        """`budget_gb` in bytes (None: no budget)."""
+        return int(self.budget_gb * GB) if self.budget_gb is not None else None
+
+    @property
     def world_size(self) -> int:
         """Processes of one job: trainer.devices for ddp and fsdp, else 1."""
         return self.trainer.devices if self.strategy.name in ("ddp", "fsdp") else 1
+
+
+# Groups whose `name` selects behaviour: each name and the schema its fields come from.
+NAMED_SCHEMAS: dict[str, dict[str, type]] = {
+    "memory": {"none": MemoryConfig, "ckpt": CkptMemoryConfig, "selective": SelectiveMemoryConfig,
+               "offload": OffloadMemoryConfig, "ckpt_offload": CkptOffloadMemoryConfig},
+    "strategy": {"single": StrategyConfig, "ddp": StrategyConfig, "fsdp": FsdpStrategyConfig},
+}
+# Fields of a random-init model.config that must be positive integers (when given).
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 @dataclass
@@ -205,7 +221,7 @@ SCHEMAS: dict[str, list[tuple[str, type]]] = {
 
 def register_schemas() -> None:
     """Register every schema with Hydra's ConfigStore (`<group>/<name>_schema`)."""
-    from hydra.core.config_store import ConfigStore
+    from hydra.core.config_store import ConfigStore  # Hydra only where configs are composed, not in jobs
 
     store = ConfigStore.instance()
     store.store(name="sweepbp_schema", node=SweepbpConfig)
@@ -249,6 +265,8 @@ def validate(cfg: SweepbpConfig) -> list[str]:
         problems.extend(_pretrained_problems(m.pretrained_path))
     elif not m.config:
         problems.append("model.config must hold the HF config fields of a random-init model, got {}")
+    else:
+        problems.extend(_shape_problems(m.config))
     need(lo.r > 0, "lora.r", lo.r, "a positive integer")
     need(lo.alpha > 0, "lora.alpha", lo.alpha, "a positive number")
     need(0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "in [0, 1)")
@@ -274,10 +292,10 @@ def validate(cfg: SweepbpConfig) -> list[str]:
     need(t.precision in PRECISIONS, "trainer.precision", t.precision, f"one of {', '.join(PRECISIONS)}")
     need(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, f"one of {', '.join(ACCELERATORS)}")
     need(t.devices >= 1, "trainer.devices", t.devices, "a positive integer")
+    problems.extend(_option_problems(cfg))
     problems.extend(_memory_problems(cfg.memory))
     problems.extend(_data_problems(cfg.data))
     problems.extend(_strategy_problems(cfg.strategy, t))
-    need(cfg.tracking.name in ("mlflow", "none"), "tracking.name", cfg.tracking.name, "mlflow or none")
     need(cfg.mode in MODES, "mode", cfg.mode, f"one of {', '.join(MODES)}")
     if cfg.budget_gb is not None:
         need(cfg.budget_gb > 0, "budget_gb", cfg.budget_gb, "a positive number of GB (1e9 bytes)")
@@ -304,6 +322,41 @@ def _pretrained_problems(path: str) -> list[str]:
     return []
 
 
+def _shape_problems(config: dict[str, Any]) -> list[str]:
+    """What transformers would refuse, or build into a model that cannot train, in a random-init shape."""
+    problems = []
+    for key in SHAPE_FIELDS:
+        value = config.get(key)
+        if key in config and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            problems.append(f"model.config.{key} must be a positive integer, got {value!r}")
+    if problems:
+        return problems
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    hidden = config.get("hidden_size")
+    if heads and hidden and "head_dim" not in config and hidden % heads:
+        problems.append(f"model.config.num_attention_heads must divide model.config.hidden_size={hidden} "
+                        f"(or set model.config.head_dim), got {heads}")
+    if heads and kv_heads and heads % kv_heads:
+        problems.append(f"model.config.num_key_value_heads must divide model.config.num_attention_heads={heads}, "
+                        f"got {kv_heads}")
+    return problems
+
+
+def _option_problems(cfg: SweepbpConfig) -> list[str]:
+    """A group's `name` must be the option its schema belongs to: `memory=none memory.name=ckpt` would
+    run ckpt without ckpt's fields (`memory.every`)."""
+    problems = []
+    for group, schemas in NAMED_SCHEMAS.items():
+        node = getattr(cfg, group)
+        if node.name not in schemas:
+            problems.append(f"{group}.name must be one of {', '.join(schemas)}, got {node.name!r}")
+        elif type(node) is not schemas[node.name]:
+            own = " or ".join(name for name, schema in schemas.items() if schema is type(node))
+            problems.append(f"{group}.name must be {own}, the chosen option's own name (choose {node.name} with "
+                            f"{group}={node.name}, not {group}.name={node.name}), got {node.name!r}")
+    return problems
+
+
 def _memory_problems(memory: MemoryConfig) -> list[str]:
     problems = []
     every = getattr(memory, "every", None)
@@ -319,8 +372,8 @@ def _memory_problems(memory: MemoryConfig) -> list[str]:
 
 
 def _strategy_problems(strategy: StrategyConfig, trainer: TrainerConfig) -> list[str]:
-    if strategy.name not in STRATEGIES:
-        return [f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy.name!r}"]
+    if strategy.name not in NAMED_SCHEMAS["strategy"]:
+        return []  # _option_problems says so
     if strategy.name == "single" and trainer.devices > 1:
         return [f"trainer.devices must be 1 with strategy=single, got {trainer.devices} (use strategy=ddp or fsdp)"]
     if strategy.name == "fsdp" and trainer.accelerator == "cpu":
@@ -373,6 +426,18 @@ def dotted_leaves(container: dict[str, Any]) -> dict[str, str]:
 
     walk("", container)
     return flat
+
+
+def nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `dotted_leaves`: {"lora.r": "8"} -> {"lora": {"r": "8"}}."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
 
 
 def config_yaml(cfg: SweepbpConfig) -> str:

@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import asdict
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from sweepbp.config import RunConfig, SweepbpConfig, config_as_dict
-from sweepbp.measure.device import (cap_device_memory, device_allocated, inference_allocator_figures,
-                                    reset_device_peaks, rss_peak_bytes)
+from sweepbp.config import RunConfig, SweepbpConfig
+from sweepbp.measure.device import (
+    cap_device_memory,
+    device_allocated,
+    inference_allocator_figures,
+    reset_device_peaks,
+    rss_peak_bytes,
+)
 from sweepbp.measure.timing import TimingSummary
+from sweepbp.measure.tracker import timeline_samples
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.predict.autobatch import resolve_batch_size
 from sweepbp.predict.estimate import estimate
 from sweepbp.predict.trace import PREFIX, Prediction, predict, target_device
-from sweepbp.result import JobResult, host_environment
+from sweepbp.result import JobResult, Status, host_environment
 from sweepbp.train.data import TokenBatches
 from sweepbp.train.distributed import data_seed, process_group_record, trainer_arguments
 from sweepbp.train.environment import device_environment, pick_device, quiet_libraries
@@ -30,8 +35,6 @@ from sweepbp.train.flops import peak_flops
 from sweepbp.train.lora import apply_lora
 from sweepbp.train.model import build_model, hf_config, parameter_counts
 from sweepbp.train.module import Diverged, LoraFinetune, inference_peak
-
-GB = 1e9
 
 
 class Interrupted(BaseException):
@@ -41,41 +44,36 @@ class Interrupted(BaseException):
 
 def run_job(run: RunConfig, progress=None) -> JobResult:
     """Run one job to a result; every expected failure becomes a status, never an exception."""
-    cfg = run.cfg
-    result = JobResult(status="running", mode=cfg.mode, config=config_as_dict(cfg), choices=run.choices,
-                       environment=host_environment())
+    result = JobResult.of(run, Status.RUNNING, environment=host_environment())
     start = time.perf_counter()
     try:
         quiet_libraries()
-        if cfg.mode == "predict":
-            result.environment.update(device_environment(torch.device("cpu"), cfg.trainer.seed))
+        if run.cfg.mode == "predict":
             predict_job(run, result)
         else:
-            device = pick_device(cfg.trainer.accelerator)
-            result.environment.update(device_environment(device, cfg.trainer.seed))
-            _fit_and_measure(run, device, result, progress, start)
-        result.status = "ok"
+            measure_job(run, result, progress, start)
+        result.status = Status.OK
     except torch.OutOfMemoryError as err:
-        result.status, result.error = "oom", _one_line(err)
+        result.status, result.error = Status.OOM, _one_line(err)
     except (Interrupted, KeyboardInterrupt):
-        result.status, result.error = "killed", "interrupted (Ctrl-C or SIGTERM)"
+        result.status, result.error = Status.KILLED, "interrupted (Ctrl-C or SIGTERM)"
+    except Diverged as err:
+        result.status, result.error = Status.DIVERGED, _one_line(err)
     except Exception as err:
-        if isinstance(err, Diverged):
-            result.status, result.error = "diverged", _one_line(err)
-        else:
-            result.status, result.error = "failed", _one_line(err)
-            result.environment["traceback"] = traceback.format_exc()
+        result.status, result.error = Status.FAILED, _one_line(err)
+        result.environment["traceback"] = traceback.format_exc()
     result.metrics["job_time_s"] = time.perf_counter() - start
     return result
 
 
-def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, progress, start: float) -> None:
+def measure_job(run: RunConfig, result: JobResult, progress, start: float) -> None:
+    """mode=measure: predict, build, adapt, apply the memory strategy, fit; the measurements go into `result`."""
+    device = pick_device(run.cfg.trainer.accelerator)
+    result.environment.update(device_environment(device, run.cfg.trainer.seed))
     run = resolve_batch_size(run, device.type, result.metrics)  # batch.size=auto
     cfg = run.cfg
     add_prediction(cfg, device.type, result)  # before the real model exists: it costs no device memory
-    budget = int(cfg.budget_gb * GB) if cfg.budget_gb is not None else None
-    if budget is not None and device.type == "cuda":
-        cap_device_memory(device, budget)
+    cap_device_memory(device, cfg.budget_bytes)
     model = apply_lora(build_model(cfg.model, device, cfg.trainer.seed), cfg.lora)
     applied = apply_memory_strategy(model, cfg.memory, device)
     model.train()
@@ -85,10 +83,10 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
     result.metrics.update(parameter_counts(model, cfg.batch.seq_len))
     result.metrics["checkpointed_layers"] = applied.checkpointed_layers
     result.metrics["setup_time_s"] = time.perf_counter() - start
-    result.metrics.update(measure_inference(model, batches[0], device, budget))
+    result.metrics.update(measure_inference(model, batches[0], device, cfg.budget_bytes))
 
     module = LoraFinetune(model, applied, cfg.trainer.lr, cfg.trainer.weight_decay, cfg.trainer.warmup_steps,
-                          budget, on_step=progress)
+                          cfg.budget_bytes, on_step=progress)
     trainer = L.Trainer(max_steps=cfg.trainer.steps, accelerator="gpu" if device.type == "cuda" else "cpu",
                         devices=cfg.trainer.devices, precision=cfg.trainer.precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -103,11 +101,38 @@ def _fit_and_measure(run: RunConfig, device: torch.device, result: JobResult, pr
         raise Interrupted()
 
 
+def predict_job(run: RunConfig, result: JobResult) -> None:
+    """mode=predict: the job's record is its prediction. Over `budget_gb` it is an `oom` result (with
+    every predicted figure kept), as the real job would be."""
+    device = target_device(run.cfg.trainer.accelerator)
+    result.environment.update(device_environment(torch.device("cpu"), run.cfg.trainer.seed))
+    result.environment["predicted_device"] = device
+    run = resolve_batch_size(run, device, result.metrics)
+    prediction = predict(run.cfg, device, keep_timeline=True)
+    _record(run.cfg, prediction, result)
+    result.metrics.update(prediction.parameters)
+    result.metrics["checkpointed_layers"] = float(prediction.checkpointed_layers)
+    result.timeline = timeline_samples(prediction.report)
+    if not prediction.fits(run.cfg.budget_bytes):
+        raise torch.OutOfMemoryError(f"predicted peak {prediction.peak_bytes:,} bytes exceeds "
+                                     f"budget_gb={run.cfg.budget_gb:g} on {device}")
+
+
+def add_prediction(cfg: SweepbpConfig, device: str, result: JobResult) -> None:
+    """mode=measure: log the job's prediction beside its measurement. A prediction that fails is noted
+    in the environment and never fails the measured job."""
+    result.environment["predicted_device"] = device
+    try:
+        _record(cfg, predict(cfg, device), result)
+    except Exception as err:  # the measurement is what the job is for
+        result.environment["prediction_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
 def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
     """Whatever was measured so far goes into the result, also when the fit stopped early."""
     if module.trace is not None:
         result.metrics.update(module.trace.metrics())
-        result.timeline = [asdict(s) for s in module.trace.timeline[:: max(1, len(module.trace.timeline) // 2000)]]
+        result.timeline = timeline_samples(module.trace)
     if module.timers:
         timing = TimingSummary([t.total for t in module.timers], [t.phases["forward"] for t in module.timers],
                                [t.phases["backward"] for t in module.timers], [t.phases["optim"] for t in module.timers])
@@ -151,33 +176,6 @@ def _add_mfu(result: JobResult, device: torch.device) -> None:
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
-
-
-def predict_job(run: RunConfig, result: JobResult) -> None:
-    """mode=predict: the job's record is its prediction. Over `budget_gb` it is an `oom` result (with
-    every predicted figure kept), as the real job would be."""
-    device = target_device(run.cfg.trainer.accelerator)
-    result.environment["predicted_device"] = device
-    run = resolve_batch_size(run, device, result.metrics)
-    prediction = predict(run.cfg, device, keep_timeline=True)
-    _record(run.cfg, prediction, result)
-    result.metrics.update(prediction.parameters)
-    result.metrics["checkpointed_layers"] = float(prediction.checkpointed_layers)
-    result.timeline = [asdict(s) for s in prediction.report.timeline[:: max(1, len(prediction.report.timeline) // 2000)]]
-    budget = int(run.cfg.budget_gb * GB) if run.cfg.budget_gb is not None else None
-    if not prediction.fits(budget):
-        raise torch.OutOfMemoryError(f"predicted peak {prediction.peak_bytes:,} bytes exceeds "
-                                     f"budget_gb={run.cfg.budget_gb:g} on {device}")
-
-
-def add_prediction(cfg: SweepbpConfig, device: str, result: JobResult) -> None:
-    """mode=measure: log the job's prediction beside its measurement. A prediction that fails is noted
-    in the environment and never fails the measured job."""
-    result.environment["predicted_device"] = device
-    try:
-        _record(cfg, predict(cfg, device), result)
-    except Exception as err:  # the measurement is what the job is for
-        result.environment["prediction_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def prediction_errors(metrics: dict[str, float]) -> dict[str, float]:

@@ -16,8 +16,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweepbp.config import SCHEMAS, SweepbpConfig, register_schemas, to_run_config
+from sweepbp.config import (
+    SCHEMAS,
+    ConfigError,
+    SweepbpConfig,
+    TrackingConfig,
+    redact_uri,
+    register_schemas,
+    to_run_config,
+)
+from sweepbp.result import Status
 from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
+from sweepbp.sweep.task import JobContext, record_job
+from sweepbp.tracking import BACKENDS, NONE, RUN_ID, StoreError, open_store
+from sweepbp.tracking.uris import resolve_uri
 
 
 def typed_config(text: str) -> DictConfig:
@@ -36,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sweepbp.rerun",
                                      description="Rerun exactly the config an MLflow run recorded.")
     parser.add_argument("run_id", help="the MLflow run to reproduce")
+    parser.add_argument("--tracking", default="mlflow", choices=list(BACKENDS),
+                        help="the tracking backend that holds the run (default: %(default)s)")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
                         help="MLflow store holding the run, where the rerun is recorded too (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="job folder (default: outputs/rerun-RUN_ID)")
@@ -46,22 +60,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Rerun one recorded run; exit 0 when it finished ok."""
     args = parse_args(argv)
-    from sweepbp.config import ConfigError
-    from sweepbp.sweep.task import JobContext, record_job
-    from sweepbp.tracking.mlflow_store import StoreError, recorded_run
-    from sweepbp.config import redact_uri
-    from sweepbp.tracking.uris import resolve_uri
-
     uri = resolve_uri(args.tracking_uri)
     try:
-        recorded = recorded_run(uri, args.run_id)
+        recorded = open_store(TrackingConfig(name=args.tracking, uri=uri)).recorded_run(args.run_id)
     except StoreError as err:
         print(f"sweepbp.rerun: error: {err} (store {redact_uri(uri)})", file=sys.stderr)
         return 1
     register_schemas()
     cfg = typed_config(recorded.config_text)
     cfg.tracking.uri = uri  # record next to the original, whatever folder the original ran from
-    cfg.tracking.name = "none" if args.no_record else cfg.tracking.name
+    cfg.tracking.name = NONE if args.no_record else args.tracking
     cfg.resume = False  # a rerun runs, even though an identical run finished
     try:
         run = to_run_config(cfg, recorded.choices)
@@ -72,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = record_job(run, JobContext(out, None, None, 0, 1, tags={"sweepbp.rerun_of": args.run_id}))
     except KeyboardInterrupt as stop:  # record_job has recorded the rerun as killed before re-raising
-        where = "" if run.cfg.tracking.name == "mlflow" else f" in {out / 'results.json'} only (no MLflow run)"
+        where = "" if run.cfg.tracking.name != NONE else f" in {out / 'results.json'} only (not tracked)"
         return stopped_exit_code(stop, f"sweepbp.rerun: stopped ({stop}): the rerun is recorded as killed{where}")
-    new_id = result.environment.get("mlflow_run_id")
+    new_id = result.environment.get(RUN_ID)
     print(f"[sweepbp] rerun of {args.run_id}: status={result.status}, run {new_id or '(not recorded)'}, "
           f"results in {out / 'results.json'}", file=sys.stderr)
     print(f"[sweepbp] {loss_comparison(recorded.losses, result.losses)}", file=sys.stderr)
-    return 0 if result.status == "ok" else 1
+    return 0 if result.status == Status.OK else 1
 
 
 def loss_comparison(original: list[float] | None, new: list[float]) -> str:

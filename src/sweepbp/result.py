@@ -1,4 +1,5 @@
-"""A job's outcome as one typed value: status, config, metrics, environment. Serialised to results.json."""
+"""A job's outcome as one typed value (status, config, metrics, environment; serialised to results.json),
+the statuses it can have, and the ids a sweep is known by."""
 
 from __future__ import annotations
 
@@ -8,16 +9,47 @@ import os
 import platform
 import subprocess
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 
-STATUSES = ("ok", "oom", "failed", "diverged", "killed", "skipped")
+from sweepbp.config import RunConfig, config_as_dict
+
+
+class Status(str, Enum):
+    """How a job ended. `oom` and `diverged` are answers about the config, not errors of the tool."""
+
+    OK = "ok"
+    OOM = "oom"  # out of memory: the device, the budget_gb cap, or the host's OOM killer
+    DIVERGED = "diverged"  # the loss became NaN or infinite
+    FAILED = "failed"  # any other error
+    KILLED = "killed"  # stopped by Ctrl-C or SIGTERM
+    RUNNING = "running"  # not finished (yet): recorded while it runs, or cut short by kill -9
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_error(self) -> bool:
+        """A sweep with a job of this status exits non-zero."""
+        return self in (Status.FAILED, Status.KILLED)
+
+    @property
+    def reusable(self) -> bool:
+        """resume=true does not run a config again that ended like this."""
+        return self in (Status.OK, Status.OOM)
+
+    @property
+    def severity(self) -> int:
+        """When the ranks of one job disagree, the most severe status explains the job: a rank that ran out
+        of memory beats the ranks that were stopped because of it."""
+        return list(Status).index(self) if self != Status.OK else len(Status)
 
 
 @dataclass
 class JobResult:
     """Everything one job produced; the sweep report is computed from these records alone."""
 
-    status: str
+    status: Status
     mode: str
     config: dict
     choices: dict[str, str]
@@ -27,11 +59,22 @@ class JobResult:
     error: str | None = None
     timeline: list[dict] = field(default_factory=list)  # live bytes by category through the traced step
 
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)  # from JSON, a plain string
+
+    @classmethod
+    def of(cls, run: RunConfig, status: Status, error: str | None = None, **fields_) -> "JobResult":
+        """A result for `run`, before or without its measurements (a failed, lost or stopped job)."""
+        return cls(status=status, mode=run.cfg.mode, config=config_as_dict(run.cfg), choices=run.choices,
+                   error=error, **fields_)
+
     def to_json(self, indent: int | None = 2) -> str:
         """JSON text; indent=None is compact (several times faster for a long timeline: the pipe from a job)."""
         # A shallow dict: every field already holds JSON-ready values, and asdict's deep copy of the
         # timeline costs more than the encoding.
-        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, indent=indent, default=str)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["status"] = self.status.value
+        return json.dumps(data, indent=indent, default=str)
 
     @classmethod
     def from_json(cls, text: str) -> "JobResult":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 LOCAL_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
@@ -24,13 +25,13 @@ TIME_LIMIT_MIN = 120  # a job still running after this is killed (sbatch --time 
 
 # Names sweepbp configures when their plugin is installed.
 PRESETS = ("joblib", "submitit_local", "submitit_slurm")
+# Launchers whose jobs run on other machines (pre-flight does not judge those machines' devices by this one's).
+REMOTE_LAUNCHERS = ("submitit_slurm",)
 
 
 def launcher_options(user_files: list[str]) -> list[str]:
     """Every `hydra/launcher` option Hydra can find now: Hydra's own and the installed plugins' (all in the
     ConfigStore once Hydra has scanned its plugins) and option files of the user's ./conf."""
-    from hydra.core.config_store import ConfigStore
-
     stored = [name.removesuffix(".yaml") for name in ConfigStore.instance().list("hydra/launcher")]
     return sorted({*stored, *user_files}, key=lambda name: (name != "basic", name))
 
@@ -47,10 +48,8 @@ def register_resolver() -> None:
 
 def register_launcher_presets() -> None:
     """Store sweepbp's presets over the plugins' configs (idempotent; skips plugins not installed)."""
-    from hydra.core.config_store import ConfigStore
-
     store = ConfigStore.instance()
-    try:
+    try:  # an optional plugin: the preset exists only where it is installed
         from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
     except ImportError:
         pass
@@ -59,7 +58,7 @@ def register_launcher_presets() -> None:
         # figures do not. For mapping memory quickly; time with the basic launcher or submitit_local.
         store.store(group="hydra/launcher", name="joblib", provider="sweepbp",
                     node=replace(JobLibLauncherConf(), n_jobs=2))
-    try:
+    try:  # an optional plugin too
         from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
     except ImportError:
         return

@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import sys
 
-from sweepbp.cli.precheck import MAX_PRECHECKED_JOBS, config_dir, precheck
+from hydra._internal.utils import get_args_parser
+
+from sweepbp.cli.precheck import MAX_PRECHECKED_JOBS, config_dir, launcher_of, precheck
 from sweepbp.config import RunConfig, register_schemas
 from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
+from sweepbp.sweep.worker import start_workers, stop_workers
 from sweepbp.tracking.redaction import install_log_redaction
 
 
@@ -31,9 +34,7 @@ def main(argv: list[str] | None = None) -> None:
 def _main(args: list[str]) -> None:
     register_schemas()
     if _wants_help(args):
-        from hydra._internal.utils import get_args_parser
-
-        from sweepbp.cli.usage import help_text
+        from sweepbp.cli.usage import help_text  # --help only: one composition, no launch
 
         print(help_text(get_args_parser().parse_args(args).overrides))
         return
@@ -45,11 +46,11 @@ def _main(args: list[str]) -> None:
         raise SystemExit(2)
     os.environ["SWEEPBP_SWEEP_SIZE"] = str(jobs)
     if 0 < jobs <= MAX_PRECHECKED_JOBS:
-        from hydra_plugins.sweepbp_sweeper import PRECHECKED
+        from hydra_plugins.sweepbp_sweeper import PRECHECKED  # Hydra's sweeper: only for a sweep that runs
 
         os.environ[PRECHECKED] = "1"  # every job composed and validated: the sweeper need not do it again
     sys.argv = [sys.argv[0], *args]
-    import hydra
+    import hydra  # the whole of Hydra and the sweep's task: only once every job is valid (errors stay fast)
 
     from sweepbp.sweep.task import run_task
 
@@ -66,27 +67,12 @@ _started_workers = False
 def _start_workers_early(run: RunConfig, overrides: list[str]) -> None:
     """Jobs of the basic launcher run in this process: start their pre-importing worker now."""
     global _started_workers
-    launcher = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "hydra/launcher"]
-    if launcher and launcher[-1] != "basic":
+    if launcher_of(overrides) != "basic":
         return  # the jobs run in other processes, which start their own worker
-    from sweepbp.sweep.worker import start_workers
-
     start_workers(run.cfg.model.arch)
     _started_workers = True
 
 
 def _stop_workers_if_started() -> None:
     if _started_workers:
-        from sweepbp.sweep.worker import stop_workers
-
         stop_workers()
-
-
-def available_options(group: str) -> list[str]:
-    """Option names of a config group: shipped YAML files plus the user's ./conf/<group>/."""
-    folders = [config_dir() / group]
-    user = user_config_dir()
-    if user is not None:
-        folders.append(user / group)
-    return sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
-

@@ -6,15 +6,23 @@ seconds: `sweepbp: error: lora.r must be a positive integer, got 0`.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
-from sweepbp.config import GROUPS, ConfigError, RunConfig, to_run_config
-from sweepbp.config import redact_uri
+from sweepbp.cli.launchers import PRESETS, REMOTE_LAUNCHERS, launcher_options
+from sweepbp.config import GROUPS, ConfigError, RunConfig, redact_uri, to_run_config
+from sweepbp.tracking import NONE, TITLES, backend_names
 from sweepbp.tracking.uris import unreachable_reason
 
 # OmegaConf's type errors: "Value 'abc' of type 'str' could not be converted to Integer", "... is not a valid bool"
@@ -46,8 +54,6 @@ def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], N
     `on_first_valid` is called once, with the first job that validates: the command line starts the
     pre-importing worker there, so the heavy imports overlap with checking the remaining jobs.
     """
-    from hydra._internal.utils import get_args_parser
-
     parsed = get_args_parser().parse_args(args)
     if any(getattr(parsed, flag, None) for flag in INFO_FLAGS):
         return [], 1
@@ -61,10 +67,9 @@ def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], N
         problems, _ = precheck([a for a in args if "glob(" not in a], on_first_valid)
         return problems, 0
     problems: list[str] = []
+    here = runs_here(parsed.overrides)
     for combo in combos[:MAX_PRECHECKED_JOBS]:
-        lines, run = check_job_config(combo)
-        if not lines and run is not None:
-            lines = tracking_problems(run)
+        lines, run = check_job(combo, here)
         for line in lines:
             if line not in problems:
                 problems.append(line)
@@ -78,9 +83,6 @@ def expand(overrides: list[str], multirun: bool, with_hydra: bool = True) -> lis
     """The override list of every job (the cartesian product, as Hydra's basic sweeper makes it);
     None for sweeps only Hydra can expand (glob()). Overrides of Hydra's own settings (hydra.*,
     hydra/launcher=...) go with every job unless `with_hydra` is false; sweeps of them are Hydra's."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     parser = OverridesParser.create()
     parsed = []
     for line in overrides:  # one at a time, so the message can name the override that is wrong
@@ -106,20 +108,17 @@ def expand(overrides: list[str], multirun: bool, with_hydra: bool = True) -> lis
     return [list(combo) for combo in itertools.product(*axes)]
 
 
-def check_job(overrides: list[str]) -> list[str]:
-    """Compose one job like Hydra will and validate it; problems as one-liners."""
+def check_job(overrides: list[str], runs_here: bool = True) -> tuple[list[str], RunConfig | None]:
+    """Compose one job like Hydra will and validate it, its tracking store and (for jobs that run on this
+    machine) what it asks of the devices; problems as one-liners, and the job when there are none."""
     problems, run = check_job_config(overrides)
     if run is not None and not problems:
-        problems = tracking_problems(run)
-    return problems
+        problems = tracking_problems(run) + (device_problems(run) if runs_here else [])
+    return problems, run
 
 
 def check_job_config(overrides: list[str]) -> tuple[list[str], RunConfig | None]:
     """Compose one job like Hydra will and validate its config (not its tracking store)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="sweepbp"):
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
@@ -134,11 +133,59 @@ def check_job_config(overrides: list[str]) -> tuple[list[str], RunConfig | None]
 
 def tracking_problems(run: RunConfig) -> list[str]:
     """Whether the job's tracking store can be reached (HTTP servers are asked for /health)."""
-    if run.cfg.tracking.name == "mlflow":
-        reason = unreachable_reason(run.cfg.tracking.uri)
+    tracking = run.cfg.tracking
+    if tracking.name not in backend_names():
+        return [f"tracking.name must be one of {', '.join(backend_names())}, got {tracking.name!r}"]
+    if tracking.name != NONE:
+        reason = unreachable_reason(tracking.uri)
         if reason:
-            return [f"tracking.uri must be a reachable MLflow store, got {redact_uri(run.cfg.tracking.uri)!r} ({reason})"]
+            return [f"tracking.uri must be a reachable {TITLES[tracking.name]} store, got "
+                    f"{redact_uri(tracking.uri)!r} ({reason})"]
     return []
+
+
+def launcher_of(overrides: list[str]) -> str:
+    """The `hydra/launcher` option a command line chose (`basic`, Hydra's default, when it chose none)."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "hydra/launcher"]
+    return chosen[-1] if chosen else "basic"
+
+
+def runs_here(overrides: list[str]) -> bool:
+    """Whether the jobs run on this machine (not on a cluster's nodes, whose devices this one cannot see)."""
+    return launcher_of(overrides) not in REMOTE_LAUNCHERS
+
+
+def device_problems(run: RunConfig) -> list[str]:
+    """What the job asks of this machine's devices that it does not have (mode=measure, jobs run here)."""
+    cfg = run.cfg
+    if cfg.mode != "measure" or local_cuda_gpus() != 0:
+        return []
+    if cfg.strategy.name == "fsdp":
+        return ["strategy must be single or ddp on a machine without a CUDA GPU, got 'fsdp' (FSDP shards over GPUs)"]
+    if cfg.trainer.accelerator in ("gpu", "cuda"):
+        return [f"trainer.accelerator must be auto or cpu on a machine without a CUDA GPU, got "
+                f"{cfg.trainer.accelerator!r} (mode=predict predicts for a GPU without one)"]
+    return []
+
+
+def local_cuda_gpus() -> int | None:
+    """NVIDIA GPUs this process may use, asked of the driver's NVML library (no torch: pre-flight stays fast);
+    None when that cannot be known here (an AMD GPU's ROCm build of torch also answers to "cuda")."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None if Path("/dev/kfd").exists() else 0
+    count = ctypes.c_uint(0)
+    if nvml.nvmlInit_v2() != 0:
+        return 0
+    try:
+        found = nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0
+    finally:
+        nvml.nvmlShutdown()
+    return count.value if found else 0
 
 
 def _without_hydra(cfg: DictConfig) -> DictConfig:
@@ -184,15 +231,11 @@ def _hydra_message(err: Exception, overrides: list[str]) -> str:
 
 def _options(group: str) -> list[str]:
     if group == "hydra/launcher":
-        from sweepbp.cli.launchers import launcher_options
-
         return launcher_options(available_options(group))
     return available_options(group)
 
 
 def _install_hint(option: str) -> str:
-    from sweepbp.cli.launchers import PRESETS
-
     return " (install the launcher plugins: pip install -e \".[launchers]\")" if option in PRESETS else ""
 
 

@@ -7,6 +7,10 @@ the option files and one composition. `--hydra-help` still goes to Hydra.
 
 from __future__ import annotations
 
+from sweepbp.cli.launchers import launcher_options
+from sweepbp.cli.precheck import available_options, check_job_config
+from sweepbp.config import GROUPS, config_yaml
+
 EXAMPLES = """\
   python -m sweepbp                                   one job with the defaults below
   python -m sweepbp memory=ckpt lora.r=16             one job, two choices changed
@@ -22,10 +26,6 @@ FLAGS = """\
 
 def help_text(overrides: list[str]) -> str:
     """The help page: usage, flags, every group's options, and the config the overrides compose to."""
-    from sweepbp.cli.precheck import available_options, check_job_config
-    from sweepbp.config import GROUPS, config_yaml
-    from sweepbp.cli.launchers import launcher_options
-
     problems, run = check_job_config(overrides)  # also lets Hydra find its launcher plugins
     lines = [f"  {group}: {', '.join(available_options(group))}" for group in GROUPS]
     launchers = launcher_options(available_options("hydra/launcher"))

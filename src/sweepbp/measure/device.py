@@ -10,8 +10,11 @@ import resource
 import torch
 
 
-def cap_device_memory(device: torch.device, budget: int) -> None:
-    """Emulate a smaller GPU: the caching allocator refuses to grow past the budget."""
+def cap_device_memory(device: torch.device, budget: int | None) -> None:
+    """Emulate a smaller GPU: the caching allocator refuses to grow past the budget. On CPU the exact
+    tracker enforces the budget instead (MemoryTracker's `budget_bytes`)."""
+    if budget is None or device.type != "cuda":
+        return
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
 

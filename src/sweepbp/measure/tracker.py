@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from sweepbp.config import GB
 
 # Categories of device memory, in the order they claim a storage that fits several.
 PARAM, TRAINABLE, GRAD, OPTIMIZER, ACTIVATION, OTHER = (
@@ -187,7 +189,7 @@ class MemoryTracker(TorchDispatchMode):
             self._sample()
         if self.budget_bytes is not None and self._total > self.budget_bytes:
             raise torch.OutOfMemoryError(
-                f"sweepbp budget: {self._total} bytes live exceed budget_gb={self.budget_bytes / 1e9:g} "
+                f"sweepbp budget: {self._total} bytes live exceed budget_gb={self.budget_bytes / GB:g} "
                 f"while allocating {size} bytes in the {self.phase} phase")
 
     def _free(self, key: int) -> None:
@@ -227,6 +229,11 @@ class MemoryTracker(TorchDispatchMode):
     def __exit__(self, *exc):
         _active.remove(self)
         return super().__exit__(*exc)
+
+
+def timeline_samples(report: MemoryReport, most: int = 2000) -> list[dict]:
+    """The report's timeline as JSON-ready samples, every n-th one so that at most about `most` remain."""
+    return [asdict(s) for s in report.timeline[:: max(1, len(report.timeline) // most)]]
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

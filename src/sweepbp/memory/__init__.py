@@ -2,8 +2,9 @@
 
 Each strategy is one function in `STRATEGIES`, keyed by `memory.name`, that changes the model in place
 and returns what the training step needs to know. Adding a strategy = one schema in config.py, one YAML
-in conf/memory/, one function here. Selective-checkpointing policies live in selective.py, the
-offloading hooks in offload.py; docs/memory-strategies.md says when to pick which.
+in conf/memory/, one function here. The mechanisms live beside it: checkpointing of decoder layers in checkpoint.py,
+selective-checkpointing policies in selective.py, the offloading hooks in offload.py;
+docs/memory-strategies.md says when to pick which.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-from transformers.modeling_layers import GradientCheckpointingLayer
+from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
 from sweepbp.config import CkptOffloadMemoryConfig, MemoryConfig, OffloadMemoryConfig, SelectiveMemoryConfig
-from sweepbp.measure.tracker import layer_scope
+from sweepbp.memory.checkpoint import checkpoint_layers
 from sweepbp.memory.offload import HostOffload
 from sweepbp.memory.selective import selective_policy
 
@@ -32,40 +32,6 @@ class AppliedMemory:
     checkpointed_layers: int = 0
     forward_context: Callable[[], AbstractContextManager[None]] = field(default=contextlib.nullcontext)
     offload: HostOffload | None = None  # offloading strategies: the hooks and what they moved
-
-
-def decoder_layers(model: torch.nn.Module) -> list[GradientCheckpointingLayer]:
-    """The repeated decoder blocks, in order."""
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def _checkpointed(function, *args, checkpoint_kwargs: dict,
-                  around: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext):
-    """Non-reentrant checkpoint of one layer; the layer body is marked so recompute counts as activations.
-
-    `around` wraps the checkpoint call itself: saved-tensor hooks entered there see only what the
-    checkpoint saves through autograd, i.e. the layer's inputs (ckpt_offload relies on this)."""
-
-    def scoped(*inner_args, **inner_kwargs):
-        with layer_scope():
-            return function(*inner_args, **inner_kwargs)
-
-    with around():
-        return checkpoint(scoped, *args, use_reentrant=False, **checkpoint_kwargs)
-
-
-def checkpoint_layers(model: torch.nn.Module, every: int,
-                      around: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
-                      **checkpoint_kwargs) -> int:
-    """Checkpoint every `every`-th decoder layer through HF's per-layer hook; returns how many."""
-    layers = decoder_layers(model)
-    func = functools.partial(_checkpointed, checkpoint_kwargs=checkpoint_kwargs, around=around)
-    count = 0
-    for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = index % every == 0
-        layer._gradient_checkpointing_func = func
-        count += int(layer.gradient_checkpointing)
-    return count
 
 
 def _none(model: torch.nn.Module, memory: MemoryConfig, device: torch.device) -> AppliedMemory:

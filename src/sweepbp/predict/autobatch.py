@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from sweepbp.config import RunConfig
+import torch
 
-GB = 1e9
+from sweepbp.config import RunConfig
+from sweepbp.predict.trace import predict
+
 MAX_BATCH = 1 << 16
 
 
@@ -71,8 +73,6 @@ class BatchSearch:
 
     def peak(self, size: int) -> int:
         if size not in self.peaks:
-            from sweepbp.predict.trace import predict
-
             self.peaks[size] = predict(self.run.cfg, self.device, batch_size=size).peak_bytes
         return self.peaks[size]
 
@@ -88,10 +88,8 @@ def resolve_batch_size(run: RunConfig, device: str, metrics: dict[str, float]) -
     `auto_batch_size`). Raises torch.OutOfMemoryError when not even one sequence fits."""
     if run.cfg.batch.size != "auto":
         return run
-    import torch
-
     assert run.cfg.budget_gb is not None  # config validation requires it for 'auto'
-    search = BatchSearch(run, device, int(run.cfg.budget_gb * GB))
+    search = BatchSearch(run, device, run.cfg.budget_bytes)
     size = search.largest()
     metrics["auto_batch_size"] = float(size)
     metrics["auto_batch_predictions"] = float(len(search.peaks))

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from unittest import mock
 
 import torch
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 
 from sweepbp.measure.tracker import MemoryTracker
 
@@ -149,8 +151,6 @@ def _pointwise_key(func, args, kwargs) -> tuple | None:
 @contextlib.contextmanager
 def target_kernels(device: str, modelled: list[str]) -> Iterator[None]:
     """While tracing: attention as the target runs it."""
-    from unittest import mock
-
     def attention(*args, **kwargs):
         args, kwargs = _autocast(args, kwargs)
         out, backend = sdpa(device, *args, **kwargs)
@@ -181,8 +181,6 @@ def precision_plugin(precision: str, device: str, modelled: list[str]):
     Its `convert_module` and `train_step_context` are what a real fit applies to the module and around
     every training step.
     """
-    from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
-
     if precision in ("16-true", "bf16-true"):
         return HalfPrecision(precision)  # type: ignore[arg-type]
     if precision in ("32-true", "32"):

@@ -27,9 +27,17 @@ from dataclasses import dataclass, field
 from unittest import mock
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from transformers import PreTrainedModel, masking_utils
 
 from sweepbp.config import SweepbpConfig
 from sweepbp.measure.tracker import MemoryReport, MemoryTracker
+from sweepbp.memory import apply_memory_strategy, assert_training_mode
+from sweepbp.predict.target import MetaTracker, precision_plugin, target_kernels
+from sweepbp.train.environment import pick_device
+from sweepbp.train.lora import apply_lora
+from sweepbp.train.model import build_model, parameter_counts
+from sweepbp.train.module import counting_gradients, inference_peak, make_optimizer, step_tracker, train_step
 
 PREFIX = "predicted_"
 
@@ -72,19 +80,11 @@ def target_device(accelerator: str) -> str:
     """
     if accelerator in ("gpu", "cuda"):
         return "cuda"
-    from sweepbp.train.environment import pick_device
-
     return pick_device(accelerator).type
 
 
 def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep_timeline: bool = False) -> Prediction:
     """Trace one steady-state training step of `cfg` without data, for a `device` (cpu or cuda) target."""
-    from sweepbp.train.lora import apply_lora
-    from sweepbp.memory import apply_memory_strategy, assert_training_mode
-    from sweepbp.train.model import build_model, parameter_counts
-    from sweepbp.train.module import counting_gradients, inference_peak, make_optimizer, step_tracker, train_step
-    from sweepbp.predict.target import MetaTracker, precision_plugin, target_kernels
-
     size = int(batch_size if batch_size is not None else cfg.batch.size)
     start = time.perf_counter()
     modelled: list[str] = []
@@ -126,8 +126,6 @@ def no_data(meta: bool, model: torch.nn.Module, device: str) -> Iterator[tuple[s
     if meta:
         yield ("meta", "cpu") if device == "cpu" else ("meta",)
         return
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         yield ("cpu",)
@@ -176,8 +174,6 @@ def unpadded_sequences() -> Iterator[None]:
     (batch, 1, seq, seq) mask the real run never has. The padding warning reads token values (only when
     the config has a pad token; nothing it allocates outlives the check).
     """
-    from transformers import PreTrainedModel, masking_utils
-
     with contextlib.ExitStack() as stack:
         for owner, name, stand_in in ((masking_utils, "find_packed_sequence_indices", lambda position_ids: None),
                                       (PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None)):

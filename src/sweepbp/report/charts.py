@@ -10,8 +10,10 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from sweepbp.report.formats import describe, fmt_bytes, metric_label
-from sweepbp.report.summary import BASELINE, GB, Summary, label, on_chart, plotted
+from sweepbp.config import GB
+from sweepbp.report.formats import byte_unit, describe, fmt_bytes, metric_label
+from sweepbp.report.summary import BASELINE, Summary, label, on_chart, plotted
+from sweepbp.result import Status
 
 DPI = 110
 # Categories of the memory tracker, bottom to top of the stack, with what they hold.
@@ -28,13 +30,6 @@ CATEGORY_COLORS = {"param": "#9e9e9e", "trainable": "#4c72b0", "grad": "#dd8452"
 PHASE_COLORS = {"forward": "#e8f1fb", "backward": "#fbeee6", "optim": "#efeaf7"}
 
 
-def _unit(max_bytes: float) -> tuple[str, float]:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if max_bytes >= size:
-            return unit, size
-    return "B", 1.0
-
-
 # -- the sweep's trade-off chart -------------------------------------------------------------------
 def tradeoff_chart(summary: Summary, path: Path) -> Path:
     """Memory (x) against throughput (y), one point per ok job, coloured by memory strategy, labelled by
@@ -46,7 +41,7 @@ def tradeoff_chart(summary: Summary, path: Path) -> Path:
     fig = Figure(figsize=(10.5 if left_out else 8.0, 5.2), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     top = max([r.metric(x) or 0.0 for r in summary.records] + summary.budgets + [1.0])
-    unit, size = _unit(top)
+    unit, size = byte_unit(top)
     if points:
         ax.set_xlim(0, top / size * 1.15)  # room for the labels of the rightmost points
         _scatter(ax, summary, points, size)
@@ -112,7 +107,7 @@ def _memory_bars(ax, summary: Summary, unit: str, size: float) -> None:
 
 def _at_budget(ax, summary: Summary, budget: float, size: float) -> None:
     """Jobs that ran out of memory sit on the budget line at zero throughput."""
-    oom = [r for r in summary.records if r.status == "oom"]
+    oom = [r for r in summary.records if r.status == Status.OOM]
     if oom:
         ax.scatter([budget / size] * len(oom), [0.0] * len(oom), marker="x", s=70, color="#c44e52", zorder=4,
                    clip_on=False, label="out of memory")
@@ -134,7 +129,7 @@ def memory_timeline_chart(timeline: list[dict], path: Path, title: str) -> Path 
     categories = [c for c in CATEGORY_LABELS if any(s["by_category"].get(c, 0) for s in samples)]
     top = max(sum(s["by_category"].values()) for s in samples)
     host = [s.get("host", 0) for s in samples]
-    unit, size = _unit(max(top, max(host)))
+    unit, size = byte_unit(max(top, max(host)))
     fig = Figure(figsize=(9.0, 4.6), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     steps = list(range(len(samples)))

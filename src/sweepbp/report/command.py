@@ -12,10 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from sweepbp.report.files import folder_records, write_report
+from sweepbp.config import TrackingConfig, redact_uri
+from sweepbp.report.files import folder_records, store_records, write_report
 from sweepbp.report.summary import summarize
 from sweepbp.report.tables import answers, table
 from sweepbp.result import sweep_id_of
+from sweepbp.tracking import BACKENDS, StoreError, open_store
+from sweepbp.tracking.uris import resolve_uri
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the sweep folder (multirun/DATE/TIME); identifies the sweep and is the default --out")
     parser.add_argument("--experiment", help="MLflow experiment name (default: search every experiment)")
     parser.add_argument("--sweep-id", help="sweep id (tag sweepbp.sweep_id); default: the folder's, else the latest")
+    parser.add_argument("--tracking", default="mlflow", choices=list(BACKENDS),
+                        help="the tracking backend that holds the sweep (default: %(default)s)")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
                         help="MLflow store (default: sqlite:///mlflow.db in the current folder)")
     parser.add_argument("--x", default="peak_memory_bytes", help="metric on the x axis (memory)")
@@ -36,16 +41,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sweepbp.report`: rebuild the report of one sweep from its MLflow runs."""
+    """`python -m sweepbp.report`: rebuild the report of one sweep from its runs in the tracking store."""
     args = parse_args(argv)
-    from sweepbp.tracking.mlflow_store import StoreError, sweep_records
-    from sweepbp.config import redact_uri
-    from sweepbp.tracking.uris import resolve_uri
-
     sweep_id = args.sweep_id or (sweep_id_of(args.sweep_dir.resolve()) if args.sweep_dir else None)
     uri = resolve_uri(args.tracking_uri)
+    store = open_store(TrackingConfig(name=args.tracking, uri=uri, experiment=args.experiment))
     try:
-        sweep_id, records = sweep_records(uri, args.experiment, sweep_id)
+        sweep_id, jobs = store.sweep_jobs(sweep_id)
+        records = store_records(jobs)
         source = redact_uri(uri)
     except StoreError as err:
         records = folder_records(args.sweep_dir) if args.sweep_dir else []

@@ -1,12 +1,13 @@
-"""How the report names and formats things: metric labels, human units, a job described by what the sweep varied."""
+"""How the report names and formats things: metric labels and units from the catalogue (sweepbp.metrics),
+human units, a job described by what the sweep varied."""
 
 from __future__ import annotations
 
+from sweepbp import metrics
+from sweepbp.config import GB
 from sweepbp.report.summary import STRATEGY, Record, Summary, label
 
-LABELS = {"tokens_per_s": "tokens/s", "samples_per_s": "samples/s", "peak_memory_bytes": "peak memory",
-          "activation_bytes": "activations", "step_time_s": "step", "fwd_time_s": "fwd", "bwd_time_s": "bwd",
-          "optim_time_s": "optim"}
+BYTE_UNITS = (("GB", GB), ("MB", 1e6), ("kB", 1e3))  # decimal, like budget_gb and device memory sizes
 
 
 def describe(record: Record, summary: Summary) -> str:
@@ -22,24 +23,30 @@ def describe_point(record: Record, summary: Summary) -> str:
 
 
 def metric_label(name: str) -> str:
-    base = name.removeprefix("predicted_")
-    text = LABELS.get(base, base)
-    return f"predicted {text}" if name != base else text
+    """The catalogue's short label (`peak memory`, `predicted peak memory`)."""
+    return metrics.label(name)
 
 
 def fmt_metric(name: str, value: float | None) -> str:
-    """Human units: bytes as kB/MB/GB (decimal, like budget_gb), seconds as ms, rates with separators."""
+    """Human units by the metric's unit: bytes as kB/MB/GB, seconds as ms, rates with separators."""
     if value is None:
         return ""
-    if name.endswith("_bytes"):
+    unit = metrics.unit(name)
+    if unit == "bytes":
         return fmt_bytes(value)
-    if name.endswith("_s") and not name.endswith("_per_s"):
+    if unit == "s":
         return f"{value * 1e3:,.1f} ms"
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
+def byte_unit(largest: float) -> tuple[str, float]:
+    """The unit (and its size) to show bytes up to `largest` in."""
+    for unit, size in BYTE_UNITS:
+        if abs(largest) >= size:
+            return unit, size
+    return "B", 1.0
+
+
 def fmt_bytes(value: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{value:.0f} B"
+    unit, size = byte_unit(value)
+    return f"{value / size:.2f} {unit}" if size > 1 else f"{value:.0f} B"

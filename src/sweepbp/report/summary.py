@@ -1,7 +1,7 @@
 """The sweep's answer, computed from its job records alone: rows, Pareto frontier, budgets, strategy costs.
 
 Pure functions over `Record`s, which come from the results.json files of a sweep folder or from the
-runs of an MLflow store (see tracking.py), so the same summary can be rebuilt on another machine.
+runs of a tracking store (sweepbp.tracking), so the same summary can be rebuilt on another machine.
 Nothing heavy is imported here.
 """
 
@@ -10,15 +10,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from sweepbp.config import dotted_leaves
+from sweepbp.config import GB, dotted_leaves
+from sweepbp.metrics import PREDICTED, Shown, shown
+from sweepbp.result import JobResult, Status
+from sweepbp.tracking import RUN_ID
 
-GB = 1e9  # budget_gb is decimal gigabytes, like device memory sizes
-PREDICTED = "predicted_"  # metric prefix of mode=predict runs (fake-tensor traces)
 STRATEGY = "memory"  # the group whose options are compared against BASELINE
 BASELINE = "none"
-# Metrics of a summary row, in column order; a column appears when some job has it (or its predicted_ twin).
-ROW_METRICS = ("tokens_per_s", "samples_per_s", "step_time_s", "fwd_time_s", "bwd_time_s", "optim_time_s",
-               "peak_memory_bytes", "activation_bytes")
+# Metrics of a summary row, in column order (the catalogue's); a column appears when some job has it (or
+# its predicted_ twin).
+ROW_METRICS = shown(Shown.CSV)
 
 
 @dataclass
@@ -26,20 +27,25 @@ class Record:
     """One job as the report sees it, whichever source it was read from."""
 
     job: str  # the job's number in its sweep ("0", "1", ...)
-    status: str  # ok, oom, failed, diverged, killed
+    status: Status
     config: dict[str, str]  # every config leaf under its dotted path, as a string
     choices: dict[str, str]  # group -> option, e.g. memory -> ckpt
     metrics: dict[str, float]
     error: str | None = None
-    run_id: str | None = None  # the job's MLflow run, when it was tracked
+    run_id: str | None = None  # the job's run in the tracking store, when it was tracked
+    resumed: bool = False  # resume=true reused an earlier run's result instead of running it again
+
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)
 
     @classmethod
-    def from_result(cls, data: dict, job: str) -> "Record":
-        """A record from a results.json document (a JobResult as a dict)."""
-        metrics = {k: float(v) for k, v in data.get("metrics", {}).items() if _is_number(v)}
-        return cls(job=str(job), status=data["status"], config=dotted_leaves(data.get("config", {})),
-                   choices={k: v for k, v in data.get("choices", {}).items() if v}, metrics=metrics,
-                   error=data.get("error"), run_id=data.get("environment", {}).get("mlflow_run_id"))
+    def from_result(cls, result: JobResult, job: str, run_id: str | None = None) -> "Record":
+        """A record of a job's result (its results.json, or what a store holds of it)."""
+        figures = {k: float(v) for k, v in result.metrics.items() if _is_number(v)}
+        return cls(job=str(job), status=result.status, config=dotted_leaves(result.config),
+                   choices={k: v for k, v in result.choices.items() if v}, metrics=figures, error=result.error,
+                   run_id=run_id or result.environment.get(RUN_ID),
+                   resumed=bool(result.environment.get("resumed_from_run_id")))
 
     @property
     def strategy(self) -> str:
@@ -165,7 +171,7 @@ def label(record: Record, keys: list[str], skip: tuple[str, ...] = (STRATEGY,)) 
 # -- the answers ---------------------------------------------------------------------------------
 def plotted(records: list[Record], x: str, y: str) -> list[Record]:
     """Jobs that finished ok with both axis metrics."""
-    return [r for r in records if r.status == "ok" and r.metric(x) is not None and r.metric(y) is not None]
+    return [r for r in records if r.status == Status.OK and r.metric(x) is not None and r.metric(y) is not None]
 
 
 def on_chart(records: list[Record], x: str, y: str) -> list[Record]:
@@ -174,7 +180,7 @@ def on_chart(records: list[Record], x: str, y: str) -> list[Record]:
     points = plotted(records, x, y)
     if points or any(r.metric(y) is not None for r in records):
         return points
-    return [r for r in records if r.status == "ok" and r.metric(x) is not None]
+    return [r for r in records if r.status == Status.OK and r.metric(x) is not None]
 
 
 def pareto_front(records: list[Record], x: str, y: str) -> list[Record]:
@@ -200,11 +206,11 @@ def strategy_effects(records: list[Record], throughput: str = "tokens_per_s", pe
     throughput, peak, activations = (resolve_metric(records, m) for m in (throughput, peak, activations))
     others = [k for k in swept_keys(records) if k != STRATEGY and not k.startswith(STRATEGY + ".")]
     baselines = {tuple(r.value(k) for k in others): r for r in records
-                 if r.status == "ok" and r.strategy == BASELINE}
+                 if r.status == Status.OK and r.strategy == BASELINE}
     effects = []
     for r in records:
         base = baselines.get(tuple(r.value(k) for k in others))
-        if r.status != "ok" or r.strategy == BASELINE or base is None:
+        if r.status != Status.OK or r.strategy == BASELINE or base is None:
             continue
         effects.append(Effect(r, base, _ratio(base.metric(throughput), r.metric(throughput)),
                               _saving(r.metric(peak), base.metric(peak)),

@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import io
 
+from sweepbp.config import GB
+from sweepbp.metrics import PREDICTED, Shown, shown
 from sweepbp.report.formats import describe, describe_point, fmt_bytes, fmt_metric, metric_label
-from sweepbp.report.summary import GB, STRATEGY, Record, Summary, fastest_within, on_chart
+from sweepbp.report.summary import STRATEGY, Record, Summary, fastest_within, on_chart, plotted
+from sweepbp.result import Status
 
-TABLE_METRICS = ("tokens_per_s", "peak_memory_bytes", "activation_bytes", "step_time_s", "fwd_time_s", "bwd_time_s")
+TABLE_METRICS = shown(Shown.TABLE)
 
 
 def csv_text(summary: Summary) -> str:
@@ -31,12 +34,12 @@ def markdown(summary: Summary) -> str:
 
 def table(summary: Summary) -> str:
     """A readable Markdown table (also what the terminal shows at the end of a sweep)."""
-    metrics = [m for m in summary.metric_columns if m.removeprefix("predicted_") in TABLE_METRICS or m in (summary.x, summary.y)]
+    metrics = [m for m in summary.metric_columns if m.removeprefix(PREDICTED) in TABLE_METRICS or m in (summary.x, summary.y)]
     header = ["job", *summary.keys, "status", *(metric_label(m) for m in metrics), "Pareto"]
     frontier = {id(r) for r in summary.frontier}
     lines = [_md_row(header), _md_row(["---"] * len(header))]
     for r in summary.records:
-        status = r.status if r.status == "ok" else f"**{r.status}**"
+        status = r.status.value if r.status == Status.OK else f"**{r.status.value}**"
         lines.append(_md_row([r.job, *(r.value(k) for k in summary.keys), status,
                               *(fmt_metric(m, r.metric(m)) for m in metrics), "*" if id(r) in frontier else ""]))
     return "\n".join(lines)

@@ -16,19 +16,9 @@ from __future__ import annotations
 
 import socket
 
-from sweepbp.result import JobResult
-
-# Summed over ranks: how much work the job does per second. Everything else is rank 0's, plus the maximum
-# over ranks for memory (what each device must hold) and per-rank copies of the figures that can differ.
-SUMMED = ("tokens_per_s", "samples_per_s")
-MAXIMUM = ("peak_memory_bytes", "activation_bytes", "param_bytes", "trainable_param_bytes", "grad_bytes",
-           "optimizer_state_bytes", "other_bytes", "inference_peak_bytes", "peak_allocated_bytes",
-           "peak_reserved_bytes", "nvml_process_bytes", "rss_peak_bytes", "step_time_s", "job_time_s")
-PER_RANK = ("peak_memory_bytes", "activation_bytes", "param_bytes", "grad_bytes", "optimizer_state_bytes",
-            "peak_allocated_bytes", "peak_reserved_bytes", "rss_peak_bytes", "tokens_per_s", "step_time_s")
-# When ranks disagree, the status that explains the job: a rank that ran out of memory beats ranks that
-# were stopped because of it.
-STATUS_ORDER = ("oom", "diverged", "failed", "killed", "ok")
+from sweepbp import metrics
+from sweepbp.metrics import Merge
+from sweepbp.result import JobResult, Status
 
 
 def free_port() -> int:
@@ -49,25 +39,21 @@ def merge_ranks(results: list[JobResult]) -> JobResult:
     and per-rank copies (`peak_memory_bytes_rank1`, ...) of the figures that differ between ranks."""
     merged = JobResult(**{**results[0].__dict__, "metrics": dict(results[0].metrics),
                           "environment": dict(results[0].environment)})
-    merged.status = min((r.status for r in results), key=_severity)
-    if merged.status != "ok":
+    merged.status = min((r.status for r in results), key=lambda status: status.severity)
+    if merged.status != Status.OK:
         merged.error = next((f"rank {i}: {r.error}" for i, r in enumerate(results) if r.status == merged.status), None)
-    for key in SUMMED:
+    for key in metrics.merged_by(Merge.SUM):  # work per second: every rank's, when every rank has it
         values = [r.metrics[key] for r in results if key in r.metrics]
         if len(values) == len(results):
             merged.metrics[key] = sum(values)
-    for key in MAXIMUM:
+    for key in metrics.merged_by(Merge.MAX):  # what the largest rank holds, the slowest rank takes
         values = [r.metrics[key] for r in results if key in r.metrics]
         if values:
             merged.metrics[key] = max(values)
     for rank, result in enumerate(results):
-        for key in PER_RANK:
+        for key in metrics.per_rank():
             if key in result.metrics:
                 merged.metrics[f"{key}_rank{rank}"] = result.metrics[key]
     merged.metrics["world_size"] = float(len(results))
     merged.environment["world_size"] = str(len(results))
     return merged
-
-
-def _severity(status: str) -> int:
-    return STATUS_ORDER.index(status) if status in STATUS_ORDER else len(STATUS_ORDER)

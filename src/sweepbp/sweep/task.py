@@ -18,8 +18,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sweepbp.config import ConfigError, RunConfig, config_as_dict, to_run_config
-from sweepbp.result import JobResult, sweep_id_of
+from sweepbp import metrics
+from sweepbp.config import ConfigError, RunConfig, config_as_dict, config_yaml, to_run_config
+from sweepbp.metrics import Shown
+from sweepbp.result import JobResult, Status, sweep_id_of
+from sweepbp.sweep.signals import Stopped, held, ignore_signals
+from sweepbp.sweep.worker import JobInterrupted, run_isolated
+from sweepbp.tracking import RUN_ID, Store, open_store
+from sweepbp.tracking.redaction import install_log_redaction, redact_result
+from sweepbp.tracking.uris import resolve_uri
 
 
 @dataclass
@@ -58,8 +65,6 @@ def config_hash(run: RunConfig) -> str:
 
 def run_task(cfg: DictConfig) -> str:
     """Hydra's task function: one job. Returns its status."""
-    from sweepbp.tracking.redaction import install_log_redaction
-
     install_log_redaction()  # again: a joblib worker process never ran the command line's main()
     context = job_context()
     try:
@@ -71,7 +76,7 @@ def run_task(cfg: DictConfig) -> str:
     result = record_job(run, context)
     if context.sweep_id is None:
         _print_outcome(result, context)
-        if result.status in ("failed", "killed"):
+        if result.status.is_error:
             raise SystemExit(1)
     return result.status
 
@@ -82,65 +87,54 @@ def record_job(run: RunConfig, context: JobContext) -> JobResult:
     A stop (Ctrl-C, SIGTERM) during the job records it as `killed` with what it measured, closes the sweep's
     parent run as KILLED and re-raises `Stopped`; a stop while a finished job is recorded waits for the record.
     """
-    from sweepbp.sweep.signals import Stopped, held, ignore_signals
-    from sweepbp.sweep.worker import JobInterrupted, run_isolated
-
-    recorder = _recorder(run)
+    store = _store(run)
     digest = config_hash(run)
-    if run.cfg.resume and recorder is not None:
-        previous = recorder.find_finished(digest)
+    if run.cfg.resume and store is not None:
+        previous = store.find_finished(digest)
         if previous is not None:
-            return _skipped(run, context, recorder, previous)
+            return _skipped(context, store, previous)
     run_id = None
     try:
         with held():  # a run is created with its tags and params, or not at all
-            run_id = _start_run(run, context, recorder, digest)
+            run_id = _open_run(run, context, store, digest)
         result = run_isolated(run, context.label)
     except KeyboardInterrupt as stop:  # the job's partial result, or a stop before the job started
         ignore_signals()  # from here the sweep only records this job, then exits
-        partial = stop.result if isinstance(stop, JobInterrupted) else _not_started(run)
-        _finish(run, context, recorder, run_id, partial)
-        if recorder is not None and context.sweep_id is not None:
-            recorder.close_sweep(context.sweep_id, "KILLED")
+        partial = stop.result if isinstance(stop, JobInterrupted) else JobResult.of(
+            run, Status.KILLED, "stopped (Ctrl-C or SIGTERM) before the job started")
+        _finish(run, context, store, run_id, partial)
+        if store is not None and context.sweep_id is not None:
+            store.stop_sweep(context.sweep_id)
         raise Stopped(getattr(stop, "signum", signal.SIGINT)) from None
     with held():  # a Ctrl-C now takes effect once this job's record is complete
-        _finish(run, context, recorder, run_id, result)
+        _finish(run, context, store, run_id, result)
     return result
 
 
-def _not_started(run: RunConfig) -> JobResult:
-    return JobResult(status="killed", mode=run.cfg.mode, config=config_as_dict(run.cfg), choices=run.choices,
-                     error="stopped (Ctrl-C or SIGTERM) before the job started")
-
-
-def _start_run(run: RunConfig, context: JobContext, recorder, digest: str) -> str | None:
-    if recorder is None:
+def _open_run(run: RunConfig, context: JobContext, store: Store | None, digest: str) -> str | None:
+    if store is None:
         return None
     parent = None
     if context.sweep_id is not None:
-        parent = recorder.sweep_parent(context.sweep_id, context.sweep_dir, "sweepbp sweep")
+        parent = store.open_sweep(context.sweep_id, context.sweep_dir)
     tags = {"sweepbp.config_hash": digest, "sweepbp.job_dir": str(context.output_dir), **context.tags}
     if context.sweep_id is not None:
         tags["sweepbp.sweep_id"] = context.sweep_id
-        tags["sweepbp.job_num"] = str(context.number)  # tracking.TAG_JOB (runner imports no mlflow)
-    return recorder.start_job(run, _run_name(run), parent, tags)
+        tags["sweepbp.job_num"] = str(context.number)
+    return store.open_job(run, _run_name(run), parent, tags)
 
 
-def _finish(run, context, recorder, run_id, result: JobResult) -> None:
-    from sweepbp.tracking.redaction import redact_result
-
+def _finish(run: RunConfig, context: JobContext, store: Store | None, run_id: str | None, result: JobResult) -> None:
     redact_result(result)
     if run_id is not None:
-        result.environment["mlflow_run_id"] = run_id
+        result.environment[RUN_ID] = run_id
     files = _write_job_files(context.output_dir, run, result)
     files += _job_charts(context.output_dir, run, result)
-    if recorder is not None and run_id is not None:
-        recorder.finish_job(run_id, result, files)
+    if store is not None and run_id is not None:
+        store.finish_job(run_id, result, files)
 
 
 def _write_job_files(folder: Path, run: RunConfig, result: JobResult) -> list[Path]:
-    from sweepbp.config import config_yaml
-
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "config.yaml"
     config_path.write_text(config_yaml(run.cfg))
@@ -153,7 +147,7 @@ def _job_charts(folder: Path, run: RunConfig, result: JobResult) -> list[Path]:
     if not result.timeline:
         return []
     try:
-        from sweepbp.report.charts import memory_timeline_chart
+        from sweepbp.report.charts import memory_timeline_chart  # matplotlib: when the first picture is drawn
 
         path = memory_timeline_chart(result.timeline, folder / "memory_timeline.png", _run_name(run))
     except Exception as err:  # noqa: BLE001 (a picture must never cost a job its record)
@@ -162,9 +156,9 @@ def _job_charts(folder: Path, run: RunConfig, result: JobResult) -> list[Path]:
     return [path] if path is not None else []
 
 
-def _skipped(run: RunConfig, context: JobContext, recorder, previous_run_id: str) -> JobResult:
+def _skipped(context: JobContext, store: Store, previous_run_id: str) -> JobResult:
     """resume=true: reuse the recorded result of an identical finished job instead of running it again."""
-    result = recorder.result_of(previous_run_id)
+    result = store.result_of(previous_run_id)
     result.environment["resumed_from_run_id"] = previous_run_id
     result.write(context.output_dir)
     print(f"[sweepbp] job {context.label}: already recorded as run {previous_run_id} "
@@ -172,20 +166,16 @@ def _skipped(run: RunConfig, context: JobContext, recorder, previous_run_id: str
     return result
 
 
-_recorders: dict[tuple[str, str], object] = {}
+_stores: dict[tuple[str, str, str], Store | None] = {}
 
 
-def _recorder(run: RunConfig):
-    """One Recorder per store and experiment in this process: the jobs of a sweep share its connection."""
-    if run.cfg.tracking.name != "mlflow":
-        return None
-    from sweepbp.tracking.mlflow_store import Recorder
-    from sweepbp.tracking.uris import resolve_uri
-
-    key = (resolve_uri(run.cfg.tracking.uri), run.cfg.tracking.experiment)
-    if key not in _recorders:
-        _recorders[key] = Recorder(run.cfg.tracking)
-    return _recorders[key]
+def _store(run: RunConfig) -> Store | None:
+    """One store per backend, URI and experiment in this process: the jobs of a sweep share its connection."""
+    tracking = run.cfg.tracking
+    key = (tracking.name, resolve_uri(tracking.uri), tracking.experiment)
+    if key not in _stores:
+        _stores[key] = open_store(tracking)
+    return _stores[key]
 
 
 def _run_name(run: RunConfig) -> str:
@@ -193,12 +183,19 @@ def _run_name(run: RunConfig) -> str:
 
 
 def _print_outcome(result: JobResult, context: JobContext) -> None:
-    metrics = result.metrics
-    parts = [f"status={result.status}"]
-    for key, fmt in (("tokens_per_s", "{:,.0f}"), ("step_time_s", "{:.4f}"), ("peak_memory_bytes", "{:,.0f}"),
-                     ("activation_bytes", "{:,.0f}"), ("loss", "{:.4f}")):
-        if key in metrics:
-            parts.append(f"{key}={fmt.format(metrics[key])}")
+    """One job's answer in the terminal: its status and the metrics the report's table shows, plus the loss."""
+    shown = [name for name in (*metrics.shown(Shown.TABLE), "loss") if name in result.metrics]
+    parts = [f"status={result.status}", *(f"{name}={_raw(name, result.metrics[name])}" for name in shown)]
     if result.error:
         parts.append(f"error={result.error}")
     print(f"[sweepbp] {' '.join(parts)}\n[sweepbp] results: {context.output_dir / 'results.json'}", file=sys.stderr)
+
+
+def _raw(name: str, value: float) -> str:
+    """A figure as the terminal line shows it: whole bytes and rates with separators, times to 0.1 ms."""
+    unit = metrics.unit(name)
+    if unit == "s":
+        return f"{value:.4f}"
+    if unit in ("bytes", "tokens/s", "sequences/s"):
+        return f"{value:,.0f}"
+    return f"{value:.4f}"

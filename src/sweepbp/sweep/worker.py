@@ -20,24 +20,27 @@ libraries itself, once): the same isolation, without the overlap.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import os
 import signal
 import traceback
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 from sweepbp.config import RunConfig
+from sweepbp.result import JobResult, Status
 from sweepbp.sweep.ranks import free_port, merge_ranks, rank_environment
-from sweepbp.result import JobResult
 from sweepbp.sweep.signals import STOP_SIGNALS, Stopped, die_with_parent, ignore_signals, raise_once, stopping
+from sweepbp.train.warmup import ARCH_VARIABLE, warm
 
 GRACE_S = 60.0  # how long an interrupted child may take to hand back its partial result
 
 
-PRELOAD = ("torch", "lightning", "transformers", "peft", "sweepbp.job", "sweepbp.train.lora", "sweepbp.memory",
-           "sweepbp.train.model", "sweepbp.train.module", "sweepbp.measure.tracker", "sweepbp.predict.trace", "sweepbp.train.data", "sweepbp.train.flops", "sweepbp.sweep.progress",
+# sweepbp.job imports every module a job uses (train/, memory/, measure/, predict/) at its top.
+PRELOAD = ("torch", "lightning", "transformers", "peft", "sweepbp.job", "sweepbp.sweep.progress",
            "peft.utils.transformers_weight_conversion")
 
 
@@ -67,10 +70,6 @@ def start_workers(arch: str) -> None:
     if start_method() == "fork":
         preload(arch)
         return
-    from multiprocessing import forkserver
-
-    from sweepbp.train.warmup import ARCH_VARIABLE
-
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(preload_modules(arch))
     os.environ[ARCH_VARIABLE] = arch  # read by the fork server's import of sweepbp.train.warmup
@@ -82,8 +81,6 @@ def start_workers(arch: str) -> None:
 
 def stop_workers() -> None:
     """Stop a fork server this process started (the sweep was refused after it was started)."""
-    from multiprocessing import forkserver
-
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # 3.10-3.13: no public stop
     if pid is not None:
         _signal(pid, signal.SIGTERM)
@@ -94,8 +91,6 @@ _preloaded: set[str] = set()
 
 def preload(arch: str) -> None:
     """Import the heavy libraries into this process and warm them up (SWEEPBP_START_METHOD=fork)."""
-    import importlib
-
     if arch in _preloaded:
         return
     _preloaded.add(arch)
@@ -105,8 +100,6 @@ def preload(arch: str) -> None:
             importlib.import_module(name)
         except ImportError:  # an arch without its own modeling module: imported lazily by the job
             pass
-    from sweepbp.train.warmup import warm
-
     try:
         warm(arch)
     except Exception:  # the jobs only lose the head start
@@ -131,8 +124,8 @@ def run_isolated(run: RunConfig, label: str) -> JobResult:
                 result = _one_result([rank.result or _receive(rank, run, timeout=GRACE_S) for rank in ranks])
             else:
                 result = _lost(run, "interrupted before the job started")
-            if result.status != "killed":
-                result.status, result.error = "killed", result.error or "interrupted (Ctrl-C or SIGTERM)"
+            if result.status != Status.KILLED:
+                result.status, result.error = Status.KILLED, result.error or "interrupted (Ctrl-C or SIGTERM)"
             raise JobInterrupted(result, getattr(stop, "signum", signal.SIGINT)) from None
         finally:
             for rank in ranks:
@@ -185,7 +178,7 @@ def _gather(ranks: list[_Rank], run: RunConfig) -> list[JobResult]:
         for receiver in wait(list(pending)):
             rank = pending.pop(receiver)
             rank.result = _receive(rank, run)
-            if rank.result.status != "ok":
+            if rank.result.status != Status.OK:
                 for other in pending.values():
                     _signal(other.process.pid, signal.SIGTERM)
     return [rank.result for rank in ranks if rank.result is not None]
@@ -206,16 +199,13 @@ def _receive(rank: _Rank, run: RunConfig, timeout: float | None = None) -> JobRe
         if code == -signal.SIGKILL:
             # The kernel's out-of-memory killer sends SIGKILL: the host ran out of memory.
             result = _lost(run, "the job process was killed (SIGKILL), most likely by the host's out-of-memory killer")
-            result.status = "oom"
+            result.status = Status.OOM
             return result
         return _lost(run, f"the job process died with exit code {code}")
 
 
 def _lost(run: RunConfig, why: str) -> JobResult:
-    from sweepbp.config import config_as_dict
-
-    return JobResult(status="failed", mode=run.cfg.mode, config=config_as_dict(run.cfg), choices=run.choices,
-                     error=why)
+    return JobResult.of(run, Status.FAILED, why)
 
 
 def _signal(pid: int, signum: int) -> None:

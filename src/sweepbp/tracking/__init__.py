@@ -1,0 +1,93 @@
+"""Where jobs are recorded and read back: a small interface (`Store`), MLflow behind it.
+
+The sweep opens a sweep and its jobs and finishes them; the report and rerun read a sweep's jobs back.
+Nothing else in sweepbp knows which backend is behind a `Store`: a second one is a module with a class
+that has these methods, a line in `BACKENDS`, and an option file `conf/tracking/<name>.yaml`. MLflow is the
+only backend shipped (`tracking=mlflow`); `tracking=none` records nothing (`open_store` returns None).
+mlflow is imported only when a store is opened (about a second): --help and config errors never pay it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from sweepbp.config import RunConfig, TrackingConfig
+from sweepbp.result import JobResult
+
+# tracking.name -> "module:class" of its Store (imported when a store of that kind is opened), and its name
+# in messages
+BACKENDS = {"mlflow": "sweepbp.tracking.mlflow_store:MlflowStore"}
+TITLES = {"mlflow": "MLflow"}
+NONE = "none"
+# results.json's environment entry (and tag sweepbp.env.mlflow_run_id) naming a job's run in the store; named
+# when MLflow was the only backend, kept since scripts read it.
+RUN_ID = "mlflow_run_id"
+
+
+class StoreError(LookupError):
+    """The store holds no such sweep or run; the message says what was looked for."""
+
+
+@dataclass
+class StoredJob:
+    """One job of a sweep as the store holds it."""
+
+    job: str  # the job's number in its sweep
+    run_id: str  # the store's id of the job's run
+    result: JobResult  # its results.json, or what the store has of it when that is missing
+
+
+@dataclass
+class RecordedRun:
+    """What `sweepbp.rerun` needs of a run, read from the store alone."""
+
+    config_text: str  # the config.yaml the job recorded: the fully resolved config
+    choices: dict[str, str]  # group -> option
+    losses: list[float] | None  # the loss curve of its results.json, if recorded
+
+
+class Store(Protocol):
+    """A tracking store: one run per job, under one parent run per sweep."""
+
+    def open_sweep(self, sweep_id: str, sweep_dir: Path) -> str:
+        """The sweep's parent run (created by whichever job gets there first); its id."""
+
+    def open_job(self, run: RunConfig, name: str, parent_id: str | None, tags: dict[str, str]) -> str:
+        """A new run for a job, with its params and tags, status running; its id."""
+
+    def finish_job(self, run_id: str, result: JobResult, files: list[Path]) -> None:
+        """Record a job's outcome: metrics, environment, files, and last its status."""
+
+    def finish_sweep(self, sweep_id: str, sweep_dir: Path, files: list[Path], failed: bool) -> None:
+        """The sweep's report goes to its parent run, which then ends."""
+
+    def stop_sweep(self, sweep_id: str) -> None:
+        """End the sweep's parent run as killed (Ctrl-C or SIGTERM)."""
+
+    def find_finished(self, config_hash: str) -> str | None:
+        """The run of this exact config that ended ok or oom (what resume=true skips), if any."""
+
+    def result_of(self, run_id: str) -> JobResult:
+        """The results.json a run recorded."""
+
+    def sweep_jobs(self, sweep_id: str | None, known_runs: frozenset[str] = frozenset()) -> tuple[str, list[StoredJob]]:
+        """The jobs of a sweep (default: the latest), leaving out the runs in `known_runs`; raises StoreError."""
+
+    def recorded_run(self, run_id: str) -> RecordedRun:
+        """The config, choices and loss curve of one run; raises StoreError."""
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every `tracking.name` there is: the backends and `none`."""
+    return (*BACKENDS, NONE)
+
+
+def open_store(tracking: TrackingConfig) -> Store | None:
+    """The store of a tracking config, or None for tracking=none."""
+    if tracking.name == NONE:
+        return None
+    module, _, name = BACKENDS[tracking.name].partition(":")
+    return getattr(importlib.import_module(module), name)(tracking)

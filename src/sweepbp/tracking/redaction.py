@@ -16,8 +16,8 @@ import os
 import re
 from pathlib import Path
 
-from sweepbp.result import JobResult
 from sweepbp.config import redact_uri
+from sweepbp.result import JobResult
 
 # scheme://... up to whitespace, a quote or a closing bracket: wide enough for URIs inside log lines,
 # override lists (`['tracking.uri=http://u:p@h']`) and YAML values.

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import os
 
+import torch
+import torch.distributed as dist
+from lightning.pytorch.plugins.environments import LightningEnvironment
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from transformers.modeling_layers import GradientCheckpointingLayer
+
 from sweepbp.config import RunConfig
 
 
@@ -24,8 +30,6 @@ def data_seed(seed: int) -> int:
 def setup_rank() -> None:
     """In a rank's process, before the job: the ranks share the host's cores, so each gets its share
     of threads instead of all of them (oversubscribed cores would slow every rank down)."""
-    import torch
-
     world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
@@ -34,18 +38,12 @@ def trainer_arguments(run: RunConfig, device_type: str) -> dict:
     """Lightning Trainer arguments for the job's strategy (single device: Lightning's defaults)."""
     if run.cfg.world_size == 1:
         return {"strategy": "auto"}
-    from lightning.pytorch.plugins.environments import LightningEnvironment
-
     strategy = run.cfg.strategy
     if strategy.name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
         # use_orig_params: LoRA mixes frozen and trainable parameters in one wrapped module.
         chosen = FSDPStrategy(sharding_strategy=strategy.sharding_strategy, use_orig_params=True,
                               auto_wrap_policy=_decoder_layer_classes())
     else:
-        from lightning.pytorch.strategies import DDPStrategy
-
         chosen = DDPStrategy(process_group_backend="nccl" if device_type == "cuda" else "gloo")
     # LightningEnvironment explicitly: under SLURM, Lightning would otherwise take SLURM's task count as
     # the world size; the ranks here are sweepbp's own processes.
@@ -53,15 +51,11 @@ def trainer_arguments(run: RunConfig, device_type: str) -> dict:
 
 
 def _decoder_layer_classes() -> set[type]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     return {GradientCheckpointingLayer}
 
 
 def process_group_record() -> dict[str, str]:
     """The process group a rank trained in (empty for a single-device job): proof the ranks were joined."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return {}
     return {"process_group_backend": str(dist.get_backend()), "process_group_size": str(dist.get_world_size()),

@@ -5,7 +5,11 @@ from __future__ import annotations
 import logging
 import warnings
 
+import lightning
+import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: quiet_libraries runs after it)
+import peft
 import torch
+import transformers
 
 from sweepbp.train.distributed import local_rank
 
@@ -18,10 +22,6 @@ def pick_device(accelerator: str) -> torch.device:
 
 
 def device_environment(device: torch.device, seed: int) -> dict[str, str]:
-    import lightning
-    import peft
-    import transformers
-
     env = {
         "device": device.type,
         "torch": torch.__version__,
@@ -42,7 +42,7 @@ def device_environment(device: torch.device, seed: int) -> dict[str, str]:
 
 def _driver_version() -> str:
     try:
-        import pynvml
+        import pynvml  # optional: shipped with torch's CUDA builds as nvidia-ml-py
 
         pynvml.nvmlInit()
         return str(pynvml.nvmlSystemGetDriverVersion())
@@ -51,8 +51,6 @@ def _driver_version() -> str:
 
 
 def quiet_libraries() -> None:
-    import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: quieten after it)
-
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -40,8 +40,7 @@ def build_model(model: ModelConfig, device: torch.device, seed: int) -> PreTrain
     return built.to(device)
 
 
-def max_positions(config) -> int | None:
-    return getattr(config, "max_position_embeddings", None)
+
 
 
 def parameter_counts(model: torch.nn.Module, seq_len: int) -> dict[str, float]:

@@ -16,8 +16,17 @@ import torch
 
 from sweepbp.measure.device import device_peaks, reset_device_peaks
 from sweepbp.measure.timing import StepTimer
-from sweepbp.measure.tracker import (GRAD, OPTIMIZER, OTHER, PARAM, TRAINABLE, MemoryReport, MemoryTracker,
-                                     active_tracker, tensors_of)
+from sweepbp.measure.tracker import (
+    GRAD,
+    OPTIMIZER,
+    OTHER,
+    PARAM,
+    TRAINABLE,
+    MemoryReport,
+    MemoryTracker,
+    active_tracker,
+    tensors_of,
+)
 from sweepbp.memory import AppliedMemory
 
 

@@ -22,13 +22,14 @@ TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hid
 
 def warm(arch: str) -> None:
     """Build, adapt and checkpoint a one-layer model of `arch` on the meta device, and construct a Trainer."""
+    # Imported here, in the fork server: the sweep process imports this module for ARCH_VARIABLE, never torch.
     import lightning as L
     import torch
 
     from sweepbp.config import LoraConfig, ModelConfig
+    from sweepbp.memory.checkpoint import checkpoint_layers
     from sweepbp.train.environment import quiet_libraries
     from sweepbp.train.lora import apply_lora
-    from sweepbp.memory import checkpoint_layers
     from sweepbp.train.model import build_model
 
     quiet_libraries()

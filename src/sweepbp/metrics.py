@@ -1,0 +1,228 @@
+"""The catalogue of metrics: every number a job records, with its unit, label, rank merge and place in the report.
+
+results.json, MLflow, the summary, the charts, the rank merge of multi-device jobs and docs/metrics.md all
+read this one table. Adding a metric is one `Metric` here plus the code that produces it; a test checks
+that every metric a real job and a prediction produce is in the catalogue, and that docs/metrics.md shows
+the table `python -m sweepbp.metrics` prints. No heavy import: the command line and the report use it.
+
+Names carry their unit (`_bytes`, `_s`, `_per_s`, `_pct`). Two families are derived, not listed:
+`predicted_<name>` (mode=predict's trace, and the prediction beside every measured run) for the metrics
+marked `predicted`, and `<name>_rank<N>` (rank N of a multi-device job) for those marked `per_rank`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+PREDICTED = "predicted_"
+PER_RANK = re.compile(r"^(?P<name>.+)_rank(?P<rank>\d+)$")
+
+
+class Merge(Enum):
+    """How the ranks of a multi-device job combine into the job's one figure."""
+
+    SUM = "sum"  # work per second: the job does every rank's
+    MAX = "max"  # memory and time: what the largest rank needs, the slowest rank takes
+    RANK0 = "rank 0"  # the same on every rank, or rank 0's by convention
+
+
+class Shown(Enum):
+    """Where the sweep's report shows a metric."""
+
+    TABLE = "table"  # summary.csv, summary.md and the terminal's table
+    CSV = "csv"  # summary.csv only
+    NO = "no"  # results.json and MLflow only
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One recorded number."""
+
+    name: str
+    unit: str  # bytes, s, tokens/s, sequences/s, count, FLOPs, %, ratio
+    label: str  # short name for chart axes and table headers
+    meaning: str  # one line: what it is (docs/metrics.md says how it is measured)
+    group: str  # the section of docs/metrics.md it belongs to
+    merge: Merge = Merge.RANK0
+    per_rank: bool = False  # a multi-device job also records `<name>_rank<N>`
+    shown: Shown = Shown.NO
+    predicted: bool = False  # mode=predict records `predicted_<name>`
+    gpu_only: bool = False  # recorded on CUDA devices only
+
+
+MEMORY, TIME, MODEL, PREDICTION, FORMULA, GPU = (
+    "memory", "time", "model", "prediction", "formula", "gpu")
+
+CATALOGUE: tuple[Metric, ...] = (
+    # -- the timed steps ----------------------------------------------------------------------------------
+    Metric("tokens_per_s", "tokens/s", "tokens/s", "`batch.size * batch.seq_len / step_time_s`", TIME, Merge.SUM,
+           per_rank=True, shown=Shown.TABLE),
+    Metric("samples_per_s", "sequences/s", "samples/s", "`batch.size / step_time_s`", TIME, Merge.SUM,
+           shown=Shown.CSV),
+    Metric("step_time_s", "s", "step", "median wall time of the timed steps (forward + backward + optimizer)",
+           TIME, Merge.MAX, per_rank=True, shown=Shown.TABLE),
+    Metric("step_time_iqr_s", "s", "step IQR", "interquartile range of the timed steps", TIME),
+    Metric("step_time_min_s", "s", "fastest step", "fastest timed step", TIME),
+    Metric("step_time_max_s", "s", "slowest step", "slowest timed step", TIME),
+    Metric("fwd_time_s", "s", "fwd", "median forward time; the device is synchronised at each phase boundary",
+           TIME, shown=Shown.TABLE),
+    Metric("bwd_time_s", "s", "bwd", "median backward time", TIME, shown=Shown.TABLE),
+    Metric("optim_time_s", "s", "optim", "median optimizer time (AdamW step, gradients freed)", TIME,
+           shown=Shown.CSV),
+    Metric("bwd_fwd_ratio", "ratio", "bwd / fwd", "`bwd_time_s / fwd_time_s`", TIME),
+    Metric("timed_steps", "count", "timed steps", "how many steps the medians are over", TIME),
+    Metric("train_time_s", "s", "timed", "sum of the timed steps", TIME),
+    Metric("steps_time_s", "s", "all steps", "wall time inside every training step (warm-up, traced, timed)", TIME),
+    Metric("setup_time_s", "s", "setup", "job start to a built, adapted model with its memory strategy "
+           "(includes `batch.size=auto` and the job's own prediction)", TIME),
+    Metric("job_time_s", "s", "job", "the whole job inside its process", TIME, Merge.MAX),
+    # -- memory of the traced step (exact tracker) ---------------------------------------------------------
+    Metric("peak_memory_bytes", "bytes", "peak memory", "peak of all live device tensor bytes during the traced step",
+           MEMORY, Merge.MAX, per_rank=True, shown=Shown.TABLE, predicted=True),
+    Metric("param_bytes", "bytes", "weights", "frozen base weights and buffers, at the peak", MEMORY, Merge.MAX,
+           per_rank=True, predicted=True),
+    Metric("trainable_param_bytes", "bytes", "adapter", "adapter (LoRA) weights, at the peak", MEMORY, Merge.MAX,
+           predicted=True),
+    Metric("grad_bytes", "bytes", "gradients", "peak of gradient bytes (storages that landed in `param.grad`)",
+           MEMORY, Merge.MAX, per_rank=True, predicted=True),
+    Metric("optimizer_state_bytes", "bytes", "optimizer state", "AdamW state (`exp_avg`, `exp_avg_sq`, `step`)",
+           MEMORY, Merge.MAX, per_rank=True, predicted=True),
+    Metric("activation_bytes", "bytes", "activations",
+           "peak of live bytes the forward (and recomputation) allocated: what autograd keeps for the backward",
+           MEMORY, Merge.MAX, per_rank=True, shown=Shown.TABLE, predicted=True),
+    Metric("other_bytes", "bytes", "other", "everything else at the peak: the batch, activation gradients, "
+           "optimizer temporaries", MEMORY, Merge.MAX, predicted=True),
+    Metric("host_offload_bytes", "bytes", "host (offload)", "peak of host memory an offloading strategy uses "
+           "(not part of `peak_memory_bytes`)", MEMORY, predicted=True),
+    Metric("inference_peak_bytes", "bytes", "inference peak", "peak of a forward pass without gradients on the "
+           "same batch", MEMORY, Merge.MAX, predicted=True),
+    Metric("train_inference_memory_ratio", "ratio", "train / inference", "`peak_memory_bytes / inference_peak_bytes`",
+           MEMORY, predicted=True),
+    Metric("rss_peak_bytes", "bytes", "peak RSS", "the job process's peak resident set size (host memory, "
+           "not a tensor figure)", MEMORY, Merge.MAX, per_rank=True),
+    # -- the model ----------------------------------------------------------------------------------------
+    Metric("trainable_params", "count", "trainable params", "adapter parameters", MODEL),
+    Metric("frozen_params", "count", "frozen params", "base-model parameters", MODEL),
+    Metric("flops_per_token", "FLOPs", "FLOPs/token", "useful training FLOPs per token (convention below)", MODEL),
+    Metric("checkpointed_layers", "count", "checkpointed layers", "decoder layers the memory strategy checkpoints",
+           MODEL),
+    Metric("loss", "-", "loss", "training loss; MLflow holds every step's, results.json the last", MODEL),
+    Metric("first_loss", "-", "first loss", "loss of the first step", MODEL),
+    Metric("auto_batch_size", "count", "auto batch", "the batch `batch.size=auto` chose", MODEL),
+    Metric("auto_batch_predictions", "count", "auto predictions", "predictions the `batch.size=auto` search made",
+           MODEL),
+    Metric("world_size", "count", "ranks", "processes of a multi-device job", MODEL),
+    # -- the prediction -----------------------------------------------------------------------------------
+    Metric("predict_time_s", "s", "predict", "wall time of the prediction itself", PREDICTION),
+    Metric("predicted_error_pct", "%", "prediction error", "`(predicted - measured) / measured` of "
+           "`peak_memory_bytes`", PREDICTION),
+    Metric("predicted_inference_error_pct", "%", "inference prediction error", "the same for "
+           "`inference_peak_bytes`", PREDICTION),
+    Metric("predicted_allocator_error_pct", "%", "allocator prediction error", "the same against "
+           "`peak_allocated_bytes`", PREDICTION, gpu_only=True),
+    # -- the closed-form cross-check (memory=none and ckpt only) --------------------------------------------
+    *(Metric(f"formula_{name}", "bytes", f"formula {label}", f"closed-form estimate of {what}", FORMULA)
+      for name, label, what in (
+          ("param_bytes", "weights", "the weights"),
+          ("trainable_param_bytes", "adapter", "the adapter"),
+          ("optimizer_state_bytes", "optimizer state", "AdamW's state"),
+          ("activation_bytes", "activations", "the saved activations and the forward's loss transient"),
+          ("loss_bytes", "loss", "the loss transient where the backward starts"),
+          ("peak_memory_bytes", "peak memory", "the peak"),
+          ("inference_peak_bytes", "inference peak", "the inference peak"))),
+    # -- CUDA only ----------------------------------------------------------------------------------------
+    Metric("peak_allocated_bytes", "bytes", "allocator peak", "`torch.cuda.max_memory_allocated` over the traced "
+           "step", GPU, Merge.MAX, per_rank=True, gpu_only=True),
+    Metric("peak_reserved_bytes", "bytes", "reserved peak", "`torch.cuda.max_memory_reserved` over the traced step",
+           GPU, Merge.MAX, per_rank=True, gpu_only=True),
+    Metric("nvml_process_bytes", "bytes", "NVML", "NVML's figure for the job process (includes the CUDA context)",
+           GPU, Merge.MAX, gpu_only=True),
+    Metric("inference_peak_allocated_bytes", "bytes", "inference allocator peak", "`max_memory_allocated` over the "
+           "inference pass", GPU, gpu_only=True),
+    Metric("inference_allocated_before_bytes", "bytes", "allocated before inference", "`memory_allocated` before "
+           "the inference pass", GPU, gpu_only=True),
+    Metric("tracker_vs_allocated_pct", "%", "tracker vs allocator", "`(peak_memory_bytes - peak_allocated_bytes) / "
+           "peak_allocated_bytes`", GPU, gpu_only=True),
+    Metric("mfu", "ratio", "MFU", "model FLOPs utilisation: `tokens_per_s * flops_per_token / peak FLOP/s`", GPU,
+           gpu_only=True),
+)
+
+METRICS: dict[str, Metric] = {m.name: m for m in CATALOGUE}
+GROUP_TITLES = {MEMORY: "Memory of the traced step", TIME: "Time of the timed steps", MODEL: "The model and the run",
+                PREDICTION: "The prediction", FORMULA: "The closed-form cross-check", GPU: "CUDA only"}
+
+
+def metric(name: str) -> Metric:
+    """The catalogue entry of a recorded name, derived names included (`predicted_...`, `..._rank1`).
+    Raises KeyError for a name the catalogue does not know."""
+    if name in METRICS:
+        return METRICS[name]
+    ranked = PER_RANK.match(name)
+    if ranked and METRICS.get(ranked["name"], None) is not None and METRICS[ranked["name"]].per_rank:
+        return METRICS[ranked["name"]]
+    if name.startswith(PREDICTED) and METRICS.get(name[len(PREDICTED):]) is not None:
+        base = METRICS[name[len(PREDICTED):]]
+        if base.predicted:
+            return base
+    raise KeyError(name)
+
+
+def known(name: str) -> bool:
+    try:
+        metric(name)
+    except KeyError:
+        return False
+    return True
+
+
+def label(name: str) -> str:
+    """The short label of a metric (`predicted peak memory` for `predicted_peak_memory_bytes`); the name
+    itself for one the catalogue does not know."""
+    try:
+        entry = metric(name)
+    except KeyError:
+        return name
+    if name.startswith(PREDICTED) and name not in METRICS:
+        return f"predicted {entry.label}"
+    return entry.label
+
+
+def unit(name: str) -> str:
+    """The unit of a metric ('' for a name the catalogue does not know)."""
+    try:
+        return metric(name).unit
+    except KeyError:
+        return ""
+
+
+def shown(where: Shown) -> tuple[str, ...]:
+    """Names of the metrics the report shows there (TABLE metrics are in the CSV too)."""
+    wanted = (Shown.TABLE,) if where == Shown.TABLE else (Shown.TABLE, Shown.CSV)
+    return tuple(m.name for m in CATALOGUE if m.shown in wanted)
+
+
+def merged_by(merge: Merge) -> tuple[str, ...]:
+    return tuple(m.name for m in CATALOGUE if m.merge == merge)
+
+
+def per_rank() -> tuple[str, ...]:
+    return tuple(m.name for m in CATALOGUE if m.per_rank)
+
+
+def markdown() -> str:
+    """The catalogue as the Markdown tables of docs/metrics.md, one per group."""
+    out: list[str] = []
+    for group, title in GROUP_TITLES.items():
+        out += [f"### {title}", "", "| metric | unit | ranks | report | meaning |", "|---|---|---|---|---|"]
+        for m in (m for m in CATALOGUE if m.group == group):
+            names = f"`{m.name}`" + (f", `{PREDICTED}{m.name}`" if m.predicted else "")
+            ranks = m.merge.value + (", per rank" if m.per_rank else "")
+            out.append(f"| {names} | {m.unit} | {ranks} | {m.shown.value} | {m.meaning} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
