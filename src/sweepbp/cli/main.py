@@ -15,7 +15,6 @@ from hydra._internal.utils import get_args_parser
 from sweepbp.cli.precheck import MAX_PRECHECKED_JOBS, config_dir, launcher_of, precheck
 from sweepbp.config import RunConfig, register_schemas
 from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
-from sweepbp.sweep.worker import start_workers, stop_workers
 from sweepbp.tracking.redaction import install_log_redaction
 
 
@@ -69,10 +68,14 @@ def _start_workers_early(run: RunConfig, overrides: list[str]) -> None:
     global _started_workers
     if launcher_of(overrides) != "basic":
         return  # the jobs run in other processes, which start their own worker
+    from sweepbp.sweep.worker import start_workers  # multiprocessing and the rank merge: not for --help or errors
+
     start_workers(run.cfg.model.arch)
     _started_workers = True
 
 
 def _stop_workers_if_started() -> None:
     if _started_workers:
+        from sweepbp.sweep.worker import stop_workers
+
         stop_workers()

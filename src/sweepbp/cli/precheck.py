@@ -6,7 +6,6 @@ seconds: `sweepbp: error: lora.r must be a positive integer, got 0`.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import re
@@ -171,6 +170,8 @@ def device_problems(run: RunConfig) -> list[str]:
 def local_cuda_gpus() -> int | None:
     """NVIDIA GPUs this process may use, asked of the driver's NVML library (no torch: pre-flight stays fast);
     None when that cannot be known here (an AMD GPU's ROCm build of torch also answers to "cuda")."""
+    import ctypes  # only for jobs that run here in mode=measure: not on the path of --help and typos
+
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return 0
