@@ -25,7 +25,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sweepbp.job import pick_device
+    from sweepbp.train.environment import pick_device
     from sweepbp.train.model import DTYPES, build_model, hf_config
 
     cfg, device = run.cfg.model, pick_device(run.cfg.trainer.accelerator)

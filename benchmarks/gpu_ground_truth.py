@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+from sweepbp.config import GB  # noqa: E402  (decimal GB, as everywhere in sweepbp)
+
 DEFAULT_MEMORY = "none,ckpt,selective,offload"
-GB = 1e9
 CLAIMS = """\
 - LoRA fine-tuning of an 8B model at batch size 1 needs ~16 GB for inference and ~22 GB for training;
 - training needs 2-4x the memory of inference;
@@ -210,7 +212,7 @@ def import_results(args: argparse.Namespace) -> int:
     results = [JobResult(**r) for r in json.loads(Path(args.results).read_text())]
     recorder = open_store(TrackingConfig(uri=args.tracking_uri, experiment=args.experiment))
     source = Path(args.results).resolve().parent
-    parent = recorder.open_sweep(args.sweep_id or source.name, source)
+    parent = recorder.open_sweep(args.sweep_id or source.name, source, "GPU ground truth (imported)")
     for number, result in enumerate(results):
         run = config_of(result)
         name = f"{result.mode} {result.choices.get('model', '')} {run.memory_name} b={run.cfg.batch.size}"

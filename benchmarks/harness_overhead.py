@@ -87,10 +87,10 @@ def plain_loop(run) -> list[float]:
     """The same steps in a hand-written loop; per-step wall times of the steps sweepbp would time."""
     import torch
 
-    from sweepbp.train.data import TokenBatches
-    from sweepbp.job import pick_device
-    from sweepbp.train.lora import apply_lora
+    from sweepbp.train.environment import pick_device
     from sweepbp.memory import apply_memory_strategy
+    from sweepbp.train.data import TokenBatches
+    from sweepbp.train.lora import apply_lora
     from sweepbp.train.model import build_model
 
     cfg = run.cfg

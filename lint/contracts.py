@@ -61,18 +61,29 @@ def _source_of(module: str) -> Path | None:
 
 
 def _attribute_chains(source: str) -> list[tuple[int, str]]:
-    """Every dotted name in the source (`torch.cuda.max_memory_allocated`), with its line; a name imported
-    from a module (`from torch.cuda import max_memory_allocated`) counts as its dotted path."""
+    """Every dotted name in the source (`torch.cuda.max_memory_allocated`), with its line, spelt out through
+    the module's imports: `from torch import cuda` then `cuda.max_memory_allocated`, `import torch.cuda as tc`
+    then `tc.max_memory_allocated`, and `from torch.cuda import max_memory_allocated` all count as the full path."""
+    tree = ast.parse(source)
+    imported: dict[str, str] = {}  # a name the module binds -> the dotted path it stands for
     chains = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
-            chains += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
-        elif isinstance(node, ast.Attribute):
+            for alias in node.names:
+                imported[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                chains.append((node.lineno, f"{node.module}.{alias.name}"))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname:
+                    imported[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
             parts = []
             current: ast.AST = node
             while isinstance(current, ast.Attribute):
                 parts.append(current.attr)
                 current = current.value
             if isinstance(current, ast.Name):
-                chains.append((node.lineno, ".".join([current.id, *reversed(parts)])))
+                root = imported.get(current.id, current.id)
+                chains.append((node.lineno, ".".join([root, *reversed(parts)])))
     return chains

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sweepbp.cli.precheck import check_job, config_dir
+from sweepbp.cli.paths import config_dir
+from sweepbp.cli.precheck import check_job
 from sweepbp.config import RunConfig, register_schemas, to_run_config
 
 # Small enough for seconds per job on a 2-core CPU, large enough that activations dominate memory.

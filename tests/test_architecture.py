@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import grimp
-
 from conftest import REPO
+
 from sweepbp import metrics
 
 
@@ -27,17 +27,29 @@ def test_the_import_contracts_are_kept():
     assert "0 broken" in done.stdout
 
 
-def test_a_torch_import_in_the_command_line_breaks_a_contract(tmp_path):
-    """The contract catches what it is for: the same tree with `import torch` added to a sweepbp.cli module."""
-    shutil.copytree(REPO / "src" / "sweepbp", tmp_path / "sweepbp", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "lint", tmp_path / "lint", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    usage = tmp_path / "sweepbp" / "cli" / "usage.py"
+def copy_of_the_tree(folder: Path) -> Path:
+    """sweepbp, lint/ and pyproject.toml copied into `folder`, where lint-imports finds them first."""
+    shutil.copytree(REPO / "src" / "sweepbp", folder / "sweepbp", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "lint", folder / "lint", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", folder / "pyproject.toml")
+    return folder
+
+
+def test_the_contracts_catch_what_they_are_for(tmp_path):
+    """The same tree with `import torch` added to a sweepbp.cli module, and with allocator calls written three
+    ways outside sweepbp.measure: each breaks a contract, and lint-imports names the line."""
+    tree = copy_of_the_tree(tmp_path)
+    usage = tree / "sweepbp" / "cli" / "usage.py"
     usage.write_text(usage.read_text() + "\nimport torch  # noqa: E402,F401\n")
-    done = lint_imports(tmp_path)
+    job = tree / "sweepbp" / "job.py"
+    job.write_text(job.read_text() + "\n\ndef _peeks():\n    from torch import cuda\n    import torch.cuda as tc\n"
+                   "    return torch.cuda.max_memory_allocated(), cuda.memory_reserved(), tc.empty_cache()\n")
+    done = lint_imports(tree)
     assert done.returncode != 0
     assert "sweepbp.cli is not allowed to import torch" in done.stdout
     assert "sweepbp.cli.usage -> torch" in done.stdout
+    for call in ("torch.cuda.max_memory_allocated", "torch.cuda.memory_reserved", "torch.cuda.empty_cache"):
+        assert f"uses {call}" in done.stdout, done.stdout[-3000:]
 
 
 def strongly_connected(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -94,6 +106,7 @@ def test_docs_show_the_catalogue_as_the_command_prints_it():
 
 def test_every_metric_a_real_job_and_a_prediction_record_is_in_the_catalogue(tmp_path):
     from conftest import FAST, compose
+
     from sweepbp.job import run_job
 
     measured = run_job(compose([*FAST, "tracking=none", "memory=offload"]))
@@ -102,6 +115,18 @@ def test_every_metric_a_real_job_and_a_prediction_record_is_in_the_catalogue(tmp
     unknown = sorted(name for name in {*measured.metrics, *predicted.metrics} if not metrics.known(name))
     assert unknown == []
     assert "predicted_peak_memory_bytes" in measured.metrics and "host_offload_bytes" in measured.metrics
+
+
+def test_every_metric_name_written_in_the_code_is_in_the_catalogue():
+    """Names the code writes as `...metrics["name"]` or returns in a figures dict (the GPU-only ones too,
+    which a CPU run never records)."""
+    written = set()
+    for path in (REPO / "src" / "sweepbp").rglob("*.py"):
+        text = path.read_text()
+        written |= set(re.findall(r"metrics\[\"([a-z_]+)\"\]\s*=", text))
+        written |= set(re.findall(r"\"([a-z_]+_(?:bytes|pct))\": float\(", text))
+    assert {"mfu", "tracker_vs_allocated_pct", "peak_allocated_bytes", "inference_peak_allocated_bytes"} <= written
+    assert sorted(n for n in written if not metrics.known(n)) == []
 
 
 def test_readme_metrics_are_catalogue_names():

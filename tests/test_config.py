@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import compose, run_cli
-from sweepbp.cli.precheck import available_options, config_dir, expand, local_cuda_gpus, precheck
+
+from sweepbp.cli.paths import config_dir
+from sweepbp.cli.precheck import available_options, expand, local_cuda_gpus, precheck
 from sweepbp.config import GROUPS, ConfigError, leaf_params
 
 

@@ -11,12 +11,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-
 from conftest import compose
+from sweeps import SMALL, artifact_json, in_clean_process, run_sweep, runs_of, sweep_dirs
+
+from sweepbp.job import run_job
 from sweepbp.report.summary import Record
 from sweepbp.sweep.callbacks import summary_lines
-from sweepbp.job import run_job
-from sweeps import SMALL, artifact_json, in_clean_process, run_sweep, runs_of, sweep_dirs
 
 # The exact tracker's figures: identical for one config whatever ran before it in the process.
 TRACKED = ("peak_memory_bytes", "param_bytes", "trainable_param_bytes", "grad_bytes", "optimizer_state_bytes",

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from conftest import REPO
+
 from sweepbp.cli.precheck import available_options
 
 sys.path.insert(0, str(REPO / "benchmarks"))

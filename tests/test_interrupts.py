@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from sweeps import SMALL, alive, artifact_json, run_sweep, runs_of, start_sweep, sweep_dirs
 
 pytestmark = pytest.mark.slow

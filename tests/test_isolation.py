@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from conftest import FAST, compose
 from sweeps import in_clean_process
+
 from sweepbp.metrics import CATALOGUE
 from sweepbp.sweep.worker import run_isolated
 

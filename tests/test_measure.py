@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import FAST, compose
+
 from sweepbp.job import run_job
 from sweepbp.measure.tracker import ACTIVATION, GRAD, OTHER, PARAM, TRAINABLE, MemoryTracker
 

@@ -13,17 +13,17 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from conftest import FAST, compose, problems_of
+
 from sweepbp.config import SELECTIVE_POLICIES, leaf_params
-from sweepbp.train.data import TokenBatches
-from sweepbp.train.lora import apply_lora
 from sweepbp.measure.tracker import ACTIVATION, MemoryTracker
 from sweepbp.memory import AppliedMemory, apply_memory_strategy, assert_training_mode
 from sweepbp.memory.checkpoint import decoder_layers
+from sweepbp.memory.selective import MATMUL_OPS, POLICIES, adapter_rank
+from sweepbp.train.data import TokenBatches
+from sweepbp.train.lora import apply_lora
 from sweepbp.train.model import build_model
 from sweepbp.train.module import register_state, train_step
-from sweepbp.memory.selective import MATMUL_OPS, POLICIES, adapter_rank
 
 RTOL, ATOL = 1e-5, 1e-6
 CPU = torch.device("cpu")

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from sweeps import SMALL, artifact_json, run_sweep, runs_of
 
 SEEDS = [str(seed) for seed in range(8)]

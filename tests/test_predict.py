@@ -4,16 +4,17 @@ batch.size=auto finds the exact fitting boundary."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import FAST, compose
-from sweepbp.predict.autobatch import BatchSearch, largest_fitting
+
 from sweepbp.cli.precheck import available_options
 from sweepbp.job import run_job
 from sweepbp.metrics import CATALOGUE
+from sweepbp.predict.autobatch import BatchSearch, largest_fitting
 from sweepbp.predict.trace import predict
 
 # Every memory figure the catalogue says a prediction also gives (predicted_<name>).
 MEASURED = [m.name for m in CATALOGUE if m.predicted and m.unit == "bytes"]
+assert {"peak_memory_bytes", "activation_bytes", "host_offload_bytes", "inference_peak_bytes"} <= set(MEASURED)
 
 
 def assert_prediction_exact(metrics: dict[str, float]) -> None:

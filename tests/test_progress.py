@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import compose
+
 from sweepbp.sweep.progress import ProgressLine
 
 

@@ -14,11 +14,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, http_get, run_cli
+
 from sweepbp.report.files import folder_records, write_report
-from sweepbp.report.tables import csv_text
 from sweepbp.report.summary import Record, fastest_within, summarize, swept_keys
+from sweepbp.report.tables import csv_text
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EXPERIMENT = "report-test"

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, compose, problems_of, run_cli
 
 TINY = [*FAST, "lora.target_modules=[q_proj,v_proj]"]
@@ -17,7 +16,7 @@ def _with_hydra(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from sweepbp.cli.precheck import config_dir
+    from sweepbp.cli.paths import config_dir
     from sweepbp.config import register_schemas
 
     register_schemas()

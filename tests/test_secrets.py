@@ -9,16 +9,15 @@ import logging
 from pathlib import Path
 
 import pytest
+from conftest import compose
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from conftest import compose
-from sweepbp.sweep.callbacks import SweepEnd
-from sweepbp.config import TrackingConfig, config_as_dict, config_yaml, leaf_params
-from sweepbp.tracking.redaction import install_log_redaction, redact_text
+from sweepbp.config import TrackingConfig, config_as_dict, config_yaml, leaf_params, redact_uri
 from sweepbp.result import JobResult, host_environment
+from sweepbp.sweep.callbacks import SweepEnd
 from sweepbp.sweep.task import JobContext, _finish
-from sweepbp.config import redact_uri
+from sweepbp.tracking.redaction import install_log_redaction, redact_text
 
 SECRET_URI = "http://alice:s3cret@mlflow.example:5000/?token=t0k3n&experiment=7"
 LEAKS = ("s3cret", "t0k3n")

@@ -7,18 +7,19 @@ import json
 
 import pytest
 import torch
-
 from conftest import FAST, compose, run_cli
-from sweepbp.job import pick_device, run_job
+
+from sweepbp.job import run_job
+from sweepbp.train.environment import pick_device
 
 
 def test_only_lora_weights_train_and_the_loss_falls():
     import lightning as L
     from torch.utils.data import DataLoader
 
+    from sweepbp.memory import apply_memory_strategy
     from sweepbp.train.data import TokenBatches
     from sweepbp.train.lora import apply_lora
-    from sweepbp.memory import apply_memory_strategy
     from sweepbp.train.model import build_model
     from sweepbp.train.module import LoraFinetune
 

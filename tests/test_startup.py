@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import FAST, compose
 
 HEAVY = ("torch", "lightning", "transformers", "peft", "mlflow", "matplotlib")
@@ -117,8 +116,8 @@ def test_worker_warm_up_stays_on_the_meta_device():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from sweepbp.train.warmup import warm
     from sweepbp.sweep.worker import preload_modules
+    from sweepbp.train.warmup import warm
 
     for name in preload_modules("llama")[:-1]:  # what the fork server imports before warming up
         __import__(name)

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from sweepbp.config import RunConfig, SweepbpConfig
+from sweepbp.config import RunConfig
 from sweepbp.measure.device import (
     cap_device_memory,
     device_allocated,
@@ -25,15 +25,15 @@ from sweepbp.measure.timing import TimingSummary
 from sweepbp.measure.tracker import timeline_samples
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.predict.autobatch import resolve_batch_size
-from sweepbp.predict.estimate import estimate
-from sweepbp.predict.trace import PREFIX, Prediction, predict, target_device
+from sweepbp.predict.record import add_prediction, prediction_errors, record_prediction
+from sweepbp.predict.trace import predict, target_device
 from sweepbp.result import JobResult, Status, host_environment
 from sweepbp.train.data import TokenBatches
 from sweepbp.train.distributed import data_seed, process_group_record, trainer_arguments
 from sweepbp.train.environment import device_environment, pick_device, quiet_libraries
 from sweepbp.train.flops import peak_flops
 from sweepbp.train.lora import apply_lora
-from sweepbp.train.model import build_model, hf_config, parameter_counts
+from sweepbp.train.model import build_model, parameter_counts
 from sweepbp.train.module import Diverged, LoraFinetune, inference_peak
 
 
@@ -109,23 +109,13 @@ def predict_job(run: RunConfig, result: JobResult) -> None:
     result.environment["predicted_device"] = device
     run = resolve_batch_size(run, device, result.metrics)
     prediction = predict(run.cfg, device, keep_timeline=True)
-    _record(run.cfg, prediction, result)
+    record_prediction(run.cfg, prediction, result)
     result.metrics.update(prediction.parameters)
     result.metrics["checkpointed_layers"] = float(prediction.checkpointed_layers)
     result.timeline = timeline_samples(prediction.report)
     if not prediction.fits(run.cfg.budget_bytes):
         raise torch.OutOfMemoryError(f"predicted peak {prediction.peak_bytes:,} bytes exceeds "
                                      f"budget_gb={run.cfg.budget_gb:g} on {device}")
-
-
-def add_prediction(cfg: SweepbpConfig, device: str, result: JobResult) -> None:
-    """mode=measure: log the job's prediction beside its measurement. A prediction that fails is noted
-    in the environment and never fails the measured job."""
-    result.environment["predicted_device"] = device
-    try:
-        _record(cfg, predict(cfg, device), result)
-    except Exception as err:  # the measurement is what the job is for
-        result.environment["prediction_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
@@ -176,32 +166,3 @@ def _add_mfu(result: JobResult, device: torch.device) -> None:
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
-
-
-def prediction_errors(metrics: dict[str, float]) -> dict[str, float]:
-    """Signed relative errors of the prediction, in percent: (predicted - measured) / measured * 100.
-
-    `predicted_error_pct` compares with the exact tracker's `peak_memory_bytes`; on CUDA
-    `predicted_allocator_error_pct` compares with `torch.cuda.max_memory_allocated` (`peak_allocated_bytes`).
-    """
-    predicted = metrics.get(f"{PREFIX}peak_memory_bytes")
-    errors: dict[str, float] = {}
-    if predicted is None:
-        return errors
-    for name, measured in (("predicted_error_pct", "peak_memory_bytes"),
-                           ("predicted_allocator_error_pct", "peak_allocated_bytes"),
-                           ("predicted_inference_error_pct", "inference_peak_bytes")):
-        truth = metrics.get(measured)
-        guess = predicted if measured != "inference_peak_bytes" else metrics.get(f"{PREFIX}inference_peak_bytes")
-        if truth and guess is not None:
-            errors[name] = 100.0 * (guess - truth) / truth
-    return errors
-
-
-def _record(cfg: SweepbpConfig, prediction: Prediction, result: JobResult) -> None:
-    result.metrics.update(prediction.metrics())
-    formula = estimate(cfg, hf_config(cfg.model), prediction.batch_size)
-    if formula is not None:
-        result.metrics.update(formula.metrics())
-    if prediction.modelled:
-        result.environment["predicted_kernels"] = "; ".join(prediction.modelled)

@@ -219,7 +219,8 @@ def markdown() -> str:
         for m in (m for m in CATALOGUE if m.group == group):
             names = f"`{m.name}`" + (f", `{PREDICTED}{m.name}`" if m.predicted else "")
             ranks = m.merge.value + (", per rank" if m.per_rank else "")
-            out.append(f"| {names} | {m.unit} | {ranks} | {m.shown.value} | {m.meaning} |")
+            meaning = m.meaning + (" (GPU only)" if m.gpu_only and m.group != GPU else "")
+            out.append(f"| {names} | {m.unit} | {ranks} | {m.shown.value} | {meaning} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

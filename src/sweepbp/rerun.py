@@ -28,8 +28,7 @@ from sweepbp.config import (
 from sweepbp.result import Status
 from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
 from sweepbp.sweep.task import JobContext, record_job
-from sweepbp.tracking import BACKENDS, NONE, RUN_ID, StoreError, open_store
-from sweepbp.tracking.uris import resolve_uri
+from sweepbp.tracking import BACKENDS, NONE, RUN_ID, StoreError, backend, open_store
 
 
 def typed_config(text: str) -> DictConfig:
@@ -60,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Rerun one recorded run; exit 0 when it finished ok."""
     args = parse_args(argv)
-    uri = resolve_uri(args.tracking_uri)
+    uri = backend(args.tracking).resolve(args.tracking_uri)
     try:
         recorded = open_store(TrackingConfig(name=args.tracking, uri=uri)).recorded_run(args.run_id)
     except StoreError as err:

@@ -40,9 +40,12 @@ class Status(str, Enum):
 
     @property
     def severity(self) -> int:
-        """When the ranks of one job disagree, the most severe status explains the job: a rank that ran out
-        of memory beats the ranks that were stopped because of it."""
-        return list(Status).index(self) if self != Status.OK else len(Status)
+        """When the ranks of one job disagree, the most severe status (the lowest number) explains the job: a
+        rank that ran out of memory beats the ranks that were stopped because of it."""
+        return SEVERITY.index(self)
+
+
+SEVERITY = (Status.OOM, Status.DIVERGED, Status.FAILED, Status.KILLED, Status.RUNNING, Status.OK)
 
 
 @dataclass

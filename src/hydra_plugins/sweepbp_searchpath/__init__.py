@@ -12,7 +12,7 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 class SweepbpUserConfig(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        from sweepbp.cli.precheck import config_dir, user_config_dir
+        from sweepbp.cli.paths import config_dir, user_config_dir
 
         shipped = str(config_dir())
         if not any(shipped in str(element.path) for element in search_path.get_path()):

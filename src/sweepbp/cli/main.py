@@ -12,7 +12,8 @@ import sys
 
 from hydra._internal.utils import get_args_parser
 
-from sweepbp.cli.precheck import MAX_PRECHECKED_JOBS, config_dir, launcher_of, precheck
+from sweepbp.cli.paths import config_dir
+from sweepbp.cli.precheck import MAX_PRECHECKED_JOBS, launcher_of, precheck
 from sweepbp.config import RunConfig, register_schemas
 from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
 from sweepbp.tracking.redaction import install_log_redaction

@@ -6,6 +6,8 @@ seconds: `sweepbp: error: lora.r must be a positive integer, got 0`.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import os
 import re
@@ -20,30 +22,15 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from sweepbp.cli.launchers import PRESETS, REMOTE_LAUNCHERS, launcher_options
+from sweepbp.cli.paths import config_dir, user_config_dir
 from sweepbp.config import GROUPS, ConfigError, RunConfig, redact_uri, to_run_config
-from sweepbp.tracking import NONE, TITLES, backend_names
-from sweepbp.tracking.uris import unreachable_reason
+from sweepbp.tracking import NONE, backend
 
 # OmegaConf's type errors: "Value 'abc' of type 'str' could not be converted to Integer", "... is not a valid bool"
 CONVERSION = re.compile(r"Value '(.*)' (?:of type '.*' could not be converted to (\w+)|is not a valid (bool))")
 KINDS = {"Integer": "an integer", "Float": "a number", "bool": "true or false", "String": "a string"}
 INFO_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve")
 MAX_PRECHECKED_JOBS = 512
-
-
-def config_dir() -> Path:
-    """The shipped conf/: inside the installed package, or at the root of a source checkout."""
-    package = Path(__file__).resolve().parents[1]  # src/sweepbp
-    packaged = package / "conf"
-    if packaged.is_dir():
-        return packaged
-    return package.parents[1] / "conf"
-
-
-def user_config_dir() -> Path | None:
-    """./conf of the working folder: a user's own option files (e.g. conf/model/my_model.yaml)."""
-    folder = Path.cwd() / "conf"
-    return folder if folder.is_dir() and folder.resolve() != config_dir().resolve() else None
 
 
 def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], None] | None = None
@@ -133,13 +120,15 @@ def check_job_config(overrides: list[str]) -> tuple[list[str], RunConfig | None]
 def tracking_problems(run: RunConfig) -> list[str]:
     """Whether the job's tracking store can be reached (HTTP servers are asked for /health)."""
     tracking = run.cfg.tracking
-    if tracking.name not in backend_names():
-        return [f"tracking.name must be one of {', '.join(backend_names())}, got {tracking.name!r}"]
-    if tracking.name != NONE:
-        reason = unreachable_reason(tracking.uri)
-        if reason:
-            return [f"tracking.uri must be a reachable {TITLES[tracking.name]} store, got "
-                    f"{redact_uri(tracking.uri)!r} ({reason})"]
+    if tracking.name == NONE:
+        return []
+    try:
+        kind = backend(tracking.name)
+    except ConfigError as err:
+        return err.problems
+    reason = kind.unreachable(tracking.uri)
+    if reason:
+        return [f"tracking.uri must be a reachable {kind.title} store, got {redact_uri(tracking.uri)!r} ({reason})"]
     return []
 
 
@@ -167,18 +156,19 @@ def device_problems(run: RunConfig) -> list[str]:
     return []
 
 
+@functools.cache
 def local_cuda_gpus() -> int | None:
     """NVIDIA GPUs this process may use, asked of the driver's NVML library (no torch: pre-flight stays fast);
-    None when that cannot be known here (an AMD GPU's ROCm build of torch also answers to "cuda")."""
-    import ctypes  # only for jobs that run here in mode=measure: not on the path of --help and typos
-
+    None when that cannot be known here: device files without NVML (some containers, Jetson), or an AMD GPU
+    (ROCm builds of torch answer to "cuda" too). Pre-flight refuses a job only on a definite 0."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return 0
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:
-        return None if Path("/dev/kfd").exists() else 0
+        devices = [*Path("/dev").glob("nvidia[0-9]*"), Path("/dev/kfd")]
+        return None if any(d.exists() for d in devices) else 0
     count = ctypes.c_uint(0)
     if nvml.nvmlInit_v2() != 0:
         return 0

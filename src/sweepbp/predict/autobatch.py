@@ -1,7 +1,7 @@
 """batch.size=auto: the largest batch size whose predicted peak fits `budget_gb`.
 
 The answer to "will it fit, and how big can the batch be?" without trial and error on the device: the
-finder asks `predict.predict` (seconds per question, no device memory) and returns the boundary b such
+finder asks `predict.trace.predict` (seconds per question, no device memory) and returns the boundary b such
 that b fits and b + 1 does not. Memory grows almost linearly with the batch, so two predictions give a
 first guess, a couple more confirm it, and bisection makes the answer exact whatever the curve does
 (it only assumes that a larger batch never needs less memory). In mode=measure the job then runs at

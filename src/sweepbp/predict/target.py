@@ -14,9 +14,9 @@ the same tensors whatever the device; where the device decides, `TargetDevice` d
   a patch of the module attribute, not a TorchFunctionMode: function modes are not active in the
   backward, where checkpointing recomputes attention.
 - AdamW: foreach on CUDA (temporaries for all adapter tensors at once), a per-tensor loop on CPU
-  (`predict._foreach`).
+  (`predict.trace._foreach`).
 - AdamW's step counters (real CPU scalars beside the meta model): device memory for a CPU target, host
-  memory for a CUDA one (`predict.no_data`).
+  memory for a CUDA one (`predict.trace.no_data`).
 - `*-mixed` precision for a CUDA target is traced with CPU autocast, whose cast lists differ slightly.
 
 Not modelled (docs/predict.md): memory a kernel allocates for itself (flash/cuDNN backward scratch,

@@ -33,13 +33,12 @@ from transformers import PreTrainedModel, masking_utils
 from sweepbp.config import SweepbpConfig
 from sweepbp.measure.tracker import MemoryReport, MemoryTracker
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
+from sweepbp.metrics import PREDICTED
 from sweepbp.predict.target import MetaTracker, precision_plugin, target_kernels
 from sweepbp.train.environment import pick_device
 from sweepbp.train.lora import apply_lora
 from sweepbp.train.model import build_model, parameter_counts
 from sweepbp.train.module import counting_gradients, inference_peak, make_optimizer, step_tracker, train_step
-
-PREFIX = "predicted_"
 
 
 @dataclass
@@ -65,10 +64,10 @@ class Prediction:
 
     def metrics(self) -> dict[str, float]:
         """`predicted_`-prefixed twins of the measured memory metrics, plus the prediction's own cost."""
-        figures = {k: float(v) for k, v in self.report.metrics(prefix=PREFIX).items()}
-        figures[f"{PREFIX}inference_peak_bytes"] = float(self.inference_peak_bytes)
+        figures = {k: float(v) for k, v in self.report.metrics(prefix=PREDICTED).items()}
+        figures[f"{PREDICTED}inference_peak_bytes"] = float(self.inference_peak_bytes)
         if self.inference_peak_bytes:
-            figures[f"{PREFIX}train_inference_memory_ratio"] = self.report.peak_bytes / self.inference_peak_bytes
+            figures[f"{PREDICTED}train_inference_memory_ratio"] = self.report.peak_bytes / self.inference_peak_bytes
         figures["predict_time_s"] = self.seconds
         return figures
 

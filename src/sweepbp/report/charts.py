@@ -11,7 +11,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from sweepbp.config import GB
-from sweepbp.report.formats import byte_unit, describe, fmt_bytes, metric_label
+from sweepbp.metrics import label as metric_label
+from sweepbp.report.formats import byte_unit, describe, fmt_bytes
 from sweepbp.report.summary import BASELINE, Summary, label, on_chart, plotted
 from sweepbp.result import Status
 

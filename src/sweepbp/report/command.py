@@ -17,8 +17,7 @@ from sweepbp.report.files import folder_records, store_records, write_report
 from sweepbp.report.summary import summarize
 from sweepbp.report.tables import answers, table
 from sweepbp.result import sweep_id_of
-from sweepbp.tracking import BACKENDS, StoreError, open_store
-from sweepbp.tracking.uris import resolve_uri
+from sweepbp.tracking import BACKENDS, StoreError, backend, open_store
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m sweepbp.report`: rebuild the report of one sweep from its runs in the tracking store."""
     args = parse_args(argv)
     sweep_id = args.sweep_id or (sweep_id_of(args.sweep_dir.resolve()) if args.sweep_dir else None)
-    uri = resolve_uri(args.tracking_uri)
+    uri = backend(args.tracking).resolve(args.tracking_uri)
     store = open_store(TrackingConfig(name=args.tracking, uri=uri, experiment=args.experiment))
     try:
         sweep_id, jobs = store.sweep_jobs(sweep_id)

@@ -10,8 +10,7 @@ from sweepbp.config import TrackingConfig, redact_uri
 from sweepbp.report.summary import Record, Summary, summarize
 from sweepbp.report.tables import answers, csv_text, markdown, table
 from sweepbp.result import JobResult
-from sweepbp.tracking import NONE, StoredJob, StoreError, open_store
-from sweepbp.tracking.uris import unreachable_reason
+from sweepbp.tracking import NONE, StoredJob, StoreError, backend, open_store
 
 FILES = ("summary.csv", "summary.md", "tradeoff.png")
 
@@ -64,7 +63,7 @@ def _store_only_records(tracking: TrackingConfig, sweep_id: str, have: list[Reco
     """Runs of the sweep that the tracking store holds but the sweep folder does not (matched by run id).
     Nothing is downloaded for the runs the folder has. A store that cannot be read leaves the folder's
     report as it is, with a warning."""
-    reason = unreachable_reason(tracking.uri)  # seconds at most, where MLflow's own retries take minutes
+    reason = backend(tracking.name).unreachable(tracking.uri)  # seconds at most, where a client's retries take minutes
     if not reason:
         try:
             return store_records(open_store(tracking).sweep_jobs(sweep_id, frozenset(r.run_id for r in have if r.run_id))[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sweepbp import metrics
 from sweepbp.config import GB
+from sweepbp.metrics import label as metric_label
 from sweepbp.report.summary import STRATEGY, Record, Summary, label
 
 BYTE_UNITS = (("GB", GB), ("MB", 1e6), ("kB", 1e3))  # decimal, like budget_gb and device memory sizes
@@ -20,11 +21,6 @@ def describe(record: Record, summary: Summary) -> str:
 def describe_point(record: Record, summary: Summary) -> str:
     return (f"{describe(record, summary)} (job {record.job}), {fmt_metric(summary.y, record.metric(summary.y))} "
             f"{metric_label(summary.y)} at {fmt_metric(summary.x, record.metric(summary.x))} {metric_label(summary.x)}")
-
-
-def metric_label(name: str) -> str:
-    """The catalogue's short label (`peak memory`, `predicted peak memory`)."""
-    return metrics.label(name)
 
 
 def fmt_metric(name: str, value: float | None) -> str:

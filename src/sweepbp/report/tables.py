@@ -7,7 +7,8 @@ import io
 
 from sweepbp.config import GB
 from sweepbp.metrics import PREDICTED, Shown, shown
-from sweepbp.report.formats import describe, describe_point, fmt_bytes, fmt_metric, metric_label
+from sweepbp.metrics import label as metric_label
+from sweepbp.report.formats import describe, describe_point, fmt_bytes, fmt_metric
 from sweepbp.report.summary import STRATEGY, Record, Summary, fastest_within, on_chart, plotted
 from sweepbp.result import Status
 

@@ -77,4 +77,4 @@ def write_sweep_report(sweep_dir: Path, tracking: TrackingConfig | None = None) 
     except Exception as err:  # noqa: BLE001 (the report is a by-product; the runs are already recorded)
         print(f"[sweepbp] warning: the sweep report could not be written: {type(err).__name__}: {err}",
               file=sys.stderr)
-        return folder_records(sweep_dir)
+    return folder_records(sweep_dir)  # the sweep's outcome from its folder alone

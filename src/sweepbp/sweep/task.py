@@ -26,7 +26,6 @@ from sweepbp.sweep.signals import Stopped, held, ignore_signals
 from sweepbp.sweep.worker import JobInterrupted, run_isolated
 from sweepbp.tracking import RUN_ID, Store, open_store
 from sweepbp.tracking.redaction import install_log_redaction, redact_result
-from sweepbp.tracking.uris import resolve_uri
 
 
 @dataclass
@@ -172,7 +171,7 @@ _stores: dict[tuple[str, str, str], Store | None] = {}
 def _store(run: RunConfig) -> Store | None:
     """One store per backend, URI and experiment in this process: the jobs of a sweep share its connection."""
     tracking = run.cfg.tracking
-    key = (tracking.name, resolve_uri(tracking.uri), tracking.experiment)
+    key = (tracking.name, tracking.uri, tracking.experiment)
     if key not in _stores:
         _stores[key] = open_store(tracking)
     return _stores[key]
@@ -185,17 +184,12 @@ def _run_name(run: RunConfig) -> str:
 def _print_outcome(result: JobResult, context: JobContext) -> None:
     """One job's answer in the terminal: its status and the metrics the report's table shows, plus the loss."""
     shown = [name for name in (*metrics.shown(Shown.TABLE), "loss") if name in result.metrics]
-    parts = [f"status={result.status}", *(f"{name}={_raw(name, result.metrics[name])}" for name in shown)]
+    parts = [f"status={result.status}", *(f"{name}={_terminal(name, result.metrics[name])}" for name in shown)]
     if result.error:
         parts.append(f"error={result.error}")
     print(f"[sweepbp] {' '.join(parts)}\n[sweepbp] results: {context.output_dir / 'results.json'}", file=sys.stderr)
 
 
-def _raw(name: str, value: float) -> str:
-    """A figure as the terminal line shows it: whole bytes and rates with separators, times to 0.1 ms."""
-    unit = metrics.unit(name)
-    if unit == "s":
-        return f"{value:.4f}"
-    if unit in ("bytes", "tokens/s", "sequences/s"):
-        return f"{value:,.0f}"
-    return f"{value:.4f}"
+def _terminal(name: str, value: float) -> str:
+    """A figure as the terminal line shows it: whole bytes and rates with separators, the rest to 4 decimals."""
+    return f"{value:,.0f}" if metrics.unit(name) in ("bytes", "tokens/s", "sequences/s") else f"{value:.4f}"

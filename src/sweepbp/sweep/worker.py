@@ -32,6 +32,7 @@ from multiprocessing.process import BaseProcess
 
 from sweepbp.config import RunConfig
 from sweepbp.result import JobResult, Status
+from sweepbp.sweep.progress import ProgressLine
 from sweepbp.sweep.ranks import free_port, merge_ranks, rank_environment
 from sweepbp.sweep.signals import STOP_SIGNALS, Stopped, die_with_parent, ignore_signals, raise_once, stopping
 from sweepbp.train.warmup import ARCH_VARIABLE, warm
@@ -225,7 +226,6 @@ def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> 
 
     if "LOCAL_RANK" in environ:
         setup_rank()
-    from sweepbp.sweep.progress import ProgressLine
 
     die_with_parent(os.getppid())  # the fork server (or the sweep process), which ends with the sweep
     interrupt = raise_once(Interrupted)

@@ -2,25 +2,37 @@
 
 The sweep opens a sweep and its jobs and finishes them; the report and rerun read a sweep's jobs back.
 Nothing else in sweepbp knows which backend is behind a `Store`: a second one is a module with a class
-that has these methods, a line in `BACKENDS`, and an option file `conf/tracking/<name>.yaml`. MLflow is the
-only backend shipped (`tracking=mlflow`); `tracking=none` records nothing (`open_store` returns None).
-mlflow is imported only when a store is opened (about a second): --help and config errors never pay it.
+that has these methods, its `Backend` entry in `BACKENDS` (name, where its store class is, how its URIs are
+checked and made absolute), and an option file `conf/tracking/<name>.yaml`. MLflow is the only backend
+shipped (`tracking=mlflow`); `tracking=none` records nothing (`open_store` returns None). mlflow is imported
+only when a store is opened (about a second): --help and config errors never pay it.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from sweepbp.config import RunConfig, TrackingConfig
+from sweepbp.config import ConfigError, RunConfig, TrackingConfig
 from sweepbp.result import JobResult
+from sweepbp.tracking import uris
 
-# tracking.name -> "module:class" of its Store (imported when a store of that kind is opened), and its name
-# in messages
-BACKENDS = {"mlflow": "sweepbp.tracking.mlflow_store:MlflowStore"}
-TITLES = {"mlflow": "MLflow"}
+
+@dataclass(frozen=True)
+class Backend:
+    """A kind of tracking store, known without importing it (pre-flight checks its URIs in milliseconds)."""
+
+    title: str  # its name in messages
+    store: str  # "module:class" of its Store, imported when a store is opened
+    unreachable: Callable[[str], str | None]  # why a URI cannot be used now, or None (seconds at most)
+    resolve: Callable[[str], str]  # the URI every job of a sweep uses (e.g. a relative SQLite path made absolute)
+
+
+BACKENDS = {"mlflow": Backend("MLflow", "sweepbp.tracking.mlflow_store:MlflowStore", uris.unreachable_reason,
+                              uris.resolve_uri)}
 NONE = "none"
 # results.json's environment entry (and tag sweepbp.env.mlflow_run_id) naming a job's run in the store; named
 # when MLflow was the only backend, kept since scripts read it.
@@ -52,7 +64,7 @@ class RecordedRun:
 class Store(Protocol):
     """A tracking store: one run per job, under one parent run per sweep."""
 
-    def open_sweep(self, sweep_id: str, sweep_dir: Path) -> str:
+    def open_sweep(self, sweep_id: str, sweep_dir: Path, description: str = "sweepbp sweep") -> str:
         """The sweep's parent run (created by whichever job gets there first); its id."""
 
     def open_job(self, run: RunConfig, name: str, parent_id: str | None, tags: dict[str, str]) -> str:
@@ -85,9 +97,16 @@ def backend_names() -> tuple[str, ...]:
     return (*BACKENDS, NONE)
 
 
+def backend(name: str) -> Backend:
+    """The backend of `tracking.name`; a ConfigError naming the choices for any other name."""
+    if name not in BACKENDS:
+        raise ConfigError([f"tracking.name must be one of {', '.join(backend_names())}, got {name!r}"])
+    return BACKENDS[name]
+
+
 def open_store(tracking: TrackingConfig) -> Store | None:
     """The store of a tracking config, or None for tracking=none."""
     if tracking.name == NONE:
         return None
-    module, _, name = BACKENDS[tracking.name].partition(":")
+    module, _, name = backend(tracking.name).store.partition(":")
     return getattr(importlib.import_module(module), name)(tracking)

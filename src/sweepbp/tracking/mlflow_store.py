@@ -31,7 +31,6 @@ RUN_STATUS = {Status.OK: "FINISHED", Status.OOM: "FINISHED", Status.DIVERGED: "F
 TAG_STATUS, TAG_SWEEP, TAG_ROLE, TAG_HASH, TAG_MODE, TAG_JOB = (
     "sweepbp.status", "sweepbp.sweep_id", "sweepbp.role", "sweepbp.config_hash", "sweepbp.mode", "sweepbp.job_num")
 BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
-SWEEP_DESCRIPTION = "sweepbp sweep"
 
 
 def with_retry(call: Callable[[], T], attempts: int = 30) -> T:
@@ -79,24 +78,29 @@ class MlflowStore:
 
     # -- writing ------------------------------------------------------------------------------------
     def experiment_id(self) -> str:
-        """The experiment's id, creating it (artifacts next to a SQLite store) on first use."""
+        """The experiment's id, creating it (artifacts next to a SQLite store) on first use. First writers of
+        one store take turns (SQLite) or look again when another one was faster (a server)."""
         if self._experiment_id is None:
-            found = self.client.get_experiment_by_name(self.experiment)
-            if found is not None:
+            with _store_lock(self.uri):
+                found = self.client.get_experiment_by_name(self.experiment)
+                if found is None:
+                    db = sqlite_path(self.uri)
+                    location = (db.parent / "mlartifacts").as_uri() if db is not None else None
+                    try:
+                        with_retry(lambda: self.client.create_experiment(self.experiment, artifact_location=location))
+                    except MlflowException as err:
+                        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                            raise
+                    found = self.client.get_experiment_by_name(self.experiment)
                 self._experiment_id = found.experiment_id
-            else:
-                db = sqlite_path(self.uri)
-                location = (db.parent / "mlartifacts").as_uri() if db is not None else None
-                self._experiment_id = with_retry(lambda: self.client.create_experiment(
-                    self.experiment, artifact_location=location))
         return self._experiment_id
 
-    def open_sweep(self, sweep_id: str, sweep_dir: Path) -> str:
+    def open_sweep(self, sweep_id: str, sweep_dir: Path, description: str = "sweepbp sweep") -> str:
         if sweep_id not in self._parents:
-            self._parents[sweep_id] = self._find_or_create_parent(sweep_id, sweep_dir)
+            self._parents[sweep_id] = self._find_or_create_parent(sweep_id, sweep_dir, description)
         return self._parents[sweep_id]
 
-    def _find_or_create_parent(self, sweep_id: str, sweep_dir: Path) -> str:
+    def _find_or_create_parent(self, sweep_id: str, sweep_dir: Path, description: str) -> str:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         with open(sweep_dir / ".sweepbp-parent.lock", "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -106,7 +110,7 @@ class MlflowStore:
             run = with_retry(lambda: self.client.create_run(
                 self.experiment_id(), run_name=f"sweep {sweep_id}",
                 tags={TAG_SWEEP: sweep_id, TAG_ROLE: "sweep", "sweepbp.sweep_dir": str(sweep_dir),
-                      "mlflow.note.content": SWEEP_DESCRIPTION}))
+                      "mlflow.note.content": description}))
             return run.info.run_id
 
     def _parent_runs(self, sweep_id: str) -> list:

@@ -40,9 +40,6 @@ def build_model(model: ModelConfig, device: torch.device, seed: int) -> PreTrain
     return built.to(device)
 
 
-
-
-
 def parameter_counts(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
     """Trainable and frozen parameter counts, and the model FLOPs per token of a LoRA step (train/flops.py)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
