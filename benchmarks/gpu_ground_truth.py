@@ -226,14 +226,13 @@ def import_results(args: argparse.Namespace) -> int:
 
 def config_of(result):
     """The RunConfig a record was made from (its resolved config, each group in its own schema)."""
-    from sweepbp.config import SCHEMAS, RunConfig, SweepbpConfig
+    from sweepbp.config import SCHEMAS, RunConfig, SweepbpConfig, schema_of
 
     data = dict(result.config)
     groups = {}
-    for group, entries in SCHEMAS.items():
+    for group in SCHEMAS:
         values = data.pop(group)
-        schema = dict(entries).get(values.get("name", ""), entries[0][1]) if group == "memory" else entries[0][1]
-        groups[group] = schema(**values)
+        groups[group] = schema_of(group, values.get("name"))(**values)
     return RunConfig(cfg=SweepbpConfig(**groups, **data), choices=result.choices)
 
 

@@ -209,14 +209,18 @@ class RunConfig:
 SCHEMAS: dict[str, list[tuple[str, type]]] = {
     "model": [("model", ModelConfig)],
     "lora": [("lora", LoraConfig)],
-    "memory": [("none", MemoryConfig), ("ckpt", CkptMemoryConfig), ("selective", SelectiveMemoryConfig),
-               ("offload", OffloadMemoryConfig), ("ckpt_offload", CkptOffloadMemoryConfig)],
+    "memory": list(NAMED_SCHEMAS["memory"].items()),
     "batch": [("batch", BatchConfig)],
     "trainer": [("trainer", TrainerConfig)],
     "data": [("data", DataConfig)],
     "tracking": [("tracking", TrackingConfig)],
     "strategy": [("strategy", StrategyConfig), ("fsdp", FsdpStrategyConfig)],
 }
+
+
+def schema_of(group: str, name: str | None) -> type:
+    """The schema a group's config has: the one its `name` selects (memory, strategy), else the group's own."""
+    return NAMED_SCHEMAS.get(group, {}).get(name or "", SCHEMAS[group][0][1])
 
 
 def register_schemas() -> None:

@@ -27,7 +27,7 @@ from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.predict.autobatch import resolve_batch_size
 from sweepbp.predict.record import add_prediction, prediction_errors, record_prediction
 from sweepbp.predict.trace import predict, target_device
-from sweepbp.result import JobResult, Status, host_environment
+from sweepbp.result import JobResult, Status, host_environment, one_line
 from sweepbp.train.data import TokenBatches
 from sweepbp.train.distributed import data_seed, process_group_record, trainer_arguments
 from sweepbp.train.environment import device_environment, pick_device, quiet_libraries
@@ -54,13 +54,13 @@ def run_job(run: RunConfig, progress=None) -> JobResult:
             measure_job(run, result, progress, start)
         result.status = Status.OK
     except torch.OutOfMemoryError as err:
-        result.status, result.error = Status.OOM, _one_line(err)
+        result.status, result.error = Status.OOM, one_line(err)
     except (Interrupted, KeyboardInterrupt):
         result.status, result.error = Status.KILLED, "interrupted (Ctrl-C or SIGTERM)"
     except Diverged as err:
-        result.status, result.error = Status.DIVERGED, _one_line(err)
+        result.status, result.error = Status.DIVERGED, one_line(err)
     except Exception as err:
-        result.status, result.error = Status.FAILED, _one_line(err)
+        result.status, result.error = Status.FAILED, one_line(err)
         result.environment["traceback"] = traceback.format_exc()
     result.metrics["job_time_s"] = time.perf_counter() - start
     return result
@@ -161,8 +161,3 @@ def _add_mfu(result: JobResult, device: torch.device) -> None:
     peak = peak_flops(result.environment.get("device_name", ""))
     if peak:
         result.metrics["mfu"] = result.metrics["tokens_per_s"] * result.metrics["flops_per_token"] / peak
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"

@@ -23,6 +23,7 @@ from sweepbp.config import (
     TrackingConfig,
     redact_uri,
     register_schemas,
+    schema_of,
     to_run_config,
 )
 from sweepbp.result import Status
@@ -36,10 +37,8 @@ def typed_config(text: str) -> DictConfig:
     (memory.name=ckpt -> CkptMemoryConfig), so validation and defaults work as after composition."""
     loaded = OmegaConf.create(text)
     base = OmegaConf.structured(SweepbpConfig)
-    for group, entries in SCHEMAS.items():
-        name = OmegaConf.select(loaded, f"{group}.name")
-        schema = next((cls for option, cls in entries if option == name), entries[0][1])
-        base[group] = OmegaConf.structured(schema)
+    for group in SCHEMAS:
+        base[group] = OmegaConf.structured(schema_of(group, OmegaConf.select(loaded, f"{group}.name")))
     return OmegaConf.merge(base, loaded)
 
 

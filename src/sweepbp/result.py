@@ -92,6 +92,12 @@ class JobResult:
         return path
 
 
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
 def git_commit(start: Path | None = None) -> str:
     folder = start or Path(__file__).resolve().parent
     try:

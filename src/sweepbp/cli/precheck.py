@@ -132,10 +132,15 @@ def tracking_problems(run: RunConfig) -> list[str]:
     return []
 
 
+def chosen_option(overrides: list[str], group: str) -> str | None:
+    """The option of `group` an override list chose (`memory=ckpt` -> ckpt; the last one, as Hydra), or None."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == group]
+    return chosen[-1] if chosen else None
+
+
 def launcher_of(overrides: list[str]) -> str:
     """The `hydra/launcher` option a command line chose (`basic`, Hydra's default, when it chose none)."""
-    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "hydra/launcher"]
-    return chosen[-1] if chosen else "basic"
+    return chosen_option(overrides, "hydra/launcher") or "basic"
 
 
 def runs_here(overrides: list[str]) -> bool:
@@ -197,9 +202,9 @@ def _hydra_message(err: Exception, overrides: list[str]) -> str:
     first = text.splitlines()[0] if text else type(err).__name__
     if "Could not find" in first or "Could not load" in first:
         for group in (*GROUPS, "hydra/launcher"):
-            chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == group]
-            if chosen and f"'{group}/{chosen[0]}'" in first:
-                return f"{group} must be one of {', '.join(_options(group))}, got {chosen[0]!r}{_install_hint(chosen[0])}"
+            chosen = chosen_option(overrides, group)
+            if chosen is not None and f"'{group}/{chosen}'" in first:
+                return f"{group} must be one of {', '.join(_options(group))}, got {chosen!r}{_install_hint(chosen)}"
     cause = err.__cause__
     key = getattr(cause, "full_key", None)
     if cause is not None and key:  # OmegaConf's reason, which names the key

@@ -7,7 +7,7 @@ from sweepbp.config import SweepbpConfig
 from sweepbp.metrics import PREDICTED
 from sweepbp.predict.estimate import estimate
 from sweepbp.predict.trace import Prediction, predict
-from sweepbp.result import JobResult
+from sweepbp.result import JobResult, one_line
 from sweepbp.train.model import hf_config
 
 
@@ -18,7 +18,7 @@ def add_prediction(cfg: SweepbpConfig, device: str, result: JobResult) -> None:
     try:
         record_prediction(cfg, predict(cfg, device), result)
     except Exception as err:  # the measurement is what the job is for
-        result.environment["prediction_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        result.environment["prediction_error"] = one_line(err)
 
 
 def prediction_errors(metrics: dict[str, float]) -> dict[str, float]:

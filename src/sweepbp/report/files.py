@@ -9,8 +9,8 @@ from pathlib import Path
 from sweepbp.config import TrackingConfig, redact_uri
 from sweepbp.report.summary import Record, Summary, summarize
 from sweepbp.report.tables import answers, csv_text, markdown, table
-from sweepbp.result import JobResult
-from sweepbp.tracking import NONE, StoredJob, StoreError, backend, open_store
+from sweepbp.result import JobResult, one_line
+from sweepbp.tracking import NONE, Store, StoredJob, StoreError, backend, open_store
 
 FILES = ("summary.csv", "summary.md", "tradeoff.png")
 
@@ -45,32 +45,34 @@ def report_sweep_folder(sweep_dir: Path, sweep_id: str, tracking: TrackingConfig
     in the store that the folder lacks (jobs on machines that do not share the folder). Returns every record."""
     records = folder_records(sweep_dir)
     tracking = tracking or (_tracking_of(records) if records else None)
-    if tracking is not None:
-        records += _store_only_records(tracking, sweep_id, records)
+    store = open_store(tracking) if tracking is not None else None
+    if store is not None:
+        records += _store_only_records(tracking, sweep_id, records, store)
     if not records:
         return []
     summary = summarize(records)
     files = write_report(summary, sweep_dir)
     print(f"\n{table(summary)}\n\n" + "\n".join(answers(summary)) + f"\n\n[sweepbp] report: {sweep_dir}/summary.md",
           flush=True)
-    store = open_store(tracking) if tracking is not None else None
     if store is not None:
         store.finish_sweep(sweep_id, sweep_dir.resolve(), files, failed=any(r.status.is_error for r in records))
     return records
 
 
-def _store_only_records(tracking: TrackingConfig, sweep_id: str, have: list[Record]) -> list[Record]:
-    """Runs of the sweep that the tracking store holds but the sweep folder does not (matched by run id).
-    Nothing is downloaded for the runs the folder has. A store that cannot be read leaves the folder's
-    report as it is, with a warning."""
+def _store_only_records(tracking: TrackingConfig, sweep_id: str, have: list[Record],
+                        store: Store | None = None) -> list[Record]:
+    """Runs of the sweep that the tracking store (`store`, else opened here) holds but the sweep folder does
+    not (matched by run id). Nothing is downloaded for the runs the folder has. A store that cannot be read
+    leaves the folder's report as it is, with a warning."""
     reason = backend(tracking.name).unreachable(tracking.uri)  # seconds at most, where a client's retries take minutes
     if not reason:
         try:
-            return store_records(open_store(tracking).sweep_jobs(sweep_id, frozenset(r.run_id for r in have if r.run_id))[1])
+            store = store or open_store(tracking)
+            return store_records(store.sweep_jobs(sweep_id, frozenset(r.run_id for r in have if r.run_id))[1])
         except StoreError:
             return []  # the store has no run of this sweep: the folder is all there is
         except Exception as err:  # noqa: BLE001 (a failing store must not cost the folder's report)
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            reason = one_line(err)
     print(f"[sweepbp] warning: jobs run elsewhere not added to the report, the store {redact_uri(tracking.uri)} "
           f"could not be read: {reason}", file=sys.stderr)
     return []
