@@ -14,15 +14,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import FAST, compose, problems_of
+from steps import KeepGradients, build
 
-from sweepbp.config import SELECTIVE_POLICIES, leaf_params
+from sweepbp.config import SELECTIVE_POLICIES, LossConfig, leaf_params
 from sweepbp.measure.tracker import ACTIVATION, MemoryTracker
-from sweepbp.memory import AppliedMemory, apply_memory_strategy, assert_training_mode
+from sweepbp.memory import AppliedMemory, assert_training_mode
 from sweepbp.memory.checkpoint import decoder_layers
 from sweepbp.memory.selective import MATMUL_OPS, POLICIES, adapter_rank
-from sweepbp.train.data import TokenBatches
-from sweepbp.train.lora import apply_lora
-from sweepbp.train.model import build_model
 from sweepbp.train.module import register_state, train_step
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -53,37 +51,6 @@ class Trace:
     applied: AppliedMemory
 
 
-def build(overrides: list[str], train: bool = True, device: torch.device = CPU):
-    """Tiny model + LoRA + strategy, with every adapter weight non-zero so every adapter gradient is."""
-    cfg = compose([*FAST, "tracking=none", *overrides]).cfg
-    model = apply_lora(build_model(cfg.model, device, cfg.trainer.seed), cfg.lora)
-    with torch.no_grad():  # peft starts lora_B at zero, which makes every lora_A gradient zero
-        generator = torch.Generator().manual_seed(1)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    applied = apply_memory_strategy(model, cfg.memory, device)
-    model.train(train)
-    batches = TokenBatches(cfg.data, cfg.trainer.steps, int(cfg.batch.size), cfg.batch.seq_len,
-                           model.config.vocab_size, cfg.trainer.seed)
-    return model, applied, batches
-
-
-class KeepGradients:
-    """Stands in for the optimizer of `train_step`: its step keeps a copy of the adapter gradients."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.grads: dict[str, torch.Tensor] = {}
-
-    def step(self) -> None:
-        self.grads = {n: p.grad.detach().clone() for n, p in self.params.items()}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for param in self.params.values():
-            param.grad = None
-
-
 def traced_step(model, applied: AppliedMemory, batch: dict) -> Trace:
     """The module's own training step (`train_step`: the strategy's forward context, backward, optimizer),
     traced; the bytes still live when the backward starts are what the forward saved for it."""
@@ -97,7 +64,7 @@ def traced_step(model, applied: AppliedMemory, batch: dict) -> Trace:
         loss.backward()
 
     with tracker:
-        train_step(model, applied, batch, optimizer, backward, tracker.phase_of)
+        train_step(model, applied, LossConfig(), batch, optimizer, backward, tracker.phase_of)
     report = tracker.report()
     return Trace(report.category_peaks[ACTIVATION], saved[0], report.host_peak_bytes, optimizer.grads, applied)
 
@@ -131,7 +98,7 @@ def test_same_loss_curve_as_none_with_dropout():
         torch.manual_seed(0)
         losses = []
         for step in range(3):
-            loss = train_step(model, applied, batches[step], optimizer, torch.Tensor.backward, _untimed)
+            loss = train_step(model, applied, LossConfig(), batches[step], optimizer, torch.Tensor.backward, _untimed)
             losses.append(loss.item())
         curves[label] = torch.tensor(losses)
     assert len(set(curves["none"].tolist())) == 3  # the adapter did learn: the curve is not flat

@@ -49,7 +49,7 @@ def test_frontier_budget_and_strategy_costs():
     assert (effect.record.job, effect.baseline.job) == ("1", "0")
     assert effect.slowdown == pytest.approx(1.25)
     assert effect.memory_saving == pytest.approx(0.4)
-    assert effect.activation_saving == pytest.approx(0.75)
+    assert effect.focus_saving == pytest.approx(0.75)  # activations: what the memory strategy acts on
     rows = csv_text(summary).splitlines()
     assert rows[0].startswith("job,memory,lora.r,status,tokens_per_s,peak_memory_bytes,activation_bytes,pareto")
     assert rows[2].startswith("1,ckpt,8,ok,80,6000000000,1500000000,1")

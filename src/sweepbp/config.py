@@ -18,13 +18,17 @@ from urllib.parse import urlsplit
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 GB = 1e9  # budget_gb and every figure shown in GB are decimal gigabytes, like device memory sizes
-GROUPS = ("model", "lora", "memory", "batch", "trainer", "data", "tracking", "strategy")
+GROUPS = ("model", "lora", "memory", "loss", "batch", "trainer", "data", "tracking", "strategy")
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa")
 MODES = ("measure", "predict")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 SELECTIVE_POLICIES = ("save_matmuls", "save_attention")  # memory.policy of memory=selective (see memory/selective.py)
+# Config fields of model families whose causal-LM head rescales the logits after the projection: the
+# fused losses compute the projection themselves and refuse them (Gemma's soft-capping they apply).
+HEAD_RESCALING_FIELDS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+FUSED_LOSSES = ("fused", "liger")  # loss options that project the hidden states themselves
 # Linear sub-modules of the decoder families sweepbp builds from a config (Llama, Mistral, Qwen2 share them).
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -100,6 +104,29 @@ class CkptOffloadMemoryConfig(MemoryConfig):
 
 
 @dataclass
+class LossConfig:
+    """How the output projection and the cross-entropy are computed. `name` selects the option."""
+
+    name: str = "standard"
+
+
+@dataclass
+class ChunkedLossConfig(LossConfig):
+    """Cross-entropy over slices of the sequence, each upcast to fp32 on its own (torchtune's)."""
+
+    name: str = "chunked"
+    chunks: int = 8  # slices of the sequence: more, smaller fp32 transients (the logits still exist whole)
+
+
+@dataclass
+class FusedLossConfig(LossConfig):
+    """Projection and cross-entropy chunk by chunk in one autograd function: no full logits tensor."""
+
+    name: str = "fused"
+    chunks: int = 8  # slices of the batch's tokens: more, smaller transients, more (smaller) matmuls
+
+
+@dataclass
 class BatchConfig:
     """Shape of one optimizer step's batch."""
 
@@ -163,6 +190,7 @@ class SweepbpConfig:
     model: ModelConfig = MISSING
     lora: LoraConfig = MISSING
     memory: MemoryConfig = MISSING
+    loss: LossConfig = MISSING
     batch: BatchConfig = MISSING
     trainer: TrainerConfig = MISSING
     data: DataConfig = MISSING
@@ -187,6 +215,7 @@ class SweepbpConfig:
 NAMED_SCHEMAS: dict[str, dict[str, type]] = {
     "memory": {"none": MemoryConfig, "ckpt": CkptMemoryConfig, "selective": SelectiveMemoryConfig,
                "offload": OffloadMemoryConfig, "ckpt_offload": CkptOffloadMemoryConfig},
+    "loss": {"standard": LossConfig, "chunked": ChunkedLossConfig, "fused": FusedLossConfig, "liger": LossConfig},
     "strategy": {"single": StrategyConfig, "ddp": StrategyConfig, "fsdp": FsdpStrategyConfig},
 }
 # Fields of a random-init model.config that must be positive integers (when given).
@@ -210,6 +239,7 @@ SCHEMAS: dict[str, list[tuple[str, type]]] = {
     "model": [("model", ModelConfig)],
     "lora": [("lora", LoraConfig)],
     "memory": list(NAMED_SCHEMAS["memory"].items()),
+    "loss": [("loss", LossConfig), ("chunked", ChunkedLossConfig), ("fused", FusedLossConfig)],
     "batch": [("batch", BatchConfig)],
     "trainer": [("trainer", TrainerConfig)],
     "data": [("data", DataConfig)],
@@ -298,6 +328,7 @@ def validate(cfg: SweepbpConfig) -> list[str]:
     need(t.devices >= 1, "trainer.devices", t.devices, "a positive integer")
     problems.extend(_option_problems(cfg))
     problems.extend(_memory_problems(cfg.memory))
+    problems.extend(_loss_problems(cfg))
     problems.extend(_data_problems(cfg.data))
     problems.extend(_strategy_problems(cfg.strategy, t))
     need(cfg.mode in MODES, "mode", cfg.mode, f"one of {', '.join(MODES)}")
@@ -372,6 +403,27 @@ def _memory_problems(memory: MemoryConfig) -> list[str]:
     min_bytes = getattr(memory, "min_bytes", None)
     if min_bytes is not None and min_bytes < 0:
         problems.append(f"memory.min_bytes must be zero or a positive number of bytes, got {min_bytes!r}")
+    return problems
+
+
+def _loss_problems(cfg: SweepbpConfig) -> list[str]:
+    loss = cfg.loss
+    problems = []
+    chunks = getattr(loss, "chunks", None)
+    if chunks is not None and not 1 <= chunks <= max(cfg.batch.seq_len, 1):
+        problems.append(f"loss.chunks must be between 1 and batch.seq_len={cfg.batch.seq_len}, got {chunks!r}")
+    if loss.name in FUSED_LOSSES and cfg.model.pretrained_path is None:
+        rescaled = [key for key in HEAD_RESCALING_FIELDS if cfg.model.config.get(key) not in (None, 1, 1.0)]
+        if rescaled:
+            problems.append(f"loss must be standard or chunked for a model whose head rescales its logits "
+                            f"(model.config.{rescaled[0]}), got {loss.name!r}")
+    if loss.name == "liger":
+        if cfg.mode == "predict":
+            problems.append("loss must be standard, chunked or fused with mode=predict, got 'liger' (its Triton "
+                            "kernels cannot be traced without a GPU; loss=fused predicts a fused loss in PyTorch)")
+        elif cfg.trainer.accelerator == "cpu":
+            problems.append("loss must be standard, chunked or fused on trainer.accelerator=cpu, got 'liger' "
+                            "(liger-kernel runs on CUDA GPUs only)")
     return problems
 
 

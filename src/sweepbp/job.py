@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from sweepbp.config import RunConfig
+from sweepbp.config import LossConfig, RunConfig
 from sweepbp.measure.device import (
     cap_device_memory,
     device_allocated,
@@ -83,9 +83,9 @@ def measure_job(run: RunConfig, result: JobResult, progress, start: float) -> No
     result.metrics.update(parameter_counts(model, cfg.batch.seq_len))
     result.metrics["checkpointed_layers"] = applied.checkpointed_layers
     result.metrics["setup_time_s"] = time.perf_counter() - start
-    result.metrics.update(measure_inference(model, batches[0], device, cfg.budget_bytes))
+    result.metrics.update(measure_inference(model, batches[0], cfg.loss, device, cfg.budget_bytes))
 
-    module = LoraFinetune(model, applied, cfg.trainer.lr, cfg.trainer.weight_decay, cfg.trainer.warmup_steps,
+    module = LoraFinetune(model, applied, cfg.loss, cfg.trainer.lr, cfg.trainer.weight_decay, cfg.trainer.warmup_steps,
                           cfg.budget_bytes, on_step=progress)
     trainer = L.Trainer(max_steps=cfg.trainer.steps, accelerator="gpu" if device.type == "cuda" else "cpu",
                         devices=cfg.trainer.devices, precision=cfg.trainer.precision, logger=False,
@@ -145,12 +145,13 @@ def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
     result.metrics.update(prediction_errors(result.metrics))
 
 
-def measure_inference(model: torch.nn.Module, batch: dict, device: torch.device, budget: int | None) -> dict[str, float]:
-    """Peak of a forward pass without gradients on the same batch: weights + adapter + transients."""
+def measure_inference(model: torch.nn.Module, batch: dict, loss: LossConfig, device: torch.device,
+                      budget: int | None) -> dict[str, float]:
+    """Peak of a forward pass and its loss without gradients on the same batch: weights + adapter + transients."""
     batch = {k: v.to(device) for k, v in batch.items()}
     reset_device_peaks(device)
     before = device_allocated(device)
-    figures = {"inference_peak_bytes": float(inference_peak(model, batch, device.type, budget))}
+    figures = {"inference_peak_bytes": float(inference_peak(model, batch, loss, device.type, budget))}
     figures.update(inference_allocator_figures(device, before))
     return figures
 

@@ -92,6 +92,10 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("activation_bytes", "bytes", "activations",
            "peak of live bytes the forward (and recomputation) allocated: what autograd keeps for the backward",
            MEMORY, Merge.MAX, per_rank=True, shown=Shown.TABLE, predicted=True),
+    Metric("logits_bytes", "bytes", "logits",
+           "peak of live bytes the loss allocated: the output projection's logits, their fp32 copies and "
+           "gradients (the loss phase of the forward and of the backward; `loss` group)",
+           MEMORY, Merge.MAX, per_rank=True, shown=Shown.TABLE, predicted=True),
     Metric("other_bytes", "bytes", "other", "everything else at the peak: the batch, activation gradients, "
            "optimizer temporaries", MEMORY, Merge.MAX, predicted=True),
     Metric("host_offload_bytes", "bytes", "host (offload)", "peak of host memory an offloading strategy uses "
@@ -128,8 +132,8 @@ CATALOGUE: tuple[Metric, ...] = (
           ("param_bytes", "weights", "the weights"),
           ("trainable_param_bytes", "adapter", "the adapter"),
           ("optimizer_state_bytes", "optimizer state", "AdamW's state"),
-          ("activation_bytes", "activations", "the saved activations and the forward's loss transient"),
-          ("loss_bytes", "loss", "the loss transient where the backward starts"),
+          ("activation_bytes", "activations", "the activations the decoder layers save"),
+          ("logits_bytes", "logits", "the loss transient at its peak (per `loss` option)"),
           ("peak_memory_bytes", "peak memory", "the peak"),
           ("inference_peak_bytes", "inference peak", "the inference peak"))),
     # -- CUDA only ----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import itertools
 import os
 import re
@@ -149,10 +150,19 @@ def runs_here(overrides: list[str]) -> bool:
 
 
 def device_problems(run: RunConfig) -> list[str]:
-    """What the job asks of this machine's devices that it does not have (mode=measure, jobs run here)."""
+    """What the job asks of this machine's devices and packages that it does not have (mode=measure, jobs
+    run here)."""
     cfg = run.cfg
-    if cfg.mode != "measure" or local_cuda_gpus() != 0:
+    if cfg.mode != "measure":
         return []
+    if cfg.loss.name == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        return ["loss must be standard, chunked or fused without liger-kernel installed, got 'liger' "
+                "(install it on a CUDA machine: pip install -e \".[liger]\")"]
+    if local_cuda_gpus() != 0:
+        return []
+    if cfg.loss.name == "liger":
+        return ["loss must be standard, chunked or fused on a machine without a CUDA GPU, got 'liger' "
+                "(liger-kernel's Triton kernels run on CUDA GPUs only)"]
     if cfg.strategy.name == "fsdp":
         return ["strategy must be single or ddp on a machine without a CUDA GPU, got 'fsdp' (FSDP shards over GPUs)"]
     if cfg.trainer.accelerator in ("gpu", "cuda"):

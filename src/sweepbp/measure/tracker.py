@@ -24,10 +24,13 @@ from torch.utils._pytree import tree_flatten
 from sweepbp.config import GB
 
 # Categories of device memory, in the order they claim a storage that fits several.
-PARAM, TRAINABLE, GRAD, OPTIMIZER, ACTIVATION, OTHER = (
-    "param", "trainable", "grad", "optimizer_state", "activation", "other")
-CATEGORIES = (PARAM, TRAINABLE, GRAD, OPTIMIZER, ACTIVATION, OTHER)
+PARAM, TRAINABLE, GRAD, OPTIMIZER, ACTIVATION, LOGITS, OTHER = (
+    "param", "trainable", "grad", "optimizer_state", "activation", "logits", "other")
+CATEGORIES = (PARAM, TRAINABLE, GRAD, OPTIMIZER, ACTIVATION, LOGITS, OTHER)
 HOST = "host"  # memory an offloading strategy keeps off the device
+# The step's phases. LOSS is the output projection and the loss, from the forward's hidden states to the
+# loss and, at the start of the backward, back to their gradient: what it allocates is LOGITS.
+FORWARD, LOSS, BACKWARD, OPTIM = "forward", "loss", "backward", "optim"
 
 _active: list["MemoryTracker"] = []
 
@@ -65,6 +68,16 @@ def host_scope() -> Iterator[None]:
         tracker._host_depth -= 1
 
 
+def enter_phase(name: str) -> None:
+    """Switch the active tracker to phase `name` from inside the step; no-op without a tracker. The loss
+    marks its own phase this way: it begins inside the forward, and the backward that follows starts in it
+    (the loss's gradient comes first) until the loss switches to BACKWARD at the hidden states' gradient."""
+    tracker = active_tracker()
+    if tracker is not None:
+        tracker.phase = name
+        tracker._loss_open = name == LOSS
+
+
 @dataclass
 class MemorySample:
     """Live bytes per category at one moment (used for the timeline chart)."""
@@ -93,6 +106,7 @@ class MemoryReport:
             f"{prefix}grad_bytes": self.category_peaks[GRAD],
             f"{prefix}optimizer_state_bytes": self.category_peaks[OPTIMIZER],
             f"{prefix}activation_bytes": self.category_peaks[ACTIVATION],
+            f"{prefix}logits_bytes": self.category_peaks[LOGITS],
             f"{prefix}other_bytes": self.at_peak[OTHER],
             f"{prefix}host_offload_bytes": self.host_peak_bytes,
         }
@@ -124,6 +138,7 @@ class MemoryTracker(TorchDispatchMode):
         self._start = 0
         self._layer_depth = 0
         self._host_depth = 0
+        self._loss_open = False  # the forward entered the loss phase; the backward has not left it yet
         self.timeline: list[MemorySample] = []
 
     # -- registering what exists before tracking starts ---------------------------------------
@@ -159,7 +174,9 @@ class MemoryTracker(TorchDispatchMode):
     def _category_for_new(self) -> str:
         if self._host_depth:
             return HOST
-        if self.phase == "forward" or (self.phase == "backward" and self._layer_depth):
+        if self.phase == LOSS:
+            return LOGITS
+        if self.phase == FORWARD or (self.phase == BACKWARD and self._layer_depth):
             return ACTIVATION
         return OTHER
 
@@ -206,6 +223,8 @@ class MemoryTracker(TorchDispatchMode):
     # -- phases and results -------------------------------------------------------------------
     @contextlib.contextmanager
     def phase_of(self, name: str) -> Iterator[None]:
+        if name == BACKWARD and self._loss_open:
+            name = LOSS  # the backward begins with the loss's own (see `enter_phase`)
         previous, self.phase = self.phase, name
         try:
             yield

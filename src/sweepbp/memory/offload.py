@@ -44,9 +44,8 @@ class _Stashed:
     device: torch.device
 
     def view_of(self, storage_bytes: torch.Tensor) -> torch.Tensor:
-        """The saved tensor, as a view of a copy of its storage."""
-        view = torch.empty(0, dtype=self.dtype, device=storage_bytes.device)
-        return view.set_(storage_bytes.untyped_storage(), self.offset, self.shape, self.stride)
+        """The saved tensor, as a view of a copy of its storage (view ops, not `set_`: see `_storage_bytes`)."""
+        return storage_bytes.view(self.dtype).as_strided(self.shape, self.stride, self.offset)
 
 
 class HostOffload:
@@ -112,7 +111,7 @@ class HostOffload:
         """The tensor's whole storage, as bytes in (pinned, on CUDA) host memory."""
         cuda = tensor.device.type == "cuda"
         with torch.no_grad():
-            source = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(tensor.untyped_storage())
+            source = _storage_bytes(tensor)
             with host_scope():
                 host = torch.empty(source.numel(), dtype=torch.uint8, device="cpu", pin_memory=cuda)
                 host.copy_(source, non_blocking=cuda)
@@ -134,6 +133,14 @@ class HostOffload:
     def _forget(self, storage_key: int) -> None:
         for key in [k for k in self._copies if k[0] == storage_key]:
             del self._copies[key]
+
+
+def _storage_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's whole storage as a flat uint8 view. Built from view ops: `empty(0).set_(storage)` would
+    do the same, but under FakeTensorMode (mode=predict with autocast) it keeps the storage alive for good,
+    so the prediction would never see the device copy freed."""
+    whole = tensor.untyped_storage().nbytes() // tensor.element_size()
+    return tensor.as_strided((whole,), (1,), 0).view(torch.uint8)
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

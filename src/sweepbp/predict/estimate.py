@@ -11,20 +11,29 @@ docs/predict.md lists what it leaves out and how far it lands from the trace. Th
 
 Weights W: embeddings V*h, lm_head V*h (unless tied), per layer h*q + 2*h*kv + q*h + 3*h*i + 2*h, a
 final norm h; times s. Adapter A: r*(in + out) per adapted linear, times a. Gradients A, AdamW 2A.
-Per token and layer, saved for the backward (`layer_bytes_per_token`); the loss transient per token is
-the logits in s bytes, their fp32 copy and the fp32 log-softmax the backward keeps, (s + 8) * V, in the
-forward; in the backward the saved log-softmax, its incoming gradient and its input gradient, 12 * V (fp32).
+Per token and layer, saved for the backward (`layer_bytes_per_token`); the loss transient
+(`loss_terms`, per `loss` option, with u = 4 when the logits are upcast to fp32 and 0 when s is already 4,
+c = loss.chunks):
 
-  none:  peak = W + 4A + L * layer * T + max(s + 8, 12) * V * T
-  ckpt:  peak = W + 4A + (n * s * h + (L - n) * layer) * T + max(s + 8, 12) * V * T,  n = checkpointed layers
-  activations (the peak of what the forward allocates) = the saved part above + (s + 8) * V * T
-  inference peak = W + A + (s + 8) * V * T   (the loss is computed, as in a job's inference pass)
+  standard: forward (s + u + 4) V T (logits, their fp32 copy, the fp32 log-softmax kept for the backward);
+            peak max(forward, 12 V T) (at the backward's start: the log-softmax, its gradient in and out)
+  chunked:  forward (s + 4) V T + u V T / c (the logits whole, every slice's log-softmax, one slice's copy);
+            peak (s + 4) V T + 8 V T / c (the logits' gradient whole, one slice's fp32 gradients)
+  fused:    peak 12 V T / c + s h T (one chunk's fp32 log-softmax and gradients, computed in the forward,
+            and the hidden states' gradient that waits for the backward); inference (s + u + 4) V T / c
 
-The peak is taken where the backward starts: all saved activations, the loss gradients, the adapter,
-its gradient buffer's worth (4A: weights, gradients, two AdamW moments). Under ckpt the recompute of one
-layer during the backward is smaller than that for Llama shapes, so it is not added.
+  none:  peak = W + 4A + L * layer * T + loss peak
+  ckpt:  peak = W + 4A + (n * s * h + (L - n) * layer) * T + max(loss peak, layer * T),  n = checkpointed layers
+  activations (the peak of what the decoder layers keep) = the saved part above (+ layer * T under ckpt:
+  the one layer recomputed in the backward)
+  logits (the loss's own peak) = loss peak
+  inference peak = W + A + the loss's forward without gradients (standard: forward, chunked: s V T + (u + 4) V T / c)
 
-Other memory strategies have no formula (the `formula_*` metrics are then absent).
+The peak is taken where the backward starts (all saved activations, the loss gradients, the adapter,
+its gradient buffer's worth: 4A for weights, gradients, two AdamW moments), or under ckpt where a
+recomputed layer exceeds the loss transient (a fused loss makes that the usual case).
+
+Other memory strategies and loss=liger have no formula (the `formula_*` metrics are then absent).
 """
 
 from __future__ import annotations
@@ -79,8 +88,8 @@ class Estimate:
     param_bytes: int
     trainable_param_bytes: int
     optimizer_state_bytes: int
-    activation_bytes: int  # saved for the backward by the decoder layers, plus the forward's loss transient
-    loss_bytes: int  # the loss transient where the backward starts
+    activation_bytes: int  # saved for the backward by the decoder layers
+    logits_bytes: int  # the loss transient at its peak
     peak_memory_bytes: int
     inference_peak_bytes: int
 
@@ -118,11 +127,24 @@ def layer_bytes_per_token(shape: Shape, s: int, a: int, r: int, targets: set[str
     return total
 
 
+def loss_terms(loss, s: int, shape: Shape, tokens: int) -> tuple[int, int]:
+    """(peak with gradients, peak without) of the loss transient under the loss option `loss`."""
+    entries = shape.vocab * tokens
+    upcast = 0 if s == FP32 else FP32  # .float() of fp32 logits is the same tensor
+    chunks = getattr(loss, "chunks", 1)
+    if loss.name == "chunked":
+        return (s + FP32) * entries + 2 * FP32 * entries // chunks, s * entries + (upcast + FP32) * entries // chunks
+    if loss.name == "fused":
+        return 3 * FP32 * entries // chunks + s * shape.hidden * tokens, (s + upcast + FP32) * entries // chunks
+    forward = (s + upcast + FP32) * entries
+    return max(forward, 3 * FP32 * entries), forward
+
+
 def estimate(cfg: SweepbpConfig, config, batch_size: int) -> Estimate | None:
     """The formula for `cfg` at `batch_size`; `config` is the model's HF config. None for strategies
-    without a formula."""
+    (and loss=liger) without a formula."""
     name = cfg.memory.name
-    if name not in ("none", "ckpt"):
+    if name not in ("none", "ckpt") or cfg.loss.name not in ("standard", "chunked", "fused"):
         return None
     shape = Shape.of(config)
     s = DTYPE_BYTES[cfg.model.dtype]
@@ -137,14 +159,15 @@ def estimate(cfg: SweepbpConfig, config, batch_size: int) -> Estimate | None:
     weights = shape.parameters() * s
     layer = layer_bytes_per_token(shape, s, a, cfg.lora.r, targets, cfg.model.attn_implementation == "eager",
                                   cfg.batch.seq_len)
+    recompute = 0  # ckpt: one checkpointed layer's activations, rebuilt in the backward
     if name == "ckpt":
         kept = math.ceil(shape.layers / cfg.memory.every)  # type: ignore[attr-defined]
         saved = (kept * s * shape.hidden + (shape.layers - kept) * layer) * tokens
+        recompute = layer * tokens
     else:
         saved = shape.layers * layer * tokens
-    forward_loss = (s + 8) * shape.vocab * tokens  # logits, their fp32 copy, the saved log-softmax
-    backward_loss = max(s + 8, 3 * FP32) * shape.vocab * tokens  # + the log-softmax's gradient in and out
+    loss_peak, loss_inference = loss_terms(cfg.loss, s, shape, tokens)
     return Estimate(param_bytes=weights, trainable_param_bytes=adapter_bytes, optimizer_state_bytes=2 * adapter_bytes,
-                    activation_bytes=saved + forward_loss, loss_bytes=backward_loss,
-                    peak_memory_bytes=weights + 4 * adapter_bytes + saved + backward_loss,
-                    inference_peak_bytes=weights + adapter_bytes + forward_loss)
+                    activation_bytes=saved + recompute, logits_bytes=loss_peak,
+                    peak_memory_bytes=weights + 4 * adapter_bytes + saved + max(loss_peak, recompute),
+                    inference_peak_bytes=weights + adapter_bytes + loss_inference)

@@ -99,7 +99,7 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
         batch = empty_batch(size, cfg.batch.seq_len, counted[0])
         parameters = parameter_counts(model, cfg.batch.seq_len)
         kind = MetaTracker if meta_trace else MemoryTracker
-        inference = inference_peak(model, batch, counted, kind=kind)
+        inference = inference_peak(model, batch, cfg.loss, counted, kind=kind)
         plugin = precision_plugin(cfg.trainer.precision, device, modelled)
         model = plugin.convert_module(model)  # Lightning converts at fit, after the inference measurement
         optimizer = make_optimizer(model, cfg.trainer.lr, cfg.trainer.weight_decay, foreach=_foreach(device, modelled))
@@ -107,7 +107,7 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
             warm_optimizer(optimizer)
             tracker = step_tracker(model, optimizer, batch, counted, None, keep_timeline, kind)
             with counting_gradients(model), tracker:
-                train_step(model, applied, batch, optimizer, _backward, tracker.phase_of)
+                train_step(model, applied, cfg.loss, batch, optimizer, _backward, tracker.phase_of)
             report = tracker.report()
     return Prediction(device=device, batch_size=size, report=report, inference_peak_bytes=inference,
                       parameters=parameters, checkpointed_layers=applied.checkpointed_layers,

@@ -24,11 +24,12 @@ CATEGORY_LABELS = {
     "grad": "adapter gradients",
     "optimizer_state": "optimizer state",
     "activation": "saved activations (and recompute)",
-    "other": "other (temporaries, logits, loss)",
+    "logits": "logits and loss (and their gradients)",
+    "other": "other (temporaries, activation gradients)",
 }
 CATEGORY_COLORS = {"param": "#9e9e9e", "trainable": "#4c72b0", "grad": "#dd8452", "optimizer_state": "#8172b3",
-                   "activation": "#55a868", "other": "#c4ad66"}
-PHASE_COLORS = {"forward": "#e8f1fb", "backward": "#fbeee6", "optim": "#efeaf7"}
+                   "activation": "#55a868", "logits": "#c44e52", "other": "#c4ad66"}
+PHASE_COLORS = {"forward": "#e8f1fb", "loss": "#fbe6e6", "backward": "#fbeee6", "optim": "#efeaf7"}
 
 
 # -- the sweep's trade-off chart -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The sweep's answer, computed from its job records alone: rows, Pareto frontier, budgets, strategy costs.
+"""The sweep's answer, computed from its job records alone: rows, Pareto frontier, budgets, what each option costs.
 
 Pure functions over `Record`s, which come from the results.json files of a sweep folder or from the
 runs of a tracking store (sweepbp.tracking), so the same summary can be rebuilt on another machine.
@@ -51,6 +51,10 @@ class Record:
     def strategy(self) -> str:
         return self.choices.get(STRATEGY) or self.config.get(f"{STRATEGY}.name", "")
 
+    def option(self, axis: Axis) -> str:
+        """This job's option of an axis's group (its baseline for records from before the group existed)."""
+        return self.choices.get(axis.group) or self.config.get(f"{axis.group}.name") or axis.baseline
+
     def value(self, key: str) -> str:
         """A swept key's value: a group's option name or a dotted config leaf."""
         return self.choices[key] if key in self.choices else self.config.get(key, "")
@@ -60,15 +64,31 @@ class Record:
         return value if value is not None and math.isfinite(value) else None
 
 
+@dataclass(frozen=True)
+class Axis:
+    """A config group whose options the summary compares with its baseline at the same other settings."""
+
+    group: str
+    baseline: str  # the option the others are compared with (also what records from before the group ran)
+    title: str  # what one option is called in the report's heading
+    focus: str  # the memory figure the group acts on, compared beside the peak
+
+
+# The axes compared in "what it costs", in the report's order.
+AXES = (Axis(STRATEGY, BASELINE, "memory strategy", "activation_bytes"),
+        Axis("loss", "standard", "loss", "logits_bytes"))
+
+
 @dataclass
 class Effect:
-    """What one memory strategy costs against memory=none at the same other settings."""
+    """What one option of an axis costs against the axis's baseline at the same other settings."""
 
+    axis: Axis
     record: Record
     baseline: Record
     slowdown: float | None  # baseline throughput / this throughput (1.3 = 30% slower)
     memory_saving: float | None  # 1 - peak / baseline peak (0.2 = 20% less peak memory)
-    activation_saving: float | None  # 1 - activations / baseline activations
+    focus_saving: float | None  # 1 - focus / baseline focus (the axis's own memory figure)
     names: tuple[str, str, str] = ("tokens_per_s", "peak_memory_bytes", "activation_bytes")  # as compared
 
 
@@ -97,7 +117,7 @@ def summarize(records: list[Record], x: str = "peak_memory_bytes", y: str = "tok
     budgets = budgets_gb if budgets_gb else config_budgets(records)
     return Summary(records=records, keys=identifying_keys(records), x=x, y=y,
                    budgets=[b * GB for b in sorted(set(budgets))], frontier=pareto_front(records, x, y),
-                   effects=strategy_effects(records))
+                   effects=[e for axis in AXES for e in axis_effects(records, axis)])
 
 
 def resolve_metric(records: list[Record], name: str) -> str:
@@ -200,22 +220,27 @@ def fastest_within(records: list[Record], budget: float, x: str, y: str) -> Reco
     return max(fits, key=lambda r: r.metric(y)) if fits else None
 
 
-def strategy_effects(records: list[Record], throughput: str = "tokens_per_s", peak: str = "peak_memory_bytes",
-                     activations: str = "activation_bytes") -> list[Effect]:
-    """Each ok job of a strategy other than `none` against the ok `none` job with the same other settings."""
-    throughput, peak, activations = (resolve_metric(records, m) for m in (throughput, peak, activations))
-    others = [k for k in swept_keys(records) if k != STRATEGY and not k.startswith(STRATEGY + ".")]
+def compared_axes(records: list[Record]) -> list[Axis]:
+    """The axes the report compares: the memory strategy always, the others where the sweep varied them."""
+    return [axis for axis in AXES if axis.group == STRATEGY or _varies(records, lambda r, a=axis: r.option(a))]
+
+
+def axis_effects(records: list[Record], axis: Axis, throughput: str = "tokens_per_s",
+                 peak: str = "peak_memory_bytes") -> list[Effect]:
+    """Each ok job of an option other than the axis's baseline against the ok baseline job with the same
+    other settings."""
+    throughput, peak, focus = (resolve_metric(records, m) for m in (throughput, peak, axis.focus))
+    others = [k for k in swept_keys(records) if k != axis.group and not k.startswith(axis.group + ".")]
     baselines = {tuple(r.value(k) for k in others): r for r in records
-                 if r.status == Status.OK and r.strategy == BASELINE}
+                 if r.status == Status.OK and r.option(axis) == axis.baseline}
     effects = []
     for r in records:
         base = baselines.get(tuple(r.value(k) for k in others))
-        if r.status != Status.OK or r.strategy == BASELINE or base is None:
+        if r.status != Status.OK or r.option(axis) == axis.baseline or base is None:
             continue
-        effects.append(Effect(r, base, _ratio(base.metric(throughput), r.metric(throughput)),
-                              _saving(r.metric(peak), base.metric(peak)),
-                              _saving(r.metric(activations), base.metric(activations)),
-                              (throughput, peak, activations)))
+        effects.append(Effect(axis, r, base, _ratio(base.metric(throughput), r.metric(throughput)),
+                              _saving(r.metric(peak), base.metric(peak)), _saving(r.metric(focus), base.metric(focus)),
+                              (throughput, peak, focus)))
     return effects
 
 

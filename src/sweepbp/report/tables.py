@@ -9,7 +9,7 @@ from sweepbp.config import GB
 from sweepbp.metrics import PREDICTED, Shown, shown
 from sweepbp.metrics import label as metric_label
 from sweepbp.report.formats import describe, describe_point, fmt_bytes, fmt_metric
-from sweepbp.report.summary import STRATEGY, Record, Summary, fastest_within, on_chart, plotted
+from sweepbp.report.summary import Record, Summary, compared_axes, fastest_within, on_chart, plotted
 from sweepbp.result import Status
 
 TABLE_METRICS = shown(Shown.TABLE)
@@ -68,9 +68,11 @@ def answers(summary: Summary) -> list[str]:
                   f"{metric_label(y)}" for r in summary.frontier]
     elif ranked:
         lines.append(f"- No job finished ok with both {x} and {y}.")
-    lines += ["", f"## What each memory strategy costs against {STRATEGY}=none at the same other settings", ""]
-    lines += [_effect_line(e, summary) for e in summary.effects] or [
-        f"- No pair of ok jobs differing only in the memory strategy (one of them {STRATEGY}=none)."]
+    for axis in compared_axes(summary.records):
+        lines += ["", f"## What each {axis.title} costs against {axis.group}={axis.baseline} at the same other "
+                  "settings", ""]
+        lines += [_effect_line(e, summary) for e in summary.effects if e.axis == axis] or [
+            f"- No pair of ok jobs differing only in the {axis.title} (one of them {axis.group}={axis.baseline})."]
     shown = {id(r) for r in on_chart(summary.records, x, y)}
     failed = [r for r in summary.records if id(r) not in shown]
     if failed:
@@ -95,11 +97,11 @@ def _fits_line(summary: Summary, budget: float) -> str:
 def _effect_line(effect, summary: Summary) -> str:
     r, base = effect.record, effect.baseline
     parts = []
-    throughput, peak, activations = effect.names
+    throughput, peak, focus = effect.names
     if effect.slowdown is not None:
         parts.append(f"step time x{effect.slowdown:.2f} ({fmt_metric(throughput, r.metric(throughput))} vs "
                      f"{fmt_metric(throughput, base.metric(throughput))} {metric_label(throughput)})")
-    for metric, saving in ((peak, effect.memory_saving), (activations, effect.activation_saving)):
+    for metric, saving in ((peak, effect.memory_saving), (focus, effect.focus_saving)):
         if saving is not None:
             name = metric_label(metric)
             parts.append(f"{name} {abs(saving):.0%} {'lower' if saving >= 0 else 'higher'} "

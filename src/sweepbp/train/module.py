@@ -14,10 +14,14 @@ from collections.abc import Callable, Iterator
 import lightning as L
 import torch
 
+from sweepbp.config import LossConfig
 from sweepbp.measure.device import device_peaks, reset_device_peaks
 from sweepbp.measure.timing import StepTimer
 from sweepbp.measure.tracker import (
+    BACKWARD,
+    FORWARD,
     GRAD,
+    OPTIM,
     OPTIMIZER,
     OTHER,
     PARAM,
@@ -28,6 +32,7 @@ from sweepbp.measure.tracker import (
     tensors_of,
 )
 from sweepbp.memory import AppliedMemory
+from sweepbp.train.loss import step_loss
 
 
 class Diverged(RuntimeError):
@@ -37,12 +42,13 @@ class Diverged(RuntimeError):
 class LoraFinetune(L.LightningModule):
     """AdamW on the adapter weights of a peft model, with manual optimization so each phase is visible."""
 
-    def __init__(self, model: torch.nn.Module, memory: AppliedMemory, lr: float, weight_decay: float,
-                 warmup_steps: int, budget_bytes: int | None, keep_timeline: bool = True,
+    def __init__(self, model: torch.nn.Module, memory: AppliedMemory, loss: LossConfig, lr: float,
+                 weight_decay: float, warmup_steps: int, budget_bytes: int | None, keep_timeline: bool = True,
                  on_step: Callable[[int, float, float, int], None] | None = None):
         super().__init__()
         self.model = model
         self.memory = memory
+        self.loss = loss
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps = warmup_steps
         self.traced_step = warmup_steps  # the step right after warm-up is traced, not timed
@@ -78,7 +84,7 @@ class LoraFinetune(L.LightningModule):
             self.on_step(batch_idx, value, timed, batch["input_ids"].numel())
 
     def _step(self, batch: dict[str, torch.Tensor], phase: Callable[[str], contextlib.AbstractContextManager]) -> torch.Tensor:
-        return train_step(self.model, self.memory, batch, self.optimizers(), self.manual_backward, phase)
+        return train_step(self.model, self.memory, self.loss, batch, self.optimizers(), self.manual_backward, phase)
 
     def _traced_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tracker = step_tracker(self.model, self.optimizers().optimizer, batch, self.device.type, self.budget_bytes,
@@ -100,15 +106,16 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
     return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, foreach=foreach)
 
 
-def train_step(model: torch.nn.Module, memory: AppliedMemory, batch: dict[str, torch.Tensor], optimizer,
-               backward: Callable[[torch.Tensor], None],
+def train_step(model: torch.nn.Module, memory: AppliedMemory, loss_config: LossConfig,
+               batch: dict[str, torch.Tensor], optimizer, backward: Callable[[torch.Tensor], None],
                phase: Callable[[str], contextlib.AbstractContextManager]) -> torch.Tensor:
-    """One LoRA step: forward (under the strategy's context), backward, AdamW step, gradients freed."""
-    with phase("forward"), memory.forward_context():
-        loss = model(**batch).loss
-    with phase("backward"):
+    """One LoRA step: forward and loss (under the strategy's context), backward, AdamW step, gradients freed.
+    The loss marks its own phase for the tracker (train/loss.py), inside the forward and the backward."""
+    with phase(FORWARD), memory.forward_context():
+        loss = step_loss(model, batch, loss_config)
+    with phase(BACKWARD):
         backward(loss)
-    with phase("optim"):
+    with phase(OPTIM):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss
@@ -124,13 +131,15 @@ def step_tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     return tracker
 
 
-def inference_peak(model: torch.nn.Module, batch: dict[str, torch.Tensor], device_type: str | tuple[str, ...],
-                   budget_bytes: int | None = None, kind: type[MemoryTracker] = MemoryTracker) -> int:
-    """Peak bytes of a forward pass without gradients on `batch`: weights, adapter and transients, counted by
-    the same exact tracker as the training step (mode=predict passes its data-less `kind`)."""
+def inference_peak(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss: LossConfig,
+                   device_type: str | tuple[str, ...], budget_bytes: int | None = None,
+                   kind: type[MemoryTracker] = MemoryTracker) -> int:
+    """Peak bytes of a forward pass and its loss without gradients on `batch`: weights, adapter and
+    transients, counted by the same exact tracker as the training step (mode=predict passes its data-less
+    `kind`)."""
     tracker = step_tracker(model, None, batch, device_type, budget_bytes, False, kind)
     with torch.no_grad(), tracker, tracker.phase_of("inference"):
-        model(**batch)
+        step_loss(model, batch, loss)
     return tracker.report().peak_bytes
 
 
