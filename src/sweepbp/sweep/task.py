@@ -178,7 +178,10 @@ def _store(run: RunConfig) -> Store | None:
 
 
 def _run_name(run: RunConfig) -> str:
-    return f"{run.choices.get('model', 'model')} {run.memory_name} r={run.cfg.lora.r} b={run.cfg.batch.size}"
+    """The run's name in MLflow and on its memory timeline: model, memory strategy (and loss, unless
+    standard), rank, batch."""
+    loss = f" {run.cfg.loss.name}" if run.cfg.loss.name != "standard" else ""
+    return f"{run.choices.get('model', 'model')} {run.memory_name}{loss} r={run.cfg.lora.r} b={run.cfg.batch.size}"
 
 
 def _print_outcome(result: JobResult, context: JobContext) -> None:
