@@ -7,7 +7,9 @@
 
 `run` starts one sweep, `python -m sweepbp -m mode=predict,measure ...` with `tracking=none` (the GPU
 machine has no MLflow and no network), over model=llama3_8b (bf16), LoRA r=16 on all linear layers,
-batch.seq_len=2048, the requested memory strategies that exist in conf/memory/, and batch.size=1,4.
+batch.seq_len=2048, the requested memory strategies that exist in conf/memory/, and batch.size=1,4; then
+one short sweep per `--axes` entry at memory=ckpt, batch 1 (loss=fused, QLoRA without and with peft's
+fp32 cast by default).
 The mode=predict jobs run first (seconds each, on CPU) and predict for CUDA (trainer.accelerator=gpu).
 It then writes DIR/results.json (every job's record) and DIR/h200.md (the tables and the comparison
 with the claims); `import` puts the records into an MLflow store afterwards, on any machine.
@@ -28,6 +30,9 @@ sys.path.insert(0, str(REPO / "src"))
 from sweepbp.config import GB  # noqa: E402  (decimal GB, as everywhere in sweepbp)
 
 DEFAULT_MEMORY = "none,ckpt,selective,offload"
+# The other axes, each one more sweep at memory=ckpt batch.size=1 (predicted and measured): the fused loss,
+# QLoRA without and with peft's fp32 cast. `;` separates sweeps, spaces the overrides of one.
+DEFAULT_AXES = "loss=fused;quant=nf4 quant.prepare=false;quant=nf4"
 CLAIMS = """\
 - LoRA fine-tuning of an 8B model at batch size 1 needs ~16 GB for inference and ~22 GB for training;
 - training needs 2-4x the memory of inference;
@@ -43,6 +48,21 @@ def sweep_overrides(memory: list[str], batch: str, smoke: bool) -> list[str]:
                 "trainer.steps=4", "trainer.warmup_steps=1", "lora.r=4"]
     return ["mode=predict,measure", *common, "model=llama3_8b", "lora.r=16", "batch.seq_len=2048",
             "trainer.accelerator=gpu"]
+
+
+def axis_overrides(axis: str, smoke: bool) -> list[str]:
+    """One extra sweep: an axis's overrides at memory=ckpt, batch 1, on the main sweep's model."""
+    base = sweep_overrides(["ckpt"], "1", smoke)
+    return [*base, *axis.split()]
+
+
+def available_axes(requested: str) -> tuple[list[str], list[str]]:
+    """The requested axes this machine can run (quant needs bitsandbytes), and those it cannot."""
+    import importlib.util
+
+    axes = [a.strip() for a in requested.split(";") if a.strip()]
+    missing = [a for a in axes if "quant=" in a and importlib.util.find_spec("bitsandbytes") is None]
+    return [a for a in axes if a not in missing], missing
 
 
 def available_memory(requested: list[str]) -> tuple[list[str], list[str]]:
@@ -65,23 +85,30 @@ def run(args: argparse.Namespace) -> int:
     say(f"[ground-truth] {time.strftime('%Y-%m-%d %H:%M:%S %Z')} memory={','.join(memory)} batch={args.batch}"
         + (f" (not in conf/memory, skipped: {','.join(missing)})" if missing else ""))
     say(f"[ground-truth] {versions()}")
-    sweep_dir = out / "multirun"
-    command = [sys.executable, "-m", "sweepbp", "-m", *sweep_overrides(memory, args.batch, args.cpu_smoke),
-               f"hydra.sweep.dir={sweep_dir}"]
-    say("[ground-truth] " + " ".join(command))
+    axes, skipped = available_axes(args.axes)
+    if skipped:
+        say(f"[ground-truth] bitsandbytes is not installed, skipped: {';'.join(skipped)}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
            "PYTHONUNBUFFERED": "1", "SWEEPBP_QUIET": "1"}
-    start = time.perf_counter()
-    done = subprocess.run(command, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in done.stdout.splitlines():
-        if "Warning" not in line and "warnings.warn" not in line:
-            say(line)
-    say(f"[ground-truth] sweep exit {done.returncode} after {time.perf_counter() - start:.0f} s")
-    results = collect(sweep_dir)
+    sweeps = [sweep_overrides(memory, args.batch, args.cpu_smoke), *(axis_overrides(a, args.cpu_smoke) for a in axes)]
+    results, commands, code = [], [], 0
+    for number, overrides in enumerate(sweeps):
+        sweep_dir = out / ("multirun" if number == 0 else f"multirun_axis{number}")
+        command = [sys.executable, "-m", "sweepbp", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+        say("[ground-truth] " + " ".join(command))
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in done.stdout.splitlines():
+            if "Warning" not in line and "warnings.warn" not in line:
+                say(line)
+        say(f"[ground-truth] sweep exit {done.returncode} after {time.perf_counter() - start:.0f} s")
+        results += collect(sweep_dir)
+        commands.append(" ".join(command))
+        code = code or done.returncode
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "h200.md").write_text(report(results, " ".join(command), args.cpu_smoke))
+    (out / "h200.md").write_text(report(results, "`, `".join(commands), args.cpu_smoke))
     say(f"[ground-truth] {len(results)} job records: {out / 'results.json'}, tables: {out / 'h200.md'}")
-    return done.returncode
+    return code
 
 
 def versions() -> str:
@@ -105,8 +132,16 @@ def collect(sweep_dir: Path) -> list[dict]:
 # The report
 
 
-def key(result: dict) -> tuple[str, int]:
-    return result["config"]["memory"]["name"], int(result["config"]["batch"]["size"])
+def key(result: dict) -> tuple[str, int, str]:
+    """(memory, batch, the other axes' options that are not their defaults)."""
+    config = result["config"]
+    variant = []
+    if config.get("loss", {}).get("name", "standard") != "standard":
+        variant.append(f"loss={config['loss']['name']}")
+    quant = config.get("quant", {})
+    if quant.get("name", "none") != "none":
+        variant.append(f"quant={quant['name']}" + ("" if quant.get("prepare", True) else " prepare=false"))
+    return config["memory"]["name"], int(config["batch"]["size"]), " ".join(variant)
 
 
 def gb(value: float | None) -> str:
@@ -133,41 +168,45 @@ def report(results: list[dict], command: str, smoke: bool) -> str:
              f"peft {env.get('peft', '?')}, lightning {env.get('lightning', '?')}; "
              f"PYTORCH_CUDA_ALLOC_CONF='{env.get('PYTORCH_CUDA_ALLOC_CONF', '')}'; git {env.get('git_commit', '?')[:10]}.",
              "", "## Speed", "",
-             "| memory | batch | status | tokens/s | step s | fwd s | bwd s | optim s | bwd/fwd | MFU | setup s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| memory | batch | other axes | status | tokens/s | step s | fwd s | bwd s | optim s | bwd/fwd | MFU | setup s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in measured:
         m = r["metrics"]
-        lines.append(f"| {key(r)[0]} | {key(r)[1]} | {r['status']} | {num(m.get('tokens_per_s'), ',.0f')} | "
+        lines.append(f"| {key(r)[0]} | {key(r)[1]} | {key(r)[2]} | {r['status']} | {num(m.get('tokens_per_s'), ',.0f')} | "
                      f"{num(m.get('step_time_s'), '.3f')} | {num(m.get('fwd_time_s'), '.3f')} | "
                      f"{num(m.get('bwd_time_s'), '.3f')} | {num(m.get('optim_time_s'), '.3f')} | "
                      f"{num(m.get('bwd_fwd_ratio'), '.2f')} | {num(m.get('mfu'), '.3f')} | "
                      f"{num(m.get('setup_time_s'), '.1f')} |")
     lines += ["", "## Memory (GB = 1e9 bytes)", "",
-              "| memory | batch | peak (tracker) | allocated peak | tracker vs allocator | reserved peak | NVML process "
-              "| activations | inference peak | predicted peak (in job) | error vs tracker | error vs allocator "
-              "| predicted peak (mode=predict) | formula peak |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| memory | batch | other axes | peak (tracker) | allocated peak | tracker vs allocator | reserved peak "
+              "| NVML process | activations | logits | inference peak | predicted peak (in job) | error vs tracker "
+              "| error vs allocator | predicted peak (mode=predict) | formula peak |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in measured:
         m, p = r["metrics"], predicted.get(key(r), {}).get("metrics", {})
-        lines.append(f"| {key(r)[0]} | {key(r)[1]} | {gb(m.get('peak_memory_bytes'))} | {gb(m.get('peak_allocated_bytes'))} | "
+        lines.append(f"| {key(r)[0]} | {key(r)[1]} | {key(r)[2]} | {gb(m.get('peak_memory_bytes'))} | "
+                     f"{gb(m.get('peak_allocated_bytes'))} | "
                      f"{pct(m.get('tracker_vs_allocated_pct'))} | {gb(m.get('peak_reserved_bytes'))} | {gb(m.get('nvml_process_bytes'))} | "
-                     f"{gb(m.get('activation_bytes'))} | {gb(m.get('inference_peak_bytes'))} | "
+                     f"{gb(m.get('activation_bytes'))} | {gb(m.get('logits_bytes'))} | {gb(m.get('inference_peak_bytes'))} | "
                      f"{gb(m.get('predicted_peak_memory_bytes'))} | {pct(m.get('predicted_error_pct'))} | "
                      f"{pct(m.get('predicted_allocator_error_pct'))} | {gb(p.get('predicted_peak_memory_bytes'))} | "
                      f"{gb(m.get('formula_peak_memory_bytes'))} |")
     lines += ["", "## Predictions (mode=predict)", "",
-              "| memory | batch | status | target | predicted peak | activations | inference peak | seconds | kernels |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| memory | batch | other axes | status | target | predicted peak | activations | inference peak | seconds "
+              "| kernels |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in predicted.values():
         m = r["metrics"]
-        lines.append(f"| {key(r)[0]} | {key(r)[1]} | {r['status']} | {r['environment'].get('predicted_device', '')} | "
+        lines.append(f"| {key(r)[0]} | {key(r)[1]} | {key(r)[2]} | {r['status']} | "
+                     f"{r['environment'].get('predicted_device', '')} | "
                      f"{gb(m.get('predicted_peak_memory_bytes'))} | {gb(m.get('predicted_activation_bytes'))} | "
                      f"{gb(m.get('predicted_inference_peak_bytes'))} | {num(m.get('predict_time_s'), '.1f')} | "
                      f"{r['environment'].get('predicted_kernels', '')} |")
     failures = [r for r in results if r["status"] != "ok"]
     if failures:
         lines += ["", "## Jobs that did not finish ok", ""]
-        lines += [f"- {r['mode']} {key(r)[0]} batch {key(r)[1]}: {r['status']}: {r.get('error')}" for r in failures]
+        lines += [f"- {r['mode']} {key(r)[0]} batch {key(r)[1]} {key(r)[2]}: {r['status']}: {r.get('error')}"
+                  for r in failures]
     lines += ["", "## The claims", "", CLAIMS, "", *claims(measured)]
     return "\n".join(lines) + "\n"
 
@@ -175,7 +214,7 @@ def report(results: list[dict], command: str, smoke: bool) -> str:
 def claims(measured: list[dict]) -> list[str]:
     """Each claim against the measurements, as figures; the verdict in words is left to the reader of
     the numbers (docs/results/h200.md), since a threshold here would be invented."""
-    by = {key(r): r["metrics"] for r in measured if r["status"] == "ok"}
+    by = {key(r)[:2]: r["metrics"] for r in measured if r["status"] == "ok" and not key(r)[2]}
     lines = []
     none1 = by.get(("none", 1))
     if none1:
@@ -193,6 +232,14 @@ def claims(measured: list[dict]) -> list[str]:
             continue
         lines.append(f"- {memory} vs none at batch {batch}: step time {m['step_time_s'] / base['step_time_s']:.2f}x, "
                      f"peak memory {m['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}x.")
+    ckpt1 = by.get(("ckpt", 1))
+    for r in measured:
+        memory, batch, variant = key(r)
+        m = r["metrics"]
+        if variant and r["status"] == "ok" and ckpt1 and m.get("step_time_s") and ckpt1.get("step_time_s"):
+            lines.append(f"- {variant} vs the defaults (ckpt, batch 1): step time "
+                         f"{m['step_time_s'] / ckpt1['step_time_s']:.2f}x, peak memory "
+                         f"{m['peak_memory_bytes'] / ckpt1['peak_memory_bytes']:.2f}x.")
     return lines or ["- no measured job finished ok."]
 
 
@@ -255,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     go.add_argument("--out", default=os.environ.get("OUT", "gpu-ground-truth"), help="output folder ($OUT on the device)")
     go.add_argument("--memory", default=DEFAULT_MEMORY, help="memory strategies; those missing in conf/memory/ are skipped")
     go.add_argument("--batch", default="1,4", help="batch sizes")
+    go.add_argument("--axes", default=DEFAULT_AXES, help="more sweeps at memory=ckpt batch 1, ';'-separated "
+                    "(quant ones are skipped without bitsandbytes); '' for none")
     go.add_argument("--cpu-smoke", action="store_true", help="the tiny model on CPU, batch 1: the path CI tests")
     into = sub.add_parser("import", help="record a results.json in MLflow")
     into.add_argument("results")

@@ -3,6 +3,7 @@ model, so the GPU run (docs/gpu-ground-truth.md) does not fail on a typo."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,22 +24,27 @@ def test_cpu_smoke_runs_the_sweep_writes_the_tables_and_imports_into_mlflow(tmp_
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CI": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "gt"
     # Two strategies keep it short; a name without a conf/memory option is skipped, as on the GPU machine.
+    axes = "loss=fused;quant=nf4" if importlib.util.find_spec("bitsandbytes") else "loss=fused"
     done = subprocess.run([sys.executable, str(SCRIPT), "run", "--cpu-smoke", "--out", str(out),
-                           "--memory", "none,ckpt,no_such_strategy"], env=env, capture_output=True, text=True,
-                          timeout=420)
+                           "--memory", "none,ckpt,no_such_strategy", "--axes", axes], env=env, capture_output=True,
+                          text=True, timeout=420)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "skipped: no_such_strategy" in done.stdout
     strategies = ["none", "ckpt"]
     assert set(DEFAULT_MEMORY.split(",")) <= set(available_options("memory"))  # the GPU sweep's default exists
     results = json.loads((out / "results.json").read_text())
-    modes = sorted((r["mode"], r["config"]["memory"]["name"]) for r in results)
+    main = [r for r in results if r["config"]["loss"]["name"] == "standard" and r["config"]["quant"]["name"] == "none"]
+    modes = sorted((r["mode"], r["config"]["memory"]["name"]) for r in main)
     assert modes == sorted((mode, m) for mode in ("measure", "predict") for m in strategies)
+    # one more sweep per axis at memory=ckpt, batch 1: predicted and measured
+    assert len(results) - len(main) == 2 * len(axes.split(";"))
     assert all(r["status"] == "ok" for r in results), [r.get("error") for r in results]
     for r in results:
         if r["mode"] == "measure":
             assert r["metrics"]["predicted_error_pct"] == 0.0
     table = (out / "h200.md").read_text()
-    assert "| none | 1 | ok |" in table and "| ckpt | 1 | ok |" in table
+    assert "| none | 1 |  | ok |" in table and "| ckpt | 1 |  | ok |" in table and "| ckpt | 1 | loss=fused | ok |" in table
+    assert "- loss=fused vs the defaults (ckpt, batch 1): step time" in table
     assert "+0.0%" in table and "## The claims" in table and "checkpointing trades speed for memory" in table
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -55,4 +61,4 @@ def test_cpu_smoke_runs_the_sweep_writes_the_tables_and_imports_into_mlflow(tmp_
     predicted = [r for r in jobs if r.data.tags["sweepbp.mode"] == "predict"]
     assert predicted and all(r.data.tags["sweepbp.env.predicted_device"] == "cpu" for r in predicted)
     assert all(r.data.metrics["predicted_peak_memory_bytes"] > 0 for r in jobs)
-    assert sorted(r.data.params["memory.name"] for r in jobs) == sorted(m for _, m in modes)
+    assert sorted(r.data.params["memory.name"] for r in jobs) == sorted(r["config"]["memory"]["name"] for r in results)

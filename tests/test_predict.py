@@ -49,6 +49,17 @@ def test_measured_run_logs_an_exact_prediction_for_every_loss(loss, memory):
     assert result.metrics["logits_bytes"] > 0
 
 
+@pytest.mark.parametrize("memory", ["none", "ckpt"])
+@pytest.mark.parametrize("quant", available_options("quant"))
+def test_measured_run_logs_an_exact_prediction_for_every_quant(quant, memory):
+    if quant != "none":
+        pytest.importorskip("bitsandbytes", reason="the .[quant] extra (CI installs it)")
+    result = run_job(compose([*FAST, "tracking=none", f"quant={quant}", f"memory={memory}", "model.dtype=bfloat16"]))
+    assert result.status == "ok", result.error
+    assert_prediction_exact(result.metrics)
+    assert (result.metrics["quant_state_bytes"] > 0) == (quant != "none")
+
+
 @pytest.mark.parametrize("overrides", [
     ["model.attn_implementation=eager", "trainer.precision=bf16-true", "memory=ckpt", "memory.every=2",
      "lora=attn", "batch.seq_len=33"],

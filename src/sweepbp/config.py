@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 GB = 1e9  # budget_gb and every figure shown in GB are decimal gigabytes, like device memory sizes
-GROUPS = ("model", "lora", "memory", "loss", "batch", "trainer", "data", "tracking", "strategy")
+GROUPS = ("model", "quant", "lora", "memory", "loss", "batch", "trainer", "data", "tracking", "strategy")
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa")
@@ -101,6 +101,33 @@ class CkptOffloadMemoryConfig(MemoryConfig):
     name: str = "ckpt_offload"
     every: int = 1  # checkpoint (and offload the input of) every k-th decoder layer; 1 = all layers
     min_bytes: int = 1024  # saved tensors smaller than this stay on the device
+
+
+@dataclass
+class QuantConfig:
+    """Quantised base weights (bitsandbytes). `name` selects none, nf4 (QLoRA's 4-bit) or int8 (LLM.int8)."""
+
+    name: str = "none"
+
+
+@dataclass
+class Nf4QuantConfig(QuantConfig):
+    """4-bit base weights, bitsandbytes' Linear4bit: QLoRA."""
+
+    name: str = "nf4"
+    quant_type: str = "nf4"  # nf4 (QLoRA's NormalFloat) or fp4
+    double_quant: bool = True  # quantise the per-64-weight scales too (~0.4 bits less per weight)
+    compute_dtype: str = "bfloat16"  # dtype the weights are dequantised to for each matmul
+    prepare: bool = True  # peft's prepare_model_for_kbit_training: every other parameter to fp32
+
+
+@dataclass
+class Int8QuantConfig(QuantConfig):
+    """8-bit base weights, bitsandbytes' Linear8bitLt: LLM.int8()."""
+
+    name: str = "int8"
+    threshold: float = 6.0  # outlier threshold: input features above it are multiplied in 16-bit
+    prepare: bool = True  # peft's prepare_model_for_kbit_training: every other parameter to fp32
 
 
 @dataclass
@@ -188,6 +215,7 @@ class SweepbpConfig:
     """The root: one job = one choice per group plus the top-level keys."""
 
     model: ModelConfig = MISSING
+    quant: QuantConfig = MISSING
     lora: LoraConfig = MISSING
     memory: MemoryConfig = MISSING
     loss: LossConfig = MISSING
@@ -215,6 +243,7 @@ class SweepbpConfig:
 NAMED_SCHEMAS: dict[str, dict[str, type]] = {
     "memory": {"none": MemoryConfig, "ckpt": CkptMemoryConfig, "selective": SelectiveMemoryConfig,
                "offload": OffloadMemoryConfig, "ckpt_offload": CkptOffloadMemoryConfig},
+    "quant": {"none": QuantConfig, "nf4": Nf4QuantConfig, "int8": Int8QuantConfig},
     "loss": {"standard": LossConfig, "chunked": ChunkedLossConfig, "fused": FusedLossConfig, "liger": LossConfig},
     "strategy": {"single": StrategyConfig, "ddp": StrategyConfig, "fsdp": FsdpStrategyConfig},
 }
@@ -239,6 +268,7 @@ SCHEMAS: dict[str, list[tuple[str, type]]] = {
     "model": [("model", ModelConfig)],
     "lora": [("lora", LoraConfig)],
     "memory": list(NAMED_SCHEMAS["memory"].items()),
+    "quant": [("quant", QuantConfig), ("nf4", Nf4QuantConfig), ("int8", Int8QuantConfig)],
     "loss": [("loss", LossConfig), ("chunked", ChunkedLossConfig), ("fused", FusedLossConfig)],
     "batch": [("batch", BatchConfig)],
     "trainer": [("trainer", TrainerConfig)],
@@ -329,6 +359,7 @@ def validate(cfg: SweepbpConfig) -> list[str]:
     problems.extend(_option_problems(cfg))
     problems.extend(_memory_problems(cfg.memory))
     problems.extend(_loss_problems(cfg))
+    problems.extend(_quant_problems(cfg))
     problems.extend(_data_problems(cfg.data))
     problems.extend(_strategy_problems(cfg.strategy, t))
     need(cfg.mode in MODES, "mode", cfg.mode, f"one of {', '.join(MODES)}")
@@ -392,17 +423,38 @@ def _option_problems(cfg: SweepbpConfig) -> list[str]:
     return problems
 
 
-def _memory_problems(memory: MemoryConfig) -> list[str]:
+def _field_problems(node: object, group: str, checks: tuple[tuple[str, Any, str], ...]) -> list[str]:
+    """One line per field an option has (not every option of a group has every field) that fails its check:
+    (field, predicate, what is allowed)."""
     problems = []
-    every = getattr(memory, "every", None)
-    if every is not None and every < 1:
-        problems.append(f"memory.every must be a positive integer (1 = every layer), got {every!r}")
-    policy = getattr(memory, "policy", None)
-    if policy is not None and policy not in SELECTIVE_POLICIES:
-        problems.append(f"memory.policy must be one of {', '.join(SELECTIVE_POLICIES)}, got {policy!r}")
-    min_bytes = getattr(memory, "min_bytes", None)
-    if min_bytes is not None and min_bytes < 0:
-        problems.append(f"memory.min_bytes must be zero or a positive number of bytes, got {min_bytes!r}")
+    for name, ok, allowed in checks:
+        value = getattr(node, name, None)
+        if value is not None and not ok(value):
+            problems.append(f"{group}.{name} must be {allowed}, got {value!r}")
+    return problems
+
+
+def _memory_problems(memory: MemoryConfig) -> list[str]:
+    return _field_problems(memory, "memory", (
+        ("every", lambda v: v >= 1, "a positive integer (1 = every layer)"),
+        ("policy", lambda v: v in SELECTIVE_POLICIES, f"one of {', '.join(SELECTIVE_POLICIES)}"),
+        ("min_bytes", lambda v: v >= 0, "zero or a positive number of bytes")))
+
+
+def _quant_problems(cfg: SweepbpConfig) -> list[str]:
+    quant = cfg.quant
+    problems = _field_problems(quant, "quant", (
+        ("quant_type", lambda v: v in ("nf4", "fp4"), "nf4 or fp4"),
+        ("compute_dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+        ("threshold", lambda v: v >= 0, "zero or positive")))
+    if quant.name != "none" and cfg.trainer.precision.endswith("-mixed") and (cfg.mode == "predict"
+                                                                              or cfg.batch.size == "auto"):
+        problems.append(f"trainer.precision must be a -true or 32 precision to predict quant={quant.name}, got "
+                        f"{cfg.trainer.precision!r} (autocast is traced on fake tensors, which bitsandbytes' "
+                        "parameters cannot wrap; measure it with mode=measure and a fixed batch.size)")
+    if quant.name != "none" and cfg.strategy.name == "fsdp":
+        problems.append(f"strategy must be single or ddp with quant={quant.name}, got 'fsdp' (sharding bitsandbytes' "
+                        "packed weights needs quant_storage handling sweepbp does not do)")
     return problems
 
 

@@ -35,6 +35,7 @@ from sweepbp.train.flops import peak_flops
 from sweepbp.train.lora import apply_lora
 from sweepbp.train.model import build_model, parameter_counts
 from sweepbp.train.module import Diverged, LoraFinetune, inference_peak
+from sweepbp.train.quant import quantize_model
 
 
 class Interrupted(BaseException):
@@ -74,7 +75,9 @@ def measure_job(run: RunConfig, result: JobResult, progress, start: float) -> No
     cfg = run.cfg
     add_prediction(cfg, device.type, result)  # before the real model exists: it costs no device memory
     cap_device_memory(device, cfg.budget_bytes)
-    model = apply_lora(build_model(cfg.model, device, cfg.trainer.seed), cfg.lora)
+    base = build_model(cfg.model, device, cfg.trainer.seed)
+    result.metrics["quantized_layers"] = float(quantize_model(base, cfg.quant, device))
+    model = apply_lora(base, cfg.lora)
     applied = apply_memory_strategy(model, cfg.memory, device)
     model.train()
     assert_training_mode(model)
@@ -112,6 +115,7 @@ def predict_job(run: RunConfig, result: JobResult) -> None:
     record_prediction(run.cfg, prediction, result)
     result.metrics.update(prediction.parameters)
     result.metrics["checkpointed_layers"] = float(prediction.checkpointed_layers)
+    result.metrics["quantized_layers"] = float(prediction.quantized_layers)
     result.timeline = timeline_samples(prediction.report)
     if not prediction.fits(run.cfg.budget_bytes):
         raise torch.OutOfMemoryError(f"predicted peak {prediction.peak_bytes:,} bytes exceeds "

@@ -81,8 +81,12 @@ CATALOGUE: tuple[Metric, ...] = (
     # -- memory of the traced step (exact tracker) ---------------------------------------------------------
     Metric("peak_memory_bytes", "bytes", "peak memory", "peak of all live device tensor bytes during the traced step",
            MEMORY, Merge.MAX, per_rank=True, shown=Shown.TABLE, predicted=True),
-    Metric("param_bytes", "bytes", "weights", "frozen base weights and buffers, at the peak", MEMORY, Merge.MAX,
+    Metric("param_bytes", "bytes", "weights", "frozen base weights and buffers, at the peak (quantised weights at "
+           "their packed size)", MEMORY, Merge.MAX,
            per_rank=True, predicted=True),
+    Metric("quant_state_bytes", "bytes", "quant state", "what dequantising the quantised weights needs besides "
+           "them: 4-bit absmax (and its nested quantisation) and code, int8 per-row scales (`quant` group)",
+           MEMORY, Merge.MAX, per_rank=True, predicted=True),
     Metric("trainable_param_bytes", "bytes", "adapter", "adapter (LoRA) weights, at the peak", MEMORY, Merge.MAX,
            predicted=True),
     Metric("grad_bytes", "bytes", "gradients", "peak of gradient bytes (storages that landed in `param.grad`)",
@@ -112,6 +116,8 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("flops_per_token", "FLOPs", "FLOPs/token", "useful training FLOPs per token (convention below)", MODEL),
     Metric("checkpointed_layers", "count", "checkpointed layers", "decoder layers the memory strategy checkpoints",
            MODEL),
+    Metric("quantized_layers", "count", "quantised linears", "linear layers with quantised weights (every one "
+           "but the output head; 0 with quant=none)", MODEL),
     Metric("loss", "-", "loss", "training loss; MLflow holds every step's, results.json the last", MODEL),
     Metric("first_loss", "-", "first loss", "loss of the first step", MODEL),
     Metric("auto_batch_size", "count", "auto batch", "the batch `batch.size=auto` chose", MODEL),

@@ -100,7 +100,7 @@ def check_job(overrides: list[str], runs_here: bool = True) -> tuple[list[str], 
     machine) what it asks of the devices; problems as one-liners, and the job when there are none."""
     problems, run = check_job_config(overrides)
     if run is not None and not problems:
-        problems = tracking_problems(run) + (device_problems(run) if runs_here else [])
+        problems = tracking_problems(run) + ((package_problems(run) or device_problems(run)) if runs_here else [])
     return problems, run
 
 
@@ -149,16 +149,22 @@ def runs_here(overrides: list[str]) -> bool:
     return launcher_of(overrides) not in REMOTE_LAUNCHERS
 
 
-def device_problems(run: RunConfig) -> list[str]:
-    """What the job asks of this machine's devices and packages that it does not have (mode=measure, jobs
-    run here)."""
+def package_problems(run: RunConfig) -> list[str]:
+    """Optional extras the job's options need that this machine has not installed (jobs run here)."""
     cfg = run.cfg
-    if cfg.mode != "measure":
-        return []
-    if cfg.loss.name == "liger" and importlib.util.find_spec("liger_kernel") is None:
+    if cfg.quant.name != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        return [f"quant must be none without bitsandbytes installed, got {cfg.quant.name!r} "
+                "(install the extra: pip install -e \".[quant]\")"]
+    if cfg.mode == "measure" and cfg.loss.name == "liger" and importlib.util.find_spec("liger_kernel") is None:
         return ["loss must be standard, chunked or fused without liger-kernel installed, got 'liger' "
                 "(install it on a CUDA machine: pip install -e \".[liger]\")"]
-    if local_cuda_gpus() != 0:
+    return []
+
+
+def device_problems(run: RunConfig) -> list[str]:
+    """What the job asks of this machine's devices that it does not have (mode=measure, jobs run here)."""
+    cfg = run.cfg
+    if cfg.mode != "measure" or local_cuda_gpus() != 0:
         return []
     if cfg.loss.name == "liger":
         return ["loss must be standard, chunked or fused on a machine without a CUDA GPU, got 'liger' "

@@ -24,9 +24,9 @@ from torch.utils._pytree import tree_flatten
 from sweepbp.config import GB
 
 # Categories of device memory, in the order they claim a storage that fits several.
-PARAM, TRAINABLE, GRAD, OPTIMIZER, ACTIVATION, LOGITS, OTHER = (
-    "param", "trainable", "grad", "optimizer_state", "activation", "logits", "other")
-CATEGORIES = (PARAM, TRAINABLE, GRAD, OPTIMIZER, ACTIVATION, LOGITS, OTHER)
+PARAM, QUANT_STATE, TRAINABLE, GRAD, OPTIMIZER, ACTIVATION, LOGITS, OTHER = (
+    "param", "quant_state", "trainable", "grad", "optimizer_state", "activation", "logits", "other")
+CATEGORIES = (PARAM, QUANT_STATE, TRAINABLE, GRAD, OPTIMIZER, ACTIVATION, LOGITS, OTHER)
 HOST = "host"  # memory an offloading strategy keeps off the device
 # The step's phases. LOSS is the output projection and the loss, from the forward's hidden states to the
 # loss and, at the start of the backward, back to their gradient: what it allocates is LOGITS.
@@ -102,6 +102,7 @@ class MemoryReport:
         return {
             f"{prefix}peak_memory_bytes": self.peak_bytes,
             f"{prefix}param_bytes": self.at_peak[PARAM],
+            f"{prefix}quant_state_bytes": self.at_peak[QUANT_STATE],
             f"{prefix}trainable_param_bytes": self.at_peak[TRAINABLE],
             f"{prefix}grad_bytes": self.category_peaks[GRAD],
             f"{prefix}optimizer_state_bytes": self.category_peaks[OPTIMIZER],

@@ -30,7 +30,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import PreTrainedModel, masking_utils
 
-from sweepbp.config import SweepbpConfig
+from sweepbp.config import ConfigError, SweepbpConfig
 from sweepbp.measure.tracker import MemoryReport, MemoryTracker
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.metrics import PREDICTED
@@ -39,6 +39,7 @@ from sweepbp.train.environment import pick_device
 from sweepbp.train.lora import apply_lora
 from sweepbp.train.model import build_model, parameter_counts
 from sweepbp.train.module import counting_gradients, inference_peak, make_optimizer, step_tracker, train_step
+from sweepbp.train.quant import int8_kernels_of, quantize_model
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Prediction:
     inference_peak_bytes: int
     parameters: dict[str, float]  # trainable_params, frozen_params, flops_per_token
     checkpointed_layers: int
+    quantized_layers: int
     seconds: float  # wall time of the prediction itself
     modelled: list[str] = field(default_factory=list)  # what was chosen for the target rather than traced
 
@@ -85,15 +87,21 @@ def target_device(accelerator: str) -> str:
 def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep_timeline: bool = False) -> Prediction:
     """Trace one steady-state training step of `cfg` without data, for a `device` (cpu or cuda) target."""
     size = int(batch_size if batch_size is not None else cfg.batch.size)
+    if cfg.quant.name != "none" and cfg.trainer.precision.endswith("-mixed"):
+        raise ConfigError([f"quant={cfg.quant.name} with trainer.precision={cfg.trainer.precision} is not predicted: "
+                           "autocast is traced on fake tensors, which bitsandbytes' parameters cannot wrap"])
     start = time.perf_counter()
     modelled: list[str] = []
     meta = torch.device("meta")
     with torch.device(meta):  # peft creates adapters on the default device before moving them
-        model = apply_lora(build_model(cfg.model, meta, cfg.trainer.seed), cfg.lora)
+        base = build_model(cfg.model, meta, cfg.trainer.seed)
+        quantized = quantize_model(base, cfg.quant, meta)  # bitsandbytes' own quantisation, shapes only
+        model = apply_lora(base, cfg.lora)
     meta_trace = not cfg.trainer.precision.endswith("-mixed")  # autocast needs a real device type: fake CPU
     # the strategy sees the trace's device: an offload moves what lives there to the host
     applied = apply_memory_strategy(model, cfg.memory, meta if meta_trace else torch.device("cpu"))
-    with no_data(meta_trace, model, device) as counted, unpadded_sequences(), target_kernels(device, modelled):
+    with (no_data(meta_trace, model, device) as counted, unpadded_sequences(), target_kernels(device, modelled),
+          int8_kernels_of(model, device, modelled)):
         model.train()
         assert_training_mode(model)
         batch = empty_batch(size, cfg.batch.seq_len, counted[0])
@@ -111,6 +119,7 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
             report = tracker.report()
     return Prediction(device=device, batch_size=size, report=report, inference_peak_bytes=inference,
                       parameters=parameters, checkpointed_layers=applied.checkpointed_layers,
+                      quantized_layers=quantized,
                       seconds=time.perf_counter() - start, modelled=sorted(set(modelled)))
 
 

@@ -20,6 +20,7 @@ DPI = 110
 # Categories of the memory tracker, bottom to top of the stack, with what they hold.
 CATEGORY_LABELS = {
     "param": "weights (frozen base)",
+    "quant_state": "quantisation state",
     "trainable": "adapter weights",
     "grad": "adapter gradients",
     "optimizer_state": "optimizer state",
@@ -27,7 +28,7 @@ CATEGORY_LABELS = {
     "logits": "logits and loss (and their gradients)",
     "other": "other (temporaries, activation gradients)",
 }
-CATEGORY_COLORS = {"param": "#9e9e9e", "trainable": "#4c72b0", "grad": "#dd8452", "optimizer_state": "#8172b3",
+CATEGORY_COLORS = {"param": "#9e9e9e", "quant_state": "#5f5f5f", "trainable": "#4c72b0", "grad": "#dd8452", "optimizer_state": "#8172b3",
                    "activation": "#55a868", "logits": "#c44e52", "other": "#c4ad66"}
 PHASE_COLORS = {"forward": "#e8f1fb", "loss": "#fbe6e6", "backward": "#fbeee6", "optim": "#efeaf7"}
 

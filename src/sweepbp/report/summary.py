@@ -76,7 +76,8 @@ class Axis:
 
 # The axes compared in "what it costs", in the report's order.
 AXES = (Axis(STRATEGY, BASELINE, "memory strategy", "activation_bytes"),
-        Axis("loss", "standard", "loss", "logits_bytes"))
+        Axis("loss", "standard", "loss", "logits_bytes"),
+        Axis("quant", "none", "quantisation", "param_bytes"))
 
 
 @dataclass

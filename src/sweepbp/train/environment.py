@@ -51,7 +51,7 @@ def _driver_version() -> str:
 
 
 def quiet_libraries() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")

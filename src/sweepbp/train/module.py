@@ -25,6 +25,7 @@ from sweepbp.measure.tracker import (
     OPTIMIZER,
     OTHER,
     PARAM,
+    QUANT_STATE,
     TRAINABLE,
     MemoryReport,
     MemoryTracker,
@@ -33,6 +34,7 @@ from sweepbp.measure.tracker import (
 )
 from sweepbp.memory import AppliedMemory
 from sweepbp.train.loss import step_loss
+from sweepbp.train.quant import quant_state_tensors
 
 
 class Diverged(RuntimeError):
@@ -158,7 +160,9 @@ def counting_gradients(model: torch.nn.Module) -> Iterator[None]:
 
 def register_state(tracker: MemoryTracker, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                    batch: object) -> None:
-    """Count what exists before the traced region: weights, adapter, optimizer state, the batch."""
+    """Count what exists before the traced region: weights (and their quantisation state), adapter,
+    optimizer state, the batch."""
+    tracker.register(quant_state_tensors(model), QUANT_STATE)
     tracker.register([p for p in model.parameters() if p.requires_grad], TRAINABLE)
     tracker.register([p for p in model.parameters() if not p.requires_grad], PARAM)
     tracker.register(list(model.buffers()), PARAM)
