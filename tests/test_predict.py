@@ -60,6 +60,17 @@ def test_measured_run_logs_an_exact_prediction_for_every_quant(quant, memory):
     assert (result.metrics["quant_state_bytes"] > 0) == (quant != "none")
 
 
+@pytest.mark.parametrize("group, option", [(g, o) for g in ("method", "optim") for o in available_options(g)])
+def test_measured_run_logs_an_exact_prediction_for_every_method_and_optimizer(group, option):
+    if option == "paged_adamw8bit":
+        pytest.skip("paged_adamw8bit needs CUDA and is not predicted (a pre-flight error says so)")
+    if option == "adamw8bit":
+        pytest.importorskip("bitsandbytes", reason="the .[quant] extra (CI installs it)")
+    result = run_job(compose([*FAST, "tracking=none", f"{group}={option}", "memory=ckpt", "batch.accumulate=2"]))
+    assert result.status == "ok", result.error
+    assert_prediction_exact(result.metrics)
+
+
 @pytest.mark.parametrize("overrides", [
     ["model.attn_implementation=eager", "trainer.precision=bf16-true", "memory=ckpt", "memory.every=2",
      "lora=attn", "batch.seq_len=33"],

@@ -31,7 +31,7 @@ def test_only_lora_weights_train_and_the_loss_falls():
     model = apply_lora(build_model(cfg.model, device, cfg.trainer.seed), cfg.lora)
     applied = apply_memory_strategy(model, cfg.memory, device)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    module = LoraFinetune(model, applied, cfg.loss, cfg.trainer.lr, 0.0, cfg.trainer.warmup_steps, None)
+    module = LoraFinetune(model, applied, cfg.loss, cfg.optim, cfg.trainer.lr, 0.0, cfg.trainer.warmup_steps, None)
     batches = TokenBatches(cfg.data, cfg.trainer.steps, 4, 32, model.config.vocab_size, 0)
     L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, DataLoader(batches, batch_size=None))

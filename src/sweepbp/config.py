@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 GB = 1e9  # budget_gb and every figure shown in GB are decimal gigabytes, like device memory sizes
-GROUPS = ("model", "quant", "lora", "memory", "loss", "batch", "trainer", "data", "tracking", "strategy")
+GROUPS = ("model", "quant", "method", "lora", "memory", "loss", "optim", "batch", "trainer", "data", "tracking",
+          "strategy")
+ADAPTER_DTYPES = ("float32", "model")  # lora.adapter_dtype
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa")
@@ -60,6 +62,41 @@ class LoraConfig:
     alpha: float = 16.0  # scaling numerator: the update is scaled by alpha / r
     dropout: float = 0.0  # dropout on the adapter input
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR_MODULES))
+    # float32: peft's default, adapters of a 16-bit model kept in fp32 (each adapted layer then also saves an
+    # fp32 copy of its input); model: the adapters in the model's dtype
+    adapter_dtype: str = "float32"
+
+
+@dataclass
+class MethodConfig:
+    """What the step trains. `name` selects lora (peft's LoRA, fields in the `lora` group), dora (peft's DoRA:
+    LoRA plus a trained magnitude per output feature, same fields) or full (every weight, no adapter)."""
+
+    name: str = "lora"
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer (its lr and weight_decay are trainer's). `name` selects adamw (torch), adamw8bit and
+    paged_adamw8bit (bitsandbytes), adafactor (torch) or sgd (torch, with momentum)."""
+
+    name: str = "adamw"
+
+
+@dataclass
+class Bnb8bitOptimConfig(OptimConfig):
+    """bitsandbytes' 8-bit AdamW: both moments in 8 bits, blockwise scaled."""
+
+    name: str = "adamw8bit"
+    min_8bit_size: int = 4096  # tensors with fewer elements keep 32-bit state (tiny models: lower it)
+
+
+@dataclass
+class SgdOptimConfig(OptimConfig):
+    """SGD with momentum: one state tensor per weight (none with momentum 0)."""
+
+    name: str = "sgd"
+    momentum: float = 0.9
 
 
 @dataclass
@@ -161,6 +198,10 @@ class BatchConfig:
     # cannot merge a nested Union[int, str] field; validate() checks it is a positive int or "auto".
     size: Any = 4
     seq_len: int = 128  # tokens per sequence
+    accumulate: int = 1  # micro-batches of `size` per optimizer step (gradient accumulation)
+    # with size=auto: sequences per optimizer step to reach; auto picks the largest micro-batch that fits and
+    # divides it, and accumulates the rest (null: no accumulation search)
+    effective_size: Optional[int] = None
 
 
 @dataclass
@@ -216,9 +257,11 @@ class SweepbpConfig:
 
     model: ModelConfig = MISSING
     quant: QuantConfig = MISSING
+    method: MethodConfig = MISSING
     lora: LoraConfig = MISSING
     memory: MemoryConfig = MISSING
     loss: LossConfig = MISSING
+    optim: OptimConfig = MISSING
     batch: BatchConfig = MISSING
     trainer: TrainerConfig = MISSING
     data: DataConfig = MISSING
@@ -244,6 +287,9 @@ NAMED_SCHEMAS: dict[str, dict[str, type]] = {
     "memory": {"none": MemoryConfig, "ckpt": CkptMemoryConfig, "selective": SelectiveMemoryConfig,
                "offload": OffloadMemoryConfig, "ckpt_offload": CkptOffloadMemoryConfig},
     "quant": {"none": QuantConfig, "nf4": Nf4QuantConfig, "int8": Int8QuantConfig},
+    "method": {"lora": MethodConfig, "dora": MethodConfig, "full": MethodConfig},
+    "optim": {"adamw": OptimConfig, "adamw8bit": Bnb8bitOptimConfig, "paged_adamw8bit": Bnb8bitOptimConfig,
+              "adafactor": OptimConfig, "sgd": SgdOptimConfig},
     "loss": {"standard": LossConfig, "chunked": ChunkedLossConfig, "fused": FusedLossConfig, "liger": LossConfig},
     "strategy": {"single": StrategyConfig, "ddp": StrategyConfig, "fsdp": FsdpStrategyConfig},
 }
@@ -269,6 +315,8 @@ SCHEMAS: dict[str, list[tuple[str, type]]] = {
     "lora": [("lora", LoraConfig)],
     "memory": list(NAMED_SCHEMAS["memory"].items()),
     "quant": [("quant", QuantConfig), ("nf4", Nf4QuantConfig), ("int8", Int8QuantConfig)],
+    "method": [("method", MethodConfig)],
+    "optim": [("optim", OptimConfig), ("adamw8bit", Bnb8bitOptimConfig), ("sgd", SgdOptimConfig)],
     "loss": [("loss", LossConfig), ("chunked", ChunkedLossConfig), ("fused", FusedLossConfig)],
     "batch": [("batch", BatchConfig)],
     "trainer": [("trainer", TrainerConfig)],
@@ -335,6 +383,7 @@ def validate(cfg: SweepbpConfig) -> list[str]:
     need(lo.alpha > 0, "lora.alpha", lo.alpha, "a positive number")
     need(0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "in [0, 1)")
     need(len(lo.target_modules) > 0, "lora.target_modules", lo.target_modules, "a non-empty list")
+    need(lo.adapter_dtype in ADAPTER_DTYPES, "lora.adapter_dtype", lo.adapter_dtype, " or ".join(ADAPTER_DTYPES))
     if m.pretrained_path is None and m.arch in ("llama", "mistral", "qwen2"):
         unknown = [x for x in lo.target_modules if x not in LLAMA_LINEAR_MODULES]
         need(not unknown, "lora.target_modules", unknown, f"names of the model's linear layers ({', '.join(LLAMA_LINEAR_MODULES)})")
@@ -342,6 +391,12 @@ def validate(cfg: SweepbpConfig) -> list[str]:
     if b.size == "auto":
         need(cfg.budget_gb is not None, "batch.size", b.size, "an integer unless budget_gb is set ('auto' needs a budget)")
     need(b.seq_len > 0, "batch.seq_len", b.seq_len, "a positive integer")
+    need(b.accumulate >= 1, "batch.accumulate", b.accumulate, "a positive integer (1 = no accumulation)")
+    if b.effective_size is not None:
+        need(b.effective_size >= 1, "batch.effective_size", b.effective_size, "a positive integer or null")
+        need(b.size == "auto", "batch.effective_size", b.effective_size,
+             "null unless batch.size=auto (set batch.accumulate for a fixed micro-batch)")
+        need(b.accumulate == 1, "batch.accumulate", b.accumulate, "1 with batch.effective_size (auto chooses it)")
     max_pos = m.config.get("max_position_embeddings") if m.pretrained_path is None else None
     if isinstance(max_pos, int) and b.seq_len > 0:
         need(b.seq_len <= max_pos, "batch.seq_len", b.seq_len, f"at most model.config.max_position_embeddings={max_pos}")
@@ -360,6 +415,7 @@ def validate(cfg: SweepbpConfig) -> list[str]:
     problems.extend(_memory_problems(cfg.memory))
     problems.extend(_loss_problems(cfg))
     problems.extend(_quant_problems(cfg))
+    problems.extend(_method_problems(cfg))
     problems.extend(_data_problems(cfg.data))
     problems.extend(_strategy_problems(cfg.strategy, t))
     need(cfg.mode in MODES, "mode", cfg.mode, f"one of {', '.join(MODES)}")
@@ -455,6 +511,22 @@ def _quant_problems(cfg: SweepbpConfig) -> list[str]:
     if quant.name != "none" and cfg.strategy.name == "fsdp":
         problems.append(f"strategy must be single or ddp with quant={quant.name}, got 'fsdp' (sharding bitsandbytes' "
                         "packed weights needs quant_storage handling sweepbp does not do)")
+    return problems
+
+
+def _method_problems(cfg: SweepbpConfig) -> list[str]:
+    problems = _field_problems(cfg.optim, "optim", (
+        ("min_8bit_size", lambda v: v >= 0, "zero or a positive number of elements"),
+        ("momentum", lambda v: 0 <= v < 1, "in [0, 1)")))
+    if cfg.method.name == "full" and cfg.quant.name != "none":
+        problems.append(f"method must be lora or dora with quant={cfg.quant.name}, got 'full' (quantised weights are "
+                        "not trained)")
+    if cfg.optim.name == "paged_adamw8bit" and (cfg.mode == "predict" or cfg.batch.size == "auto"):
+        problems.append("optim must be adamw, adamw8bit, adafactor or sgd to predict, got 'paged_adamw8bit' (its "
+                        "state lives in CUDA unified memory, which a trace without a GPU cannot allocate)")
+    elif cfg.optim.name == "paged_adamw8bit" and cfg.trainer.accelerator == "cpu":
+        problems.append("optim must be adamw, adamw8bit, adafactor or sgd on trainer.accelerator=cpu, got "
+                        "'paged_adamw8bit' (paged state needs CUDA)")
     return problems
 
 

@@ -28,11 +28,11 @@ from sweepbp.predict.autobatch import resolve_batch_size
 from sweepbp.predict.record import add_prediction, prediction_errors, record_prediction
 from sweepbp.predict.trace import predict, target_device
 from sweepbp.result import JobResult, Status, host_environment, one_line
-from sweepbp.train.data import TokenBatches
+from sweepbp.train.data import TokenBatches, first_micro_batch
 from sweepbp.train.distributed import data_seed, process_group_record, trainer_arguments
 from sweepbp.train.environment import device_environment, pick_device, quiet_libraries
 from sweepbp.train.flops import peak_flops
-from sweepbp.train.lora import apply_lora
+from sweepbp.train.lora import apply_method
 from sweepbp.train.model import build_model, parameter_counts
 from sweepbp.train.module import Diverged, LoraFinetune, inference_peak
 from sweepbp.train.quant import quantize_model
@@ -77,18 +77,18 @@ def measure_job(run: RunConfig, result: JobResult, progress, start: float) -> No
     cap_device_memory(device, cfg.budget_bytes)
     base = build_model(cfg.model, device, cfg.trainer.seed)
     result.metrics["quantized_layers"] = float(quantize_model(base, cfg.quant, device))
-    model = apply_lora(base, cfg.lora)
+    model = apply_method(base, cfg.method, cfg.lora)
     applied = apply_memory_strategy(model, cfg.memory, device)
     model.train()
     assert_training_mode(model)
     batches = TokenBatches(cfg.data, cfg.trainer.steps, int(cfg.batch.size), cfg.batch.seq_len,
-                           model.config.vocab_size, data_seed(cfg.trainer.seed))
+                           model.config.vocab_size, data_seed(cfg.trainer.seed), cfg.batch.accumulate)
     result.metrics.update(parameter_counts(model, cfg.batch.seq_len))
     result.metrics["checkpointed_layers"] = applied.checkpointed_layers
     result.metrics["setup_time_s"] = time.perf_counter() - start
-    result.metrics.update(measure_inference(model, batches[0], cfg.loss, device, cfg.budget_bytes))
+    result.metrics.update(measure_inference(model, first_micro_batch(batches[0]), cfg.loss, device, cfg.budget_bytes))
 
-    module = LoraFinetune(model, applied, cfg.loss, cfg.trainer.lr, cfg.trainer.weight_decay, cfg.trainer.warmup_steps,
+    module = LoraFinetune(model, applied, cfg.loss, cfg.optim, cfg.trainer.lr, cfg.trainer.weight_decay, cfg.trainer.warmup_steps,
                           cfg.budget_bytes, on_step=progress)
     trainer = L.Trainer(max_steps=cfg.trainer.steps, accelerator="gpu" if device.type == "cuda" else "cpu",
                         devices=cfg.trainer.devices, precision=cfg.trainer.precision, logger=False,
@@ -130,8 +130,8 @@ def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
     if module.timers:
         timing = TimingSummary([t.total for t in module.timers], [t.phases["forward"] for t in module.timers],
                                [t.phases["backward"] for t in module.timers], [t.phases["optim"] for t in module.timers])
-        tokens = int(cfg.batch.size) * cfg.batch.seq_len
-        result.metrics.update(timing.metrics(tokens, int(cfg.batch.size)))
+        sequences = int(cfg.batch.size) * cfg.batch.accumulate  # every micro-batch of the optimizer step
+        result.metrics.update(timing.metrics(sequences * cfg.batch.seq_len, sequences))
         _add_mfu(result, device)
     if module.losses:
         result.metrics["steps_time_s"] = module.steps_time_s

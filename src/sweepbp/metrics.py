@@ -57,11 +57,14 @@ MEMORY, TIME, MODEL, PREDICTION, FORMULA, GPU = (
 
 CATALOGUE: tuple[Metric, ...] = (
     # -- the timed steps ----------------------------------------------------------------------------------
-    Metric("tokens_per_s", "tokens/s", "tokens/s", "`batch.size * batch.seq_len / step_time_s`", TIME, Merge.SUM,
+    Metric("tokens_per_s", "tokens/s", "tokens/s", "`batch.accumulate * batch.size * batch.seq_len / step_time_s`: "
+           "every token of the optimizer step", TIME, Merge.SUM,
            per_rank=True, shown=Shown.TABLE),
-    Metric("samples_per_s", "sequences/s", "samples/s", "`batch.size / step_time_s`", TIME, Merge.SUM,
+    Metric("samples_per_s", "sequences/s", "samples/s", "`batch.accumulate * batch.size / step_time_s`", TIME,
+           Merge.SUM,
            shown=Shown.CSV),
-    Metric("step_time_s", "s", "step", "median wall time of the timed steps (forward + backward + optimizer)",
+    Metric("step_time_s", "s", "step", "median wall time of the timed optimizer steps (every micro-batch's forward "
+           "and backward, then the optimizer)",
            TIME, Merge.MAX, per_rank=True, shown=Shown.TABLE),
     Metric("step_time_iqr_s", "s", "step IQR", "interquartile range of the timed steps", TIME),
     Metric("step_time_min_s", "s", "fastest step", "fastest timed step", TIME),
@@ -123,6 +126,8 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("auto_batch_size", "count", "auto batch", "the batch `batch.size=auto` chose", MODEL),
     Metric("auto_batch_predictions", "count", "auto predictions", "predictions the `batch.size=auto` search made",
            MODEL),
+    Metric("auto_accumulate", "count", "auto accumulation", "the `batch.accumulate` that `batch.size=auto` with "
+           "`batch.effective_size` chose", MODEL),
     Metric("world_size", "count", "ranks", "processes of a multi-device job", MODEL),
     # -- the prediction -----------------------------------------------------------------------------------
     Metric("predict_time_s", "s", "predict", "wall time of the prediction itself", PREDICTION),

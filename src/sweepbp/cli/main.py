@@ -13,7 +13,7 @@ import sys
 from hydra._internal.utils import get_args_parser
 
 from sweepbp.cli.paths import config_dir
-from sweepbp.cli.precheck import MAX_PRECHECKED_JOBS, launcher_of, precheck
+from sweepbp.cli.precheck import MAX_PRECHECKED_JOBS, launcher_of, notes, precheck
 from sweepbp.config import RunConfig, register_schemas
 from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
 from sweepbp.tracking.redaction import install_log_redaction
@@ -44,6 +44,8 @@ def _main(args: list[str]) -> None:
         for line in problems:
             print(f"sweepbp: error: {line}", file=sys.stderr)
         raise SystemExit(2)
+    for line in notes(get_args_parser().parse_args(args).overrides):
+        print(f"sweepbp: note: {line}", file=sys.stderr)
     os.environ["SWEEPBP_SWEEP_SIZE"] = str(jobs)
     if 0 < jobs <= MAX_PRECHECKED_JOBS:
         from hydra_plugins.sweepbp_sweeper import PRECHECKED  # Hydra's sweeper: only for a sweep that runs

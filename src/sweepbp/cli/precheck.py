@@ -133,6 +133,14 @@ def tracking_problems(run: RunConfig) -> list[str]:
     return []
 
 
+def notes(overrides: list[str]) -> list[str]:
+    """What a command line asks that has no effect (said, not refused): `lora.*` with method=full."""
+    if chosen_option(overrides, "method") != "full":
+        return []
+    ignored = [o for o in overrides if o.lstrip("+~").startswith("lora.") or o.lstrip("+").startswith("lora=")]
+    return [f"{o} has no effect with method=full (every weight trains; there is no adapter)" for o in ignored]
+
+
 def chosen_option(overrides: list[str], group: str) -> str | None:
     """The option of `group` an override list chose (`memory=ckpt` -> ckpt; the last one, as Hydra), or None."""
     chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == group]
@@ -155,6 +163,9 @@ def package_problems(run: RunConfig) -> list[str]:
     if cfg.quant.name != "none" and importlib.util.find_spec("bitsandbytes") is None:
         return [f"quant must be none without bitsandbytes installed, got {cfg.quant.name!r} "
                 "(install the extra: pip install -e \".[quant]\")"]
+    if cfg.optim.name in ("adamw8bit", "paged_adamw8bit") and importlib.util.find_spec("bitsandbytes") is None:
+        return [f"optim must be adamw, adafactor or sgd without bitsandbytes installed, got {cfg.optim.name!r} "
+                "(install the extra: pip install -e \".[quant]\")"]
     if cfg.mode == "measure" and cfg.loss.name == "liger" and importlib.util.find_spec("liger_kernel") is None:
         return ["loss must be standard, chunked or fused without liger-kernel installed, got 'liger' "
                 "(install it on a CUDA machine: pip install -e \".[liger]\")"]
@@ -166,6 +177,9 @@ def device_problems(run: RunConfig) -> list[str]:
     cfg = run.cfg
     if cfg.mode != "measure" or local_cuda_gpus() != 0:
         return []
+    if cfg.optim.name == "paged_adamw8bit":
+        return ["optim must be adamw, adamw8bit, adafactor or sgd on a machine without a CUDA GPU, got "
+                "'paged_adamw8bit' (paged state lives in CUDA unified memory)"]
     if cfg.loss.name == "liger":
         return ["loss must be standard, chunked or fused on a machine without a CUDA GPU, got 'liger' "
                 "(liger-kernel's Triton kernels run on CUDA GPUs only)"]

@@ -85,10 +85,14 @@ class BatchSearch:
 
 def resolve_batch_size(run: RunConfig, device: str, metrics: dict[str, float]) -> RunConfig:
     """`run` itself, or for batch.size=auto a copy at the largest predicted-fitting size (logged as
-    `auto_batch_size`). Raises torch.OutOfMemoryError when not even one sequence fits."""
+    `auto_batch_size`); with batch.effective_size=N, the largest fitting micro-batch that divides N and the
+    accumulation that makes N (`auto_accumulate`). Raises torch.OutOfMemoryError when not even one sequence
+    fits."""
     if run.cfg.batch.size != "auto":
         return run
     assert run.cfg.budget_gb is not None  # config validation requires it for 'auto'
+    if run.cfg.batch.effective_size is not None:
+        return _accumulating(run, device, metrics, run.cfg.batch.effective_size)
     search = BatchSearch(run, device, run.cfg.budget_bytes)
     size = search.largest()
     metrics["auto_batch_size"] = float(size)
@@ -97,5 +101,26 @@ def resolve_batch_size(run: RunConfig, device: str, metrics: dict[str, float]) -
         raise torch.OutOfMemoryError(
             f"batch.size=auto: not even batch.size=1 fits budget_gb={run.cfg.budget_gb:g} on {device} "
             f"(predicted peak {search.peaks[1]:,} bytes)")
-    batch = dataclasses.replace(run.cfg.batch, size=size)
+    return _with_batch(run, size, run.cfg.batch.accumulate)
+
+
+def _accumulating(run: RunConfig, device: str, metrics: dict[str, float], effective: int) -> RunConfig:
+    """The largest micro-batch dividing `effective` whose step (with its accumulation) is predicted to fit,
+    tried from the largest down: the accumulated gradients and the step's tokens are part of each prediction."""
+    tried = 0
+    for size in sorted((d for d in range(1, effective + 1) if effective % d == 0), reverse=True):
+        candidate = _with_batch(run, size, effective // size)
+        tried += 1
+        peak = predict(candidate.cfg, device).peak_bytes
+        if peak <= run.cfg.budget_bytes:
+            metrics.update({"auto_batch_size": float(size), "auto_accumulate": float(effective // size),
+                            "auto_batch_predictions": float(tried)})
+            return candidate
+    metrics.update({"auto_batch_size": 0.0, "auto_accumulate": 0.0, "auto_batch_predictions": float(tried)})
+    raise torch.OutOfMemoryError(f"batch.size=auto: not even batch.size=1 x batch.accumulate={effective} fits "
+                                 f"budget_gb={run.cfg.budget_gb:g} on {device} (predicted peak {peak:,} bytes)")
+
+
+def _with_batch(run: RunConfig, size: int, accumulate: int) -> RunConfig:
+    batch = dataclasses.replace(run.cfg.batch, size=size, accumulate=accumulate, effective_size=None)
     return dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, batch=batch))

@@ -35,8 +35,9 @@ from sweepbp.measure.tracker import MemoryReport, MemoryTracker
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.metrics import PREDICTED
 from sweepbp.predict.target import MetaTracker, precision_plugin, target_kernels
+from sweepbp.train.data import first_micro_batch
 from sweepbp.train.environment import pick_device
-from sweepbp.train.lora import apply_lora
+from sweepbp.train.lora import apply_method
 from sweepbp.train.model import build_model, parameter_counts
 from sweepbp.train.module import counting_gradients, inference_peak, make_optimizer, step_tracker, train_step
 from sweepbp.train.quant import int8_kernels_of, quantize_model
@@ -96,21 +97,22 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
     with torch.device(meta):  # peft creates adapters on the default device before moving them
         base = build_model(cfg.model, meta, cfg.trainer.seed)
         quantized = quantize_model(base, cfg.quant, meta)  # bitsandbytes' own quantisation, shapes only
-        model = apply_lora(base, cfg.lora)
+        model = apply_method(base, cfg.method, cfg.lora)
     meta_trace = not cfg.trainer.precision.endswith("-mixed")  # autocast needs a real device type: fake CPU
     # the strategy sees the trace's device: an offload moves what lives there to the host
     applied = apply_memory_strategy(model, cfg.memory, meta if meta_trace else torch.device("cpu"))
-    with (no_data(meta_trace, model, device) as counted, unpadded_sequences(), target_kernels(device, modelled),
-          int8_kernels_of(model, device, modelled)):
+    with (no_data(meta_trace, model, device) as counted, unpadded_sequences(), scalars_without_data(),
+          target_kernels(device, modelled), int8_kernels_of(model, device, modelled)):
         model.train()
         assert_training_mode(model)
-        batch = empty_batch(size, cfg.batch.seq_len, counted[0])
+        batch = empty_batch(size, cfg.batch.seq_len, counted[0], cfg.batch.accumulate)
         parameters = parameter_counts(model, cfg.batch.seq_len)
         kind = MetaTracker if meta_trace else MemoryTracker
-        inference = inference_peak(model, batch, cfg.loss, counted, kind=kind)
+        inference = inference_peak(model, first_micro_batch(batch), cfg.loss, counted, kind=kind)
         plugin = precision_plugin(cfg.trainer.precision, device, modelled)
         model = plugin.convert_module(model)  # Lightning converts at fit, after the inference measurement
-        optimizer = make_optimizer(model, cfg.trainer.lr, cfg.trainer.weight_decay, foreach=_foreach(device, modelled))
+        optimizer = make_optimizer(model, cfg.optim, cfg.trainer.lr, cfg.trainer.weight_decay,
+                                   foreach=_foreach(cfg.optim, device, modelled))
         with plugin.train_step_context():  # Lightning runs every training_step inside it
             warm_optimizer(optimizer)
             tracker = step_tracker(model, optimizer, batch, counted, None, keep_timeline, kind)
@@ -139,9 +141,11 @@ def no_data(meta: bool, model: torch.nn.Module, device: str) -> Iterator[tuple[s
         yield ("cpu",)
 
 
-def empty_batch(size: int, seq_len: int, device: str) -> dict[str, torch.Tensor]:
-    """A batch shaped like `data.TokenBatches` items: input_ids and labels, two int64 storages."""
-    tokens = torch.zeros(size, seq_len, dtype=torch.long, device=device)
+def empty_batch(size: int, seq_len: int, device: str, accumulate: int = 1) -> dict[str, torch.Tensor]:
+    """A batch shaped like `data.TokenBatches` items: input_ids and labels, two int64 storages (with
+    accumulation, the step's micro-batches stacked)."""
+    shape = (accumulate, size, seq_len) if accumulate > 1 else (size, seq_len)
+    tokens = torch.zeros(shape, dtype=torch.long, device=device)
     return {"input_ids": tokens, "labels": tokens.clone()}
 
 
@@ -151,20 +155,24 @@ def warm_optimizer(optimizer: torch.optim.Optimizer) -> None:
     creates exactly that state without tracing a warm-up forward and backward."""
     implementations = []
     for group in optimizer.param_groups:
-        implementations.append(group["foreach"])
-        group["foreach"] = True  # same state as the per-tensor loop (both start with `_init_group`), faster
+        implementations.append(group.get("foreach"))
+        if "foreach" in group:  # torch's: same state as the per-tensor loop (both start with `_init_group`), faster
+            group["foreach"] = True
         for param in group["params"]:
             param.grad = torch.zeros_like(param)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     for group, foreach in zip(optimizer.param_groups, implementations):
-        group["foreach"] = foreach
+        if "foreach" in group:
+            group["foreach"] = foreach
 
 
-def _foreach(device: str, modelled: list[str]) -> bool | None:
-    """AdamW's implementation as PyTorch picks it on the target: foreach on CUDA, a per-tensor loop on CPU."""
-    if device == "cuda":
-        modelled.append("optimizer: AdamW foreach (the CUDA default)")
+def _foreach(optim, device: str, modelled: list[str]) -> bool | None:
+    """A torch optimizer's implementation as PyTorch picks it on the target: foreach on CUDA, a per-tensor loop
+    on CPU (bitsandbytes' optimizers have one)."""
+    torch_names = {"adamw": "AdamW", "adafactor": "Adafactor", "sgd": "SGD"}
+    if device == "cuda" and optim.name in torch_names:
+        modelled.append(f"optimizer: {torch_names[optim.name]} foreach (the CUDA default)")
         return True
     return None
 
@@ -187,4 +195,19 @@ def unpadded_sequences() -> Iterator[None]:
                                       (PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None)):
             if hasattr(owner, name):  # older transformers releases lack one or the other
                 stack.enter_context(mock.patch.object(owner, name, stand_in))
+        yield
+
+
+@contextlib.contextmanager
+def scalars_without_data() -> Iterator[None]:
+    """`Tensor.item()` of a meta tensor gives 1.0 instead of raising. Adafactor's relative step size reads each
+    weight's RMS (`p.norm().item()`) on the host: the value scales the update, it changes nothing that is
+    allocated. Any other `.item()` a trace meets is caught the same way; the CPU equality test is what would
+    show a branch that allocates differently by the value."""
+    real = torch.Tensor.item
+
+    def item(tensor: torch.Tensor):
+        return 1.0 if tensor.device.type == "meta" else real(tensor)
+
+    with mock.patch.object(torch.Tensor, "item", item):
         yield

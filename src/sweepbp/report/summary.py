@@ -53,6 +53,8 @@ class Record:
 
     def option(self, axis: Axis) -> str:
         """This job's option of an axis's group (its baseline for records from before the group existed)."""
+        if "." in axis.group:  # a field, not a group
+            return self.config.get(axis.group) or axis.baseline
         return self.choices.get(axis.group) or self.config.get(f"{axis.group}.name") or axis.baseline
 
     def value(self, key: str) -> str:
@@ -68,7 +70,7 @@ class Record:
 class Axis:
     """A config group whose options the summary compares with its baseline at the same other settings."""
 
-    group: str
+    group: str  # a group (`loss`), or a field (`lora.adapter_dtype`)
     baseline: str  # the option the others are compared with (also what records from before the group ran)
     title: str  # what one option is called in the report's heading
     focus: str  # the memory figure the group acts on, compared beside the peak
@@ -77,7 +79,11 @@ class Axis:
 # The axes compared in "what it costs", in the report's order.
 AXES = (Axis(STRATEGY, BASELINE, "memory strategy", "activation_bytes"),
         Axis("loss", "standard", "loss", "logits_bytes"),
-        Axis("quant", "none", "quantisation", "param_bytes"))
+        Axis("quant", "none", "quantisation", "param_bytes"),
+        Axis("method", "lora", "method", "grad_bytes"),
+        Axis("optim", "adamw", "optimizer", "optimizer_state_bytes"),
+        Axis("lora.adapter_dtype", "float32", "adapter precision", "activation_bytes"),
+        Axis("batch.accumulate", "1", "gradient accumulation", "grad_bytes"))
 
 
 @dataclass

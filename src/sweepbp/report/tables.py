@@ -99,7 +99,7 @@ def _effect_line(effect, summary: Summary) -> str:
     parts = []
     throughput, peak, focus = effect.names
     if effect.slowdown is not None:
-        parts.append(f"step time x{effect.slowdown:.2f} ({fmt_metric(throughput, r.metric(throughput))} vs "
+        parts.append(f"time per token x{effect.slowdown:.2f} ({fmt_metric(throughput, r.metric(throughput))} vs "
                      f"{fmt_metric(throughput, base.metric(throughput))} {metric_label(throughput)})")
     for metric, saving in ((peak, effect.memory_saving), (focus, effect.focus_saving)):
         if saving is not None:

@@ -3,7 +3,8 @@
 Convention (documented in docs/metrics.md):
 - A matmul with a weight of N parameters costs 2N FLOPs per token in the forward.
 - Frozen base weights: forward 2N + input-gradient 2N = 4N per token (no weight gradient).
-- Trainable (adapter) weights: 6N per token (forward, input gradient, weight gradient).
+- Trained weights (an adapter's, or every weight under method=full): 6N per token (forward, input
+  gradient, weight gradient).
 - Attention scores and values (no weights): 4 * layers * seq_len * hidden per token in the forward,
   twice that in the backward: 12 * layers * seq_len * hidden in total (not halved for the causal mask).
 - The embedding lookup is not a matmul and counts nothing. Recomputation under checkpointing is not
@@ -35,7 +36,7 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def lora_flops_per_token(frozen_matmul_params: int, trainable_params: int, layers: int, seq_len: int,
-                         hidden: int) -> float:
-    """Useful training FLOPs per token of LoRA with a frozen base (the convention above)."""
+def training_flops_per_token(frozen_matmul_params: int, trainable_params: int, layers: int, seq_len: int,
+                             hidden: int) -> float:
+    """Useful training FLOPs per token (the convention above): LoRA's frozen base 4N, trained weights 6N."""
     return 4.0 * frozen_matmul_params + 6.0 * trainable_params + 12.0 * layers * seq_len * hidden

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from sweepbp.config import ConfigError, ModelConfig
-from sweepbp.train.flops import lora_flops_per_token
+from sweepbp.train.flops import training_flops_per_token
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,10 +41,15 @@ def build_model(model: ModelConfig, device: torch.device, seed: int) -> PreTrain
 
 
 def parameter_counts(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
-    """Trainable and frozen parameter counts, and the model FLOPs per token of a LoRA step (train/flops.py)."""
+    """Trainable and frozen parameter counts, and the model FLOPs per token of a training step (train/flops.py:
+    4N for frozen weights, 6N for trained ones, so 6N for method=full)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    embedding = model.get_input_embeddings().weight.numel()
+    embedding = model.get_input_embeddings().weight
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     config = model.config
-    flops = lora_flops_per_token(frozen - embedding, trainable, config.num_hidden_layers, seq_len, config.hidden_size)
+    # the embedding lookup is no matmul: it leaves whichever set holds it (the trained one under method=full)
+    trained_matmul = trainable - (embedding.numel() if embedding.requires_grad else 0)
+    frozen_matmul = frozen - (0 if embedding.requires_grad else embedding.numel())
+    flops = training_flops_per_token(frozen_matmul, trained_matmul, config.num_hidden_layers, seq_len,
+                                     config.hidden_size)
     return {"trainable_params": float(trainable), "frozen_params": float(frozen), "flops_per_token": flops}

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import lightning as L
 import torch
 
-from sweepbp.config import LossConfig
+from sweepbp.config import LossConfig, OptimConfig
 from sweepbp.measure.device import device_peaks, reset_device_peaks
 from sweepbp.measure.timing import StepTimer
 from sweepbp.measure.tracker import (
@@ -33,6 +33,7 @@ from sweepbp.measure.tracker import (
     tensors_of,
 )
 from sweepbp.memory import AppliedMemory
+from sweepbp.train.data import micro_batches
 from sweepbp.train.loss import step_loss
 from sweepbp.train.quant import quant_state_tensors
 
@@ -42,15 +43,17 @@ class Diverged(RuntimeError):
 
 
 class LoraFinetune(L.LightningModule):
-    """AdamW on the adapter weights of a peft model, with manual optimization so each phase is visible."""
+    """The optimizer on the trained weights (an adapter's, or all of them), with manual optimization so each phase
+    is visible."""
 
-    def __init__(self, model: torch.nn.Module, memory: AppliedMemory, loss: LossConfig, lr: float,
+    def __init__(self, model: torch.nn.Module, memory: AppliedMemory, loss: LossConfig, optim: OptimConfig, lr: float,
                  weight_decay: float, warmup_steps: int, budget_bytes: int | None, keep_timeline: bool = True,
                  on_step: Callable[[int, float, float, int], None] | None = None):
         super().__init__()
         self.model = model
         self.memory = memory
         self.loss = loss
+        self.optim = optim
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps = warmup_steps
         self.traced_step = warmup_steps  # the step right after warm-up is traced, not timed
@@ -65,7 +68,7 @@ class LoraFinetune(L.LightningModule):
         self.steps_time_s = 0.0  # wall time inside all training steps (warm-up, traced, timed): the job's work
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.model, self.lr, self.weight_decay)
+        return make_optimizer(self.model, self.optim, self.lr, self.weight_decay)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         started = time.perf_counter()
@@ -100,27 +103,47 @@ class LoraFinetune(L.LightningModule):
             self.allocator_figures = device_peaks(self.device)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float, weight_decay: float,
                    foreach: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW on the trainable (adapter) weights. `foreach=None` is PyTorch's per-device default (mode=predict
-    passes the target device's choice, since its trace runs on fake CPU tensors)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, foreach=foreach)
+    """The `optim.name` optimizer on the trained weights. `foreach=None` is PyTorch's per-device default for
+    its own optimizers (mode=predict passes the target device's choice, since its trace runs on fake CPU
+    tensors); bitsandbytes' have one implementation."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if optim.name == "adamw":
+        return torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay, foreach=foreach)
+    if optim.name == "adafactor":
+        return torch.optim.Adafactor(trained, lr=lr, weight_decay=weight_decay, foreach=foreach)
+    if optim.name == "sgd":
+        return torch.optim.SGD(trained, lr=lr, momentum=optim.momentum,  # type: ignore[attr-defined]
+                               weight_decay=weight_decay, foreach=foreach)
+    import bitsandbytes as bnb  # the `.[quant]` extra, as for quant=nf4 (pre-flight names it)
+
+    kind = bnb.optim.PagedAdamW8bit if optim.name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return kind(trained, lr=lr, weight_decay=weight_decay, min_8bit_size=optim.min_8bit_size)  # type: ignore[attr-defined]
 
 
 def train_step(model: torch.nn.Module, memory: AppliedMemory, loss_config: LossConfig,
                batch: dict[str, torch.Tensor], optimizer, backward: Callable[[torch.Tensor], None],
                phase: Callable[[str], contextlib.AbstractContextManager]) -> torch.Tensor:
-    """One LoRA step: forward and loss (under the strategy's context), backward, AdamW step, gradients freed.
-    The loss marks its own phase for the tracker (train/loss.py), inside the forward and the backward."""
-    with phase(FORWARD), memory.forward_context():
-        loss = step_loss(model, batch, loss_config)
-    with phase(BACKWARD):
-        backward(loss)
+    """One optimizer step: for each micro-batch (one unless `batch.accumulate` > 1) the forward and loss
+    (under the strategy's context) and the backward, gradients accumulating; then the optimizer step,
+    gradients freed. Returns the step's mean loss. The loss marks its own phase for the tracker
+    (train/loss.py), inside the forward and the backward."""
+    micro = micro_batches(batch)
+    total = None
+    for part in micro:
+        with phase(FORWARD), memory.forward_context():
+            loss = step_loss(model, part, loss_config)
+            if len(micro) > 1:
+                loss = loss / len(micro)  # the step's gradient is the mean over its micro-batches
+        with phase(BACKWARD):
+            backward(loss)
+        total = loss.detach() if total is None else total + loss.detach()
+        del loss
     with phase(OPTIM):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss
+    return total
 
 
 def step_tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict[str, torch.Tensor],
