@@ -59,7 +59,7 @@ BAD_INPUT = [
     (["trainer.warmup_steps=8", "trainer.steps=8"], "trainer.warmup_steps must be below trainer.steps - 1 = 7", "8"),
     (["trainer.warmup_steps=7", "trainer.steps=8"], "trainer.warmup_steps must be below trainer.steps - 1 = 7", "7"),
     (["batch.seq_len=4096"], "batch.seq_len must be at most model.config.max_position_embeddings=2048", "4096"),
-    (["lora.target_modules=[q_proj,nope]"], "lora.target_modules must be names of the model's linear layers",
+    (["lora.target_modules=[q_proj,nope]"], "lora.target_modules must be all-linear or names of llama's linear layers",
      "nope"),
     (["trainer.precision=fp8"], "trainer.precision must be one of", "fp8"),
     (["model.pretrained_path=/does/not/exist"], "model.pretrained_path must be an existing local folder",

@@ -31,8 +31,13 @@ SELECTIVE_POLICIES = ("save_matmuls", "save_attention")  # memory.policy of memo
 # fused losses compute the projection themselves and refuse them (Gemma's soft-capping they apply).
 HEAD_RESCALING_FIELDS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
 FUSED_LOSSES = ("fused", "liger")  # loss options that project the hidden states themselves
-# Linear sub-modules of the decoder families sweepbp builds from a config (Llama, Mistral, Qwen2 share them).
+# Linear sub-modules of the decoder families sweepbp builds from a config, per `model.arch`, for a one-line
+# error when `lora.target_modules` names none of a shipped architecture's layers (Phi-3 fuses q/k/v and gate/up).
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ARCH_LINEAR_MODULES = {**dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"),
+                                       LLAMA_LINEAR_MODULES),
+                       "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
+ALL_LINEAR = "all-linear"  # lora.target_modules=[all-linear]: every linear layer but the output head (peft's)
 
 
 class ConfigError(ValueError):
@@ -52,6 +57,9 @@ class ModelConfig:
     dtype: str = "float32"  # weight dtype: float32, bfloat16 or float16
     attn_implementation: str = "sdpa"  # eager or sdpa: changes attention memory a lot
     pretrained_path: Optional[str] = None  # local HF folder with safetensors weights; never the network
+    # a local config.json (or a folder holding one): that shape with random init, no weights; `arch` and
+    # `config` are then the file's (model.config is not applied on top)
+    config_path: Optional[str] = None
 
 
 @dataclass
@@ -375,6 +383,11 @@ def validate(cfg: SweepbpConfig) -> list[str]:
          f"one of {', '.join(ATTENTION)}")
     if m.pretrained_path is not None:
         problems.extend(_pretrained_problems(m.pretrained_path))
+        if m.config_path is not None:
+            problems.append(f"model.config_path must be null with model.pretrained_path (its config.json is the "
+                            f"shape), got {m.config_path!r}")
+    elif m.config_path is not None:
+        problems.extend(_config_file_problems(m.config_path))
     elif not m.config:
         problems.append("model.config must hold the HF config fields of a random-init model, got {}")
     else:
@@ -384,9 +397,17 @@ def validate(cfg: SweepbpConfig) -> list[str]:
     need(0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "in [0, 1)")
     need(len(lo.target_modules) > 0, "lora.target_modules", lo.target_modules, "a non-empty list")
     need(lo.adapter_dtype in ADAPTER_DTYPES, "lora.adapter_dtype", lo.adapter_dtype, " or ".join(ADAPTER_DTYPES))
-    if m.pretrained_path is None and m.arch in ("llama", "mistral", "qwen2"):
-        unknown = [x for x in lo.target_modules if x not in LLAMA_LINEAR_MODULES]
-        need(not unknown, "lora.target_modules", unknown, f"names of the model's linear layers ({', '.join(LLAMA_LINEAR_MODULES)})")
+    known = ARCH_LINEAR_MODULES.get(m.arch) if m.pretrained_path is None and m.config_path is None else None
+    if known is not None and lo.target_modules != [ALL_LINEAR] and cfg.method.name != "full":
+        unknown = [x for x in lo.target_modules if x not in known]
+        need(not unknown, "lora.target_modules", unknown,
+             f"{ALL_LINEAR} or names of {m.arch}'s linear layers ({', '.join(known)})")
+    need(ALL_LINEAR not in lo.target_modules or lo.target_modules == [ALL_LINEAR], "lora.target_modules",
+         lo.target_modules, f"[{ALL_LINEAR}] alone or a list of layer names")
+    if (m.arch == "gemma2" and m.config_path is None and m.attn_implementation == "sdpa"
+            and m.config.get("attn_logit_softcapping", 50.0)):
+        problems.append("model.attn_implementation must be eager for gemma2 with attention soft-capping "
+                        "(model.config.attn_logit_softcapping), got 'sdpa' (sdpa cannot soft-cap the scores)")
     need(_positive_int_or_auto(b.size), "batch.size", b.size, "a positive integer or 'auto'")
     if b.size == "auto":
         need(cfg.budget_gb is not None, "batch.size", b.size, "an integer unless budget_gb is set ('auto' needs a budget)")
@@ -397,7 +418,7 @@ def validate(cfg: SweepbpConfig) -> list[str]:
         need(b.size == "auto", "batch.effective_size", b.effective_size,
              "null unless batch.size=auto (set batch.accumulate for a fixed micro-batch)")
         need(b.accumulate == 1, "batch.accumulate", b.accumulate, "1 with batch.effective_size (auto chooses it)")
-    max_pos = m.config.get("max_position_embeddings") if m.pretrained_path is None else None
+    max_pos = m.config.get("max_position_embeddings") if m.pretrained_path is None and m.config_path is None else None
     if isinstance(max_pos, int) and b.seq_len > 0:
         need(b.seq_len <= max_pos, "batch.seq_len", b.seq_len, f"at most model.config.max_position_embeddings={max_pos}")
     need(t.steps > 0, "trainer.steps", t.steps, "a positive integer")
@@ -430,6 +451,38 @@ def _positive_int_or_auto(size: object) -> bool:
     return isinstance(size, int) and not isinstance(size, bool) and size > 0
 
 
+def config_file(path: str) -> Path:
+    """The config.json a `model.config_path` names: the file itself, or the one in the folder."""
+    given = Path(os.path.expanduser(path))
+    return given / "config.json" if given.is_dir() else given
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The fields of a `model.config_path` file; ConfigError naming the file for what cannot be read."""
+    import json
+
+    file = config_file(path)
+    if not file.is_file():
+        raise ConfigError([f"model.config_path must be a config.json file or a folder holding one, got {path!r}"])
+    try:
+        fields = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError([f"model.config_path {str(file)!r} is not JSON: {str(err).splitlines()[0]}"]) from None
+    if not isinstance(fields, dict) or not isinstance(fields.get("model_type"), str):
+        raise ConfigError([f"model.config_path {str(file)!r} must hold a Hugging Face config with a string "
+                           "model_type field"])
+    return fields
+
+
+def _config_file_problems(path: str) -> list[str]:
+    try:
+        fields = read_config_file(path)
+    except ConfigError as err:
+        return err.problems
+    file = str(config_file(path))
+    return [line.replace("model.config.", f"{file}: field ", 1) for line in _shape_problems(fields)]
+
+
 def _pretrained_problems(path: str) -> list[str]:
     folder = Path(os.path.expanduser(path))
     if not folder.is_dir():
@@ -458,6 +511,9 @@ def _shape_problems(config: dict[str, Any]) -> list[str]:
     if heads and hidden and "head_dim" not in config and hidden % heads:
         problems.append(f"model.config.num_attention_heads must divide model.config.hidden_size={hidden} "
                         f"(or set model.config.head_dim), got {heads}")
+    pad, vocab = config.get("pad_token_id"), config.get("vocab_size")
+    if isinstance(pad, int) and isinstance(vocab, int) and not 0 <= pad < vocab:
+        problems.append(f"model.config.pad_token_id must be below model.config.vocab_size={vocab}, got {pad}")
     if heads and kv_heads and heads % kv_heads:
         problems.append(f"model.config.num_key_value_heads must divide model.config.num_attention_heads={heads}, "
                         f"got {kv_heads}")

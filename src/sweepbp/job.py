@@ -32,7 +32,7 @@ from sweepbp.train.data import TokenBatches, first_micro_batch
 from sweepbp.train.distributed import data_seed, process_group_record, trainer_arguments
 from sweepbp.train.environment import device_environment, pick_device, quiet_libraries
 from sweepbp.train.flops import peak_flops
-from sweepbp.train.lora import apply_method
+from sweepbp.train.lora import adapted_layer_names, apply_method
 from sweepbp.train.model import build_model, parameter_counts
 from sweepbp.train.module import Diverged, LoraFinetune, inference_peak
 from sweepbp.train.quant import quantize_model
@@ -78,6 +78,7 @@ def measure_job(run: RunConfig, result: JobResult, progress, start: float) -> No
     base = build_model(cfg.model, device, cfg.trainer.seed)
     result.metrics["quantized_layers"] = float(quantize_model(base, cfg.quant, device))
     model = apply_method(base, cfg.method, cfg.lora)
+    result.environment["lora_resolved_targets"] = ",".join(adapted_layer_names(model))
     applied = apply_memory_strategy(model, cfg.memory, device)
     model.train()
     assert_training_mode(model)
@@ -116,6 +117,7 @@ def predict_job(run: RunConfig, result: JobResult) -> None:
     result.metrics.update(prediction.parameters)
     result.metrics["checkpointed_layers"] = float(prediction.checkpointed_layers)
     result.metrics["quantized_layers"] = float(prediction.quantized_layers)
+    result.environment["lora_resolved_targets"] = ",".join(prediction.adapted_layers)
     result.timeline = timeline_samples(prediction.report)
     if not prediction.fits(run.cfg.budget_bytes):
         raise torch.OutOfMemoryError(f"predicted peak {prediction.peak_bytes:,} bytes exceeds "

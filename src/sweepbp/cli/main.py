@@ -38,13 +38,14 @@ def _main(args: list[str]) -> None:
 
         print(help_text(get_args_parser().parse_args(args).overrides))
         return
-    problems, jobs = precheck(args, on_first_valid=_start_workers_early)
+    said: list[str] = []
+    problems, jobs = precheck(args, on_first_valid=_start_workers_early, notes=said)
     if problems:
         _stop_workers_if_started()
         for line in problems:
             print(f"sweepbp: error: {line}", file=sys.stderr)
         raise SystemExit(2)
-    for line in notes(get_args_parser().parse_args(args).overrides):
+    for line in [*notes(get_args_parser().parse_args(args).overrides), *said]:
         print(f"sweepbp: note: {line}", file=sys.stderr)
     os.environ["SWEEPBP_SWEEP_SIZE"] = str(jobs)
     if 0 < jobs <= MAX_PRECHECKED_JOBS:

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sweepbp.cli.launchers import PRESETS, REMOTE_LAUNCHERS, launcher_options
 from sweepbp.cli.paths import config_dir, user_config_dir
-from sweepbp.config import GROUPS, ConfigError, RunConfig, redact_uri, to_run_config
+from sweepbp.config import GROUPS, ConfigError, RunConfig, read_config_file, redact_uri, to_run_config
 from sweepbp.tracking import NONE, backend
 
 # OmegaConf's type errors: "Value 'abc' of type 'str' could not be converted to Integer", "... is not a valid bool"
@@ -34,9 +34,10 @@ INFO_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve"
 MAX_PRECHECKED_JOBS = 512
 
 
-def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], None] | None = None
-             ) -> tuple[list[str], int]:
-    """Problems of every job of the sweep (empty if none) and the number of jobs.
+def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], None] | None = None,
+             notes: list[str] | None = None) -> tuple[list[str], int]:
+    """Problems of every job of the sweep (empty if none) and the number of jobs; what the jobs ask that
+    deserves a word but no refusal goes into `notes` (once each).
 
     `on_first_valid` is called once, with the first job that validates: the command line starts the
     pre-importing worker there, so the heavy imports overlap with checking the remaining jobs.
@@ -60,6 +61,8 @@ def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], N
         for line in lines:
             if line not in problems:
                 problems.append(line)
+        if run is not None and notes is not None:
+            notes.extend(n for n in attention_notes(run) if n not in notes)
         if run is not None and not problems and on_first_valid is not None:
             on_first_valid(run, parsed.overrides)
             on_first_valid = None
@@ -131,6 +134,27 @@ def tracking_problems(run: RunConfig) -> list[str]:
     if reason:
         return [f"tracking.uri must be a reachable {kind.title} store, got {redact_uri(tracking.uri)!r} ({reason})"]
     return []
+
+
+EAGER_LONG = 2048  # batch.seq_len from which eager attention's score matrices get a note
+
+
+def attention_notes(run: RunConfig) -> list[str]:
+    """Eager attention at a long sequence keeps (batch, heads, seq, seq) scores per layer: say how large."""
+    cfg = run.cfg
+    model = cfg.model
+    if model.attn_implementation != "eager" or cfg.batch.seq_len < EAGER_LONG:
+        return []
+    fields = read_config_file(model.config_path) if model.config_path else model.config
+    heads = fields.get("num_attention_heads")
+    if not isinstance(heads, int):
+        return []
+    size = 1 if cfg.batch.size == "auto" else int(cfg.batch.size)
+    element = 2 if model.dtype in ("bfloat16", "float16") else 4
+    scores = size * heads * cfg.batch.seq_len ** 2 * (4 + element)  # fp32 softmax and its cast, per layer
+    return [f"model.attn_implementation=eager at batch.seq_len={cfg.batch.seq_len} keeps (batch, heads, seq, seq) "
+            f"attention scores: about {scores / 1e9:.1f} GB per layer at batch.size={size} (mode=predict gives "
+            "the whole step)"]
 
 
 def notes(overrides: list[str]) -> list[str]:

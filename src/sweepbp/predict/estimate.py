@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from sweepbp.config import SweepbpConfig
+from sweepbp.config import ALL_LINEAR, SweepbpConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
@@ -153,7 +153,7 @@ def estimate(cfg: SweepbpConfig, config, batch_size: int) -> Estimate | None:
     else:
         a = 4 if s == 2 else s  # peft upcasts 16-bit adapters to fp32
     tokens = batch_size * cfg.batch.seq_len
-    targets = set(cfg.lora.target_modules)
+    targets = set(shape.linears()) if cfg.lora.target_modules == [ALL_LINEAR] else set(cfg.lora.target_modules)
     adapter = sum(cfg.lora.r * (n_in + n_out) for n, (n_in, n_out) in shape.linears().items() if n in targets)
     adapter_bytes = shape.layers * adapter * a
     weights = shape.parameters() * s

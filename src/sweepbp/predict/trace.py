@@ -37,7 +37,7 @@ from sweepbp.metrics import PREDICTED
 from sweepbp.predict.target import MetaTracker, precision_plugin, target_kernels
 from sweepbp.train.data import first_micro_batch
 from sweepbp.train.environment import pick_device
-from sweepbp.train.lora import apply_method
+from sweepbp.train.lora import adapted_layer_names, apply_method
 from sweepbp.train.model import build_model, parameter_counts
 from sweepbp.train.module import counting_gradients, inference_peak, make_optimizer, step_tracker, train_step
 from sweepbp.train.quant import int8_kernels_of, quantize_model
@@ -54,6 +54,7 @@ class Prediction:
     parameters: dict[str, float]  # trainable_params, frozen_params, flops_per_token
     checkpointed_layers: int
     quantized_layers: int
+    adapted_layers: list[str]  # what lora.target_modules resolved to (empty for method=full)
     seconds: float  # wall time of the prediction itself
     modelled: list[str] = field(default_factory=list)  # what was chosen for the target rather than traced
 
@@ -121,7 +122,7 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
             report = tracker.report()
     return Prediction(device=device, batch_size=size, report=report, inference_peak_bytes=inference,
                       parameters=parameters, checkpointed_layers=applied.checkpointed_layers,
-                      quantized_layers=quantized,
+                      quantized_layers=quantized, adapted_layers=adapted_layer_names(model),
                       seconds=time.perf_counter() - start, modelled=sorted(set(modelled)))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from sweepbp.config import ConfigError, ModelConfig
+from sweepbp.config import ConfigError, ModelConfig, config_file, read_config_file
 from sweepbp.train.flops import training_flops_per_token
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -15,6 +15,13 @@ def hf_config(model: ModelConfig):
     """The Hugging Face config of a model option; its complaints become one-line errors."""
     if model.pretrained_path is not None:
         config = AutoConfig.from_pretrained(model.pretrained_path, local_files_only=True)
+    elif model.config_path is not None:
+        fields = read_config_file(model.config_path)
+        try:
+            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ConfigError([f"model.config_path {str(config_file(model.config_path))!r} is not a valid config: "
+                               f"{str(err).splitlines()[0]}"]) from None
     else:
         try:
             config = AutoConfig.for_model(model.arch, **model.config)
