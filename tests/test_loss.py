@@ -102,6 +102,9 @@ def test_loss_phase_is_its_own_band_of_the_timeline():
     assert "forward" in phases[:first] and "backward" in phases[last + 1:]
     in_band = [s["by_category"]["logits"] for s in result.timeline[first:last + 1]]
     assert max(in_band) == result.metrics["logits_bytes"] > 0
+    # the (thinned) timeline still holds the step's peak, so the chart draws it
+    assert len(result.timeline) > 0
+    assert max(sum(s["by_category"].values()) for s in result.timeline) == result.metrics["peak_memory_bytes"]
 
 
 @pytest.mark.parametrize("overrides, message", [

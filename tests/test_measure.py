@@ -99,3 +99,19 @@ def test_gradient_hooks_exist_only_around_the_traced_step():
         model(torch.randn(3, 4)).sum().backward()
     assert tracker.report().category_peaks[GRAD] == model.weight.numel() * F32  # retagged by the hook
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # gone after the step
+
+
+def test_a_thinned_timeline_keeps_the_peak_and_the_dips():
+    """A long trace (more samples than are kept) still draws the step's exact peak."""
+    from sweepbp.measure.tracker import MemoryReport, MemorySample, timeline_samples
+
+    totals = [(i * 7919) % 10007 for i in range(50_000)]
+    totals[31_337] = 20_000  # one sample above all others, at no multiple of the thinning stride
+    timeline = [MemorySample(str(i), {"activation": t, "param": 5}, 0) for i, t in enumerate(totals)]
+    report = MemoryReport(20_005, {}, {}, 0, 0, timeline)
+    kept = timeline_samples(report, most=2000)
+    drawn = [sum(s["by_category"].values()) for s in kept]
+    assert len(kept) <= 2000
+    assert max(drawn) == 20_005 and min(drawn) == 5
+    order = [int(s["phase"]) for s in kept]  # the phase field carries each sample's index here
+    assert order == sorted(order) and len(set(order)) == len(order)

@@ -252,8 +252,20 @@ class MemoryTracker(TorchDispatchMode):
 
 
 def timeline_samples(report: MemoryReport, most: int = 2000) -> list[dict]:
-    """The report's timeline as JSON-ready samples, every n-th one so that at most about `most` remain."""
-    return [asdict(s) for s in report.timeline[:: max(1, len(report.timeline) // most)]]
+    """The report's timeline as JSON-ready samples, at most about `most` of them. A long timeline is thinned
+    by buckets of consecutive samples, each keeping its highest and its lowest (in order), so the drawn
+    peak is the step's peak and the dips between phases stay visible (every n-th sample would miss both)."""
+    timeline = report.timeline
+    if len(timeline) <= most:
+        return [asdict(s) for s in timeline]
+    width = -(-2 * len(timeline) // most)  # ceil: two kept per bucket
+    kept: list[MemorySample] = []
+    for start in range(0, len(timeline), width):
+        bucket = timeline[start:start + width]
+        totals = [sum(s.by_category.values()) for s in bucket]
+        high, low = totals.index(max(totals)), totals.index(min(totals))
+        kept += [bucket[i] for i in sorted({low, high})]
+    return [asdict(s) for s in kept]
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

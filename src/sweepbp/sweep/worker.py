@@ -40,8 +40,9 @@ from sweepbp.train.warmup import ARCH_VARIABLE, warm
 GRACE_S = 60.0  # how long an interrupted child may take to hand back its partial result
 
 
-# sweepbp.job imports every module a job uses (train/, memory/, measure/, predict/) at its top.
-PRELOAD = ("torch", "lightning", "transformers", "peft", "sweepbp.job", "sweepbp.sweep.progress",
+# sweepbp.job imports every module a job uses (train/, memory/, measure/, predict/) at its top; sweepbp
+# itself first, so that its package init quiets bitsandbytes before peft imports it.
+PRELOAD = ("sweepbp", "torch", "lightning", "transformers", "peft", "sweepbp.job", "sweepbp.sweep.progress",
            "peft.utils.transformers_weight_conversion")
 
 
