@@ -90,8 +90,8 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("quant_state_bytes", "bytes", "quant state", "what dequantising the quantised weights needs besides "
            "them: 4-bit absmax (and its nested quantisation) and code, int8 per-row scales (`quant` group)",
            MEMORY, Merge.MAX, per_rank=True, predicted=True),
-    Metric("trainable_param_bytes", "bytes", "adapter", "adapter (LoRA) weights, at the peak", MEMORY, Merge.MAX,
-           predicted=True),
+    Metric("trainable_param_bytes", "bytes", "adapter", "trained weights, at the peak: the adapter's (LoRA, "
+           "DoRA), or every weight with method=full", MEMORY, Merge.MAX, predicted=True),
     Metric("grad_bytes", "bytes", "gradients", "peak of gradient bytes (storages that landed in `param.grad`)",
            MEMORY, Merge.MAX, per_rank=True, predicted=True),
     Metric("optimizer_state_bytes", "bytes", "optimizer state", "AdamW state (`exp_avg`, `exp_avg_sq`, `step`)",
@@ -114,7 +114,8 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("rss_peak_bytes", "bytes", "peak RSS", "the job process's peak resident set size (host memory, "
            "not a tensor figure)", MEMORY, Merge.MAX, per_rank=True),
     # -- the model ----------------------------------------------------------------------------------------
-    Metric("trainable_params", "count", "trainable params", "adapter parameters", MODEL),
+    Metric("trainable_params", "count", "trainable params", "trained parameters: the adapter's, or every weight "
+           "with method=full", MODEL),
     Metric("frozen_params", "count", "frozen params", "base-model parameters", MODEL),
     Metric("flops_per_token", "FLOPs", "FLOPs/token", "useful training FLOPs per token (convention below)", MODEL),
     Metric("checkpointed_layers", "count", "checkpointed layers", "decoder layers the memory strategy checkpoints",
@@ -141,7 +142,7 @@ CATALOGUE: tuple[Metric, ...] = (
     *(Metric(f"formula_{name}", "bytes", f"formula {label}", f"closed-form estimate of {what}", FORMULA)
       for name, label, what in (
           ("param_bytes", "weights", "the weights"),
-          ("trainable_param_bytes", "adapter", "the adapter"),
+          ("trainable_param_bytes", "adapter", "the adapter (LoRA)"),
           ("optimizer_state_bytes", "optimizer state", "AdamW's state"),
           ("activation_bytes", "activations", "the activations the decoder layers save"),
           ("logits_bytes", "logits", "the loss transient at its peak (per `loss` option)"),

@@ -103,7 +103,7 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
     # the strategy sees the trace's device: an offload moves what lives there to the host
     applied = apply_memory_strategy(model, cfg.memory, meta if meta_trace else torch.device("cpu"))
     with (no_data(meta_trace, model, device) as counted, unpadded_sequences(), scalars_without_data(),
-          target_kernels(device, modelled), int8_kernels_of(model, device, modelled)):
+          target_kernels(device, modelled), int8_kernels_of(model, cfg.quant, device, modelled)):
         model.train()
         assert_training_mode(model)
         batch = empty_batch(size, cfg.batch.seq_len, counted[0], cfg.batch.accumulate)

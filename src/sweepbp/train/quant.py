@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from unittest import mock
 
 import torch
 
@@ -32,12 +33,12 @@ def quantize_model(model: torch.nn.Module, quant: QuantConfig, device: torch.dev
 
     head = model.get_output_embeddings()
     count = 0
-    with _dynamic_map_on_cpu():
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is torch.nn.Linear and child is not head:
-                    setattr(parent, name, _quantized(bnb, child, quant, device))
-                    count += 1
+    _code_table_on_cpu()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child is not head:
+                setattr(parent, name, _quantized(bnb, child, quant, device))
+                count += 1
     # peft reads these to wrap the quantised layers with its bitsandbytes LoRA layers, as after a
     # from_pretrained(quantization_config=...)
     model.is_loaded_in_4bit = quant.name == "nf4"
@@ -85,8 +86,7 @@ def quant_state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return [t for t in tensors if isinstance(t, torch.Tensor)]
 
 
-@contextlib.contextmanager
-def _dynamic_map_on_cpu() -> Iterator[None]:
+def _code_table_on_cpu() -> None:
     """bitsandbytes caches its blockwise code table on the device of the first tensor it quantises; a
     prediction on `meta` would leave a data-less table behind for the job's real quantisation. Creating it on
     the CPU first keeps the cache real (each quantisation copies it to its own device)."""
@@ -95,11 +95,10 @@ def _dynamic_map_on_cpu() -> Iterator[None]:
     if "dynamic" not in functional.name2qmap:
         with torch.device("cpu"):  # mode=predict builds under torch.device("meta")
             functional.name2qmap["dynamic"] = functional.create_dynamic_map()
-    yield
 
 
 @contextlib.contextmanager
-def int8_kernels_of(model: torch.nn.Module, device: str, modelled: list[str]) -> Iterator[None]:
+def int8_kernels_of(model: torch.nn.Module, quant: QuantConfig, device: str, modelled: list[str]) -> Iterator[None]:
     """The int8 matmul bitsandbytes picks on the target `device`, for a trace on meta tensors.
 
     bitsandbytes picks it by the input's device: in training on CPU it dequantises the weight and runs a
@@ -108,37 +107,29 @@ def int8_kernels_of(model: torch.nn.Module, device: str, modelled: list[str]) ->
     matmul sets aside the input's outlier columns (features above `threshold`, multiplied in 16-bit),
     which depend on the data a prediction has not got: the trace assumes none (random-init weights give
     (almost) none; a real checkpoint's outlier features add a 16-bit sub-matmul of a few columns)."""
-    if not any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
+    if quant.name != "int8":
         yield
         return
     import bitsandbytes
     from bitsandbytes.autograd import _functions
 
+    if device == "cpu":
+        def cpu_choice(A, B, out=None, state=None, threshold=0.0, bias=None):
+            if state is not None and state.is_training:
+                return _functions.MatMul8bitFp.apply(A, B, out, bias, state)
+            return _functions.matmul(A, B, out, state, threshold, bias)
+
+        with mock.patch.object(bitsandbytes, "matmul", cpu_choice):
+            yield
+        return
     states = [m.state for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear8bitLt)]
-
-    with contextlib.ExitStack() as stack:
-        if device == "cpu":
-            def cpu_choice(A, B, out=None, state=None, threshold=0.0, bias=None):
-                if state is not None and state.is_training:
-                    return _functions.MatMul8bitFp.apply(A, B, out, bias, state)
-                return _functions.matmul(A, B, out, state, threshold, bias)
-
-            stack.enter_context(_patched(bitsandbytes, "matmul", cpu_choice))
-        else:
-            thresholds = [state.threshold for state in states]
-            if any(t > 0 for t in thresholds):
-                modelled.append("int8: no outlier columns (the data decides them; predicted as none)")
-            for state in states:
-                state.threshold = 0.0
-            stack.callback(lambda: [setattr(s, "threshold", t) for s, t in zip(states, thresholds)])
-        yield
-
-
-@contextlib.contextmanager
-def _patched(owner, name: str, value) -> Iterator[None]:
-    original = getattr(owner, name)
-    setattr(owner, name, value)
+    thresholds = [state.threshold for state in states]
+    if any(t > 0 for t in thresholds):
+        modelled.append("int8: no outlier columns (the data decides them; predicted as none)")
+    for state in states:
+        state.threshold = 0.0
     try:
         yield
     finally:
-        setattr(owner, name, original)
+        for state, threshold in zip(states, thresholds):
+            state.threshold = threshold
