@@ -5,7 +5,8 @@ Run as `python tests/faulty_sweepbp.py ARGS` (the same `sweepbp.cli.main.main` a
 The job whose `trainer.seed` equals
   SWEEPBP_FAULT_FAIL_SEED  raises RuntimeError("injected fault") in its second training step (-> failed);
   SWEEPBP_FAULT_HANG_SEED  writes its process id to the file SWEEPBP_FAULT_MARK in its second training
-                           step, then sleeps until a signal stops it: a job caught mid-training, every time.
+                           step (in its prediction, for mode=predict), then sleeps until a signal stops it: a
+                           job caught mid-training, every time.
 Jobs are forked from the sweep process itself (SWEEPBP_START_METHOD=fork, set below), so the patches made
 here reach them; the default fork server would import clean copies of the modules.
 """
@@ -27,6 +28,7 @@ def install() -> None:
 
     fit = sweepbp.job.measure_job
     step = sweepbp.train.module.LoraFinetune.training_step
+    predict = sweepbp.job.predict_job
     seed: list[int] = []
 
     def fit_with_faults(run, *args, **kwargs):
@@ -37,12 +39,21 @@ def install() -> None:
         if batch_idx == 1 and seed and str(seed[-1]) == os.environ.get(FAIL):
             raise RuntimeError("injected fault")
         if batch_idx == 1 and seed and str(seed[-1]) == os.environ.get(HANG):
-            Path(os.environ[MARK]).write_text(str(os.getpid()))
-            while True:  # the job's signal handler raises out of this sleep
-                time.sleep(0.05)
+            hang()
         return step(self, batch, batch_idx)
 
+    def predict_with_faults(run, *args, **kwargs):
+        if str(run.cfg.trainer.seed) == os.environ.get(HANG):
+            hang()
+        return predict(run, *args, **kwargs)
+
+    def hang():
+        Path(os.environ[MARK]).write_text(str(os.getpid()))
+        while True:  # the job's signal handler raises out of this sleep
+            time.sleep(0.05)
+
     sweepbp.job.measure_job = fit_with_faults
+    sweepbp.job.predict_job = predict_with_faults
     sweepbp.train.module.LoraFinetune.training_step = step_with_faults
 
 

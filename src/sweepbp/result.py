@@ -115,6 +115,7 @@ def host_environment() -> dict[str, str]:
         "cpu_model": _cpu_model(),
         "cpu_count": str(os.cpu_count()),
         "hostname": platform.node(),
+        "job_pid": str(os.getpid()),  # the job's process (predictions of a sweep share one, see sweep/worker.py)
         "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "git_commit": git_commit(),
     }

@@ -88,6 +88,25 @@ class MemorySample:
 
 
 @dataclass
+class PhasePeak:
+    """The same figures as a report, within one phase of the step (every stretch of time spent in it).
+
+    The step's own figures are the largest of its phases' (`MemoryReport.phases`): depth extrapolation
+    (predict/depth.py) extrapolates each phase on its own, since the phase holding the peak can change with depth.
+    """
+
+    peak_bytes: int = 0
+    at_peak: dict[str, int] = field(default_factory=dict)
+    category_peaks: dict[str, int] = field(default_factory=dict)
+    host_peak_bytes: int = 0
+    first_event: int = 0  # the tracker's event count when the phase first reached its peak (breaks ties in time)
+
+    def note_category(self, category: str, live: int) -> None:
+        if live > self.category_peaks.get(category, 0):
+            self.category_peaks[category] = live
+
+
+@dataclass
 class MemoryReport:
     """What a tracked region allocated: total peak, per-category split at that peak, per-category peaks."""
 
@@ -97,6 +116,7 @@ class MemoryReport:
     host_peak_bytes: int
     start_bytes: int
     timeline: list[MemorySample] = field(default_factory=list)
+    phases: dict[str, PhasePeak] = field(default_factory=dict)  # the same figures per phase
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         return {
@@ -140,6 +160,8 @@ class MemoryTracker(TorchDispatchMode):
         self._layer_depth = 0
         self._host_depth = 0
         self._loss_open = False  # the forward entered the loss phase; the backward has not left it yet
+        self._events = 0  # storages counted so far: the order of moments
+        self._phases: dict[str, PhasePeak] = {}
         self.timeline: list[MemorySample] = []
 
     # -- registering what exists before tracking starts ---------------------------------------
@@ -163,6 +185,7 @@ class MemoryTracker(TorchDispatchMode):
         self._live[old] -= size
         self._live[category] += size
         self._category_peaks[category] = max(self._category_peaks[category], self._live[category])
+        self._phase_peak().note_category(category, self._live[category])
 
     # -- the dispatch hook --------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -195,11 +218,17 @@ class MemoryTracker(TorchDispatchMode):
         self._sizes[key] = (size, category)
         weakref.finalize(storage, self._free, key)
         self._live[category] += size
+        self._events += 1
+        phase = self._phase_peak()
         if category == HOST:
             self._category_peaks[HOST] = max(self._category_peaks[HOST], self._live[HOST])
+            phase.host_peak_bytes = max(phase.host_peak_bytes, self._live[HOST])
             return
         self._total += size
         self._category_peaks[category] = max(self._category_peaks[category], self._live[category])
+        phase.note_category(category, self._live[category])
+        if self._total > phase.peak_bytes:
+            phase.peak_bytes, phase.at_peak, phase.first_event = self._total, dict(self._live), self._events
         if self._total > self._peak:
             self._peak = self._total
             self._at_peak = dict(self._live)
@@ -217,6 +246,12 @@ class MemoryTracker(TorchDispatchMode):
             self._total -= size
             if self.keep_timeline:
                 self._sample()
+
+    def _phase_peak(self) -> PhasePeak:
+        phase = self._phases.get(self.phase)
+        if phase is None:
+            phase = self._phases[self.phase] = PhasePeak()
+        return phase
 
     def _sample(self) -> None:
         self.timeline.append(MemorySample(self.phase, {c: self._live[c] for c in CATEGORIES}, self._live[HOST]))
@@ -239,7 +274,11 @@ class MemoryTracker(TorchDispatchMode):
     def report(self) -> MemoryReport:
         at_peak = {c: self._at_peak[c] for c in CATEGORIES}
         peaks = {c: self._category_peaks[c] for c in CATEGORIES}
-        return MemoryReport(self._peak, at_peak, peaks, self._category_peaks[HOST], self._start, list(self.timeline))
+        phases = {name: PhasePeak(p.peak_bytes, {c: p.at_peak.get(c, 0) for c in CATEGORIES},
+                                  {c: p.category_peaks.get(c, 0) for c in CATEGORIES}, p.host_peak_bytes, p.first_event)
+                  for name, p in self._phases.items()}
+        return MemoryReport(self._peak, at_peak, peaks, self._category_peaks[HOST], self._start, list(self.timeline),
+                            phases)
 
     def __enter__(self):
         _active.append(self)

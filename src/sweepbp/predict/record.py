@@ -48,3 +48,4 @@ def record_prediction(cfg: SweepbpConfig, prediction: Prediction, result: JobRes
         result.metrics.update(formula.metrics())
     if prediction.modelled:
         result.environment["predicted_kernels"] = "; ".join(prediction.modelled)
+    result.environment.update(prediction.record())

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from unittest import mock
 
 import torch
@@ -34,13 +34,17 @@ from sweepbp.config import ConfigError, SweepbpConfig
 from sweepbp.measure.tracker import MemoryReport, MemoryTracker
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.metrics import PREDICTED
+from sweepbp.predict.depth import DepthPlan, NotAffine, depth_plan, extend_figures, extend_report
 from sweepbp.predict.target import MetaTracker, precision_plugin, target_kernels
 from sweepbp.train.data import first_micro_batch
 from sweepbp.train.environment import pick_device
 from sweepbp.train.lora import adapted_layer_names, apply_method
-from sweepbp.train.model import build_model, parameter_counts
+from sweepbp.train.model import build_model, hf_config, parameter_counts
 from sweepbp.train.module import counting_gradients, inference_peak, make_optimizer, step_tracker, train_step
 from sweepbp.train.quant import int8_kernels_of, quantize_model
+
+
+FULL, EXTRAPOLATED = "full", "extrapolated"  # predict_method
 
 
 @dataclass
@@ -57,6 +61,17 @@ class Prediction:
     adapted_layers: list[str]  # what lora.target_modules resolved to (empty for method=full)
     seconds: float  # wall time of the prediction itself
     modelled: list[str] = field(default_factory=list)  # what was chosen for the target rather than traced
+    method: str = FULL  # full: the whole model traced; extrapolated: shallow twins traced (predict/depth.py)
+    traced_depths: tuple[int, ...] = ()  # decoder layers of each trace
+    depth: int = 0  # the model's own decoder layers
+    full_reason: str = ""  # why a model was traced whole although depth extrapolation was planned
+
+    def record(self) -> dict[str, str]:
+        """How the prediction was made, for the job's environment (tags sweepbp.env.predict_*)."""
+        entries = {"predict_method": self.method, "predict_traced_depths": ",".join(map(str, self.traced_depths))}
+        if self.full_reason:
+            entries["predict_full_reason"] = self.full_reason
+        return entries
 
     @property
     def peak_bytes(self) -> int:
@@ -87,16 +102,65 @@ def target_device(accelerator: str) -> str:
 
 
 def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep_timeline: bool = False) -> Prediction:
-    """Trace one steady-state training step of `cfg` without data, for a `device` (cpu or cuda) target."""
+    """Trace one steady-state training step of `cfg` without data, for a `device` (cpu or cuda) target.
+
+    A deep random-init model is traced at three shallow depths and extrapolated (predict/depth.py) when every
+    figure is exactly affine in depth; otherwise, and when that would not be cheaper, the whole model is traced.
+    """
     size = int(batch_size if batch_size is not None else cfg.batch.size)
     if cfg.quant.name != "none" and cfg.trainer.precision.endswith("-mixed"):
         raise ConfigError([f"quant={cfg.quant.name} with trainer.precision={cfg.trainer.precision} is not predicted: "
                            "autocast is traced on fake tensors, which bitsandbytes' parameters cannot wrap"])
     start = time.perf_counter()
+    plan = plan_depths(cfg)
+    full_reason = ""
+    if plan is not None:
+        try:
+            return replace(extrapolated(cfg, device, size, plan, keep_timeline), seconds=time.perf_counter() - start)
+        except NotAffine as why:
+            full_reason = str(why)
+    prediction = trace_step(cfg, device, size, keep_timeline)
+    return replace(prediction, seconds=time.perf_counter() - start, full_reason=full_reason)
+
+
+def plan_depths(cfg: SweepbpConfig, cheaper_only: bool = True) -> DepthPlan | None:
+    """Depth extrapolation for random-init models (a checkpoint's own loading is traced as it is)."""
+    if cfg.model.pretrained_path is not None:
+        return None
+    return depth_plan(hf_config(cfg.model), getattr(cfg.memory, "every", 1), cheaper_only)
+
+
+def extrapolated(cfg: SweepbpConfig, device: str, size: int, plan: DepthPlan, keep_timeline: bool = False) -> Prediction:
+    """The prediction from traces at the plan's depths (the timeline is the deepest one's); NotAffine when a
+    figure is not exactly affine in depth."""
+    traces = [trace_step(cfg, device, size, keep_timeline and depth == plan.depths[-1], depth) for depth in plan.depths]
+    return extrapolate(traces, plan)
+
+
+def extrapolate(traces: list[Prediction], plan: DepthPlan) -> Prediction:
+    """The prediction for the model's own depth from the traces at `plan.depths`; NotAffine if any figure
+    is not exactly affine in depth."""
+    deepest = traces[-1]
+    for what in ("device", "batch_size", "adapted_layers", "modelled"):
+        if any(getattr(t, what) != getattr(deepest, what) for t in traces):
+            raise NotAffine(f"the traces differ in {what}")
+
+    def extend(field: str) -> int:
+        return extend_figures([{field: getattr(t, field)} for t in traces], plan, field)[field]
+
+    return replace(deepest, report=extend_report([t.report for t in traces], plan),
+                   inference_peak_bytes=extend("inference_peak_bytes"),
+                   parameters=extend_figures([t.parameters for t in traces], plan, "parameters"),
+                   checkpointed_layers=extend("checkpointed_layers"), quantized_layers=extend("quantized_layers"),
+                   method=EXTRAPOLATED, traced_depths=plan.depths, depth=plan.depth)
+
+
+def trace_step(cfg: SweepbpConfig, device: str, size: int, keep_timeline: bool, depth: int | None = None) -> Prediction:
+    """One traced step of `cfg` (of a twin with `depth` decoder layers, when given)."""
     modelled: list[str] = []
     meta = torch.device("meta")
     with torch.device(meta):  # peft creates adapters on the default device before moving them
-        base = build_model(cfg.model, meta, cfg.trainer.seed)
+        base = build_model(cfg.model, meta, cfg.trainer.seed, depth)
         quantized = quantize_model(base, cfg.quant, meta)  # bitsandbytes' own quantisation, shapes only
         model = apply_method(base, cfg.method, cfg.lora)
     meta_trace = not cfg.trainer.precision.endswith("-mixed")  # autocast needs a real device type: fake CPU
@@ -120,10 +184,11 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
             with counting_gradients(model), tracker:
                 train_step(model, applied, cfg.loss, batch, optimizer, _backward, tracker.phase_of)
             report = tracker.report()
+    layers = model.config.num_hidden_layers
     return Prediction(device=device, batch_size=size, report=report, inference_peak_bytes=inference,
                       parameters=parameters, checkpointed_layers=applied.checkpointed_layers,
-                      quantized_layers=quantized, adapted_layers=adapted_layer_names(model),
-                      seconds=time.perf_counter() - start, modelled=sorted(set(modelled)))
+                      quantized_layers=quantized, adapted_layers=adapted_layer_names(model), seconds=0.0,
+                      modelled=sorted(set(modelled)), traced_depths=(layers,), depth=layers)
 
 
 @contextlib.contextmanager

@@ -120,8 +120,11 @@ def _at_budget(ax, summary: Summary, budget: float, size: float) -> None:
 
 
 # -- one run's memory timeline --------------------------------------------------------------------
-def memory_timeline_chart(timeline: list[dict], path: Path, title: str) -> Path | None:
+def memory_timeline_chart(timeline: list[dict], path: Path, title: str, twin_layers: int | None = None) -> Path | None:
     """Live bytes by category through the traced training step, phases shaded. None without samples.
+
+    `twin_layers`: the timeline is that of a shallow twin of the model (a depth-extrapolated prediction), and
+    the title says so: its peak is the twin's, not the model's.
 
     x is the allocation event (a sample is taken at every storage created or freed), not time: the
     tracker counts events, and the traced step is not the timed one.
@@ -147,9 +150,10 @@ def memory_timeline_chart(timeline: list[dict], path: Path, title: str) -> Path 
     ax.set_ylim(bottom=0)
     ax.set_xlabel("allocation events through one training step (traced step, untimed)")
     ax.set_ylabel(f"live memory ({unit})")
-    ax.set_title(f"{title}: peak {fmt_bytes(top)}", fontsize=10, pad=16)
+    twin = f" (timeline of its {twin_layers}-layer twin; the model's figures are extrapolated)" if twin_layers else ""
+    ax.set_title(f"{title}{twin}: peak {fmt_bytes(top)}", fontsize=10, pad=16)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.savefig(path, bbox_inches="tight")
+    fig.savefig(path)  # the constrained layout fits the legend; a tight bounding box would draw it all twice
     return path
 
 

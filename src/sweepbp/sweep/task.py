@@ -148,11 +148,19 @@ def _job_charts(folder: Path, run: RunConfig, result: JobResult) -> list[Path]:
     try:
         from sweepbp.report.charts import memory_timeline_chart  # matplotlib: when the first picture is drawn
 
-        path = memory_timeline_chart(result.timeline, folder / "memory_timeline.png", _run_name(run))
+        path = memory_timeline_chart(result.timeline, folder / "memory_timeline.png", _run_name(run), _twin_layers(result))
     except Exception as err:  # noqa: BLE001 (a picture must never cost a job its record)
         print(f"[sweepbp] warning: memory_timeline.png not drawn: {type(err).__name__}: {err}", file=sys.stderr)
         return []
     return [path] if path is not None else []
+
+
+def _twin_layers(result: JobResult) -> int | None:
+    """The depth of the twin whose step a depth-extrapolated prediction's timeline shows (the deepest traced); a
+    measured job's timeline is its own step's."""
+    if result.mode != "predict" or result.environment.get("predict_method") != "extrapolated":
+        return None
+    return int(str(result.environment["predict_traced_depths"]).split(",")[-1])
 
 
 def _skipped(context: JobContext, store: Store, previous_run_id: str) -> JobResult:

@@ -16,10 +16,16 @@ fork): neither the fork server nor the sweep process runs one.
 
 `SWEEPBP_START_METHOD=fork` forks jobs from the sweep process itself instead (it then imports the heavy
 libraries itself, once): the same isolation, without the overlap.
+
+A prediction (mode=predict, one process) needs no isolation: it allocates no device memory (its tensors are
+meta tensors) and measures no time. Predictions run one after another in one long-lived job process forked
+the same way (`_Predictor`), which saves each of them a process start and keeps the libraries' caches warm;
+their records are made exactly as for any job.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import multiprocessing as mp
 import os
@@ -109,14 +115,17 @@ def preload(arch: str) -> None:
 
 
 def run_isolated(run: RunConfig, label: str) -> JobResult:
-    """Run one job in freshly forked children, one per rank (one for a single-device job).
-    Ctrl-C/SIGTERM reach them and come back as `JobInterrupted`, which carries the partial result
-    with status `killed`."""
+    """Run one job in freshly forked children, one per rank (one for a single-device job), or a prediction in
+    the long-lived prediction process. Ctrl-C/SIGTERM reach them and come back as `JobInterrupted`, which
+    carries the partial result with status `killed`."""
     start_workers(run.cfg.model.arch)
     ranks: list[_Rank] = []
     with stopping():
         try:
-            _start_ranks(run, label, ranks)
+            if _in_predictor(run):
+                ranks.append(_PREDICTOR.submit(run, label))
+            else:
+                _start_ranks(run, label, ranks)
             return _one_result(_gather(ranks, run))
         except KeyboardInterrupt as stop:
             ignore_signals()  # a second Ctrl-C must not cut the partial result off (stopping() keeps this)
@@ -131,6 +140,8 @@ def run_isolated(run: RunConfig, label: str) -> JobResult:
             raise JobInterrupted(result, getattr(stop, "signum", signal.SIGINT)) from None
         finally:
             for rank in ranks:
+                if rank.serves_more and rank.result is not None and rank.result.status != Status.KILLED:
+                    continue  # the prediction process waits for the next prediction
                 rank.process.join(timeout=GRACE_S)
                 if rank.process.is_alive():
                     rank.process.kill()
@@ -152,6 +163,39 @@ class _Rank:
     process: BaseProcess
     receiver: Connection
     result: JobResult | None = None
+    serves_more: bool = False  # the prediction process: it lives on after this job
+
+
+def _in_predictor(run: RunConfig) -> bool:
+    """Jobs that run in the long-lived prediction process: predictions of one process."""
+    return run.cfg.mode == "predict" and run.cfg.world_size == 1
+
+
+class _Predictor:
+    """The long-lived job process of predictions, started at the first and replaced when it ends
+    (a stop, a crash); it ends with the sweep process, or with the fork server it was forked from."""
+
+    def __init__(self) -> None:
+        self.rank: _Rank | None = None
+
+    def submit(self, run: RunConfig, label: str) -> _Rank:
+        """Hand one prediction to the process; its result comes back on the returned rank's connection."""
+        if self.rank is None or not self.rank.process.is_alive():
+            context = mp.get_context(start_method())
+            parent_end, child_end = context.Pipe(duplex=True)
+            # daemon: multiprocessing ends it at exit instead of waiting for it
+            process = context.Process(target=_predictor_main, args=(child_end,), name="sweepbp-predictions",
+                                      daemon=True)
+            process.start()
+            child_end.close()
+            self.rank = _Rank(process, parent_end, serves_more=True)
+            atexit.register(parent_end.close)  # the process sees the end of its input and leaves
+        self.rank.result = None
+        self.rank.receiver.send((run, label, dict(os.environ)))
+        return self.rank
+
+
+_PREDICTOR = _Predictor()
 
 
 def _start_ranks(run: RunConfig, label: str, ranks: list[_Rank]) -> None:
@@ -217,10 +261,44 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
-def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> None:
+def _use_environment(environ: dict[str, str]) -> None:
     if os.environ != environ:
         os.environ.clear()
         os.environ.update(environ)
+
+
+def _predictor_main(connection: Connection) -> None:
+    """The prediction process: one prediction per message, until the sweep closes the connection or a stop.
+    A stop raises the job's interrupt in the prediction it reaches; the process then hands back that killed
+    result and ends (the sweep is ending)."""
+    from sweepbp.job import Interrupted, run_job  # the job's modules, in the job's process (see _child_main)
+
+    die_with_parent(os.getppid())
+    interrupt = raise_once(Interrupted)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, interrupt)
+    code = 0
+    try:
+        while True:
+            try:
+                run, label, environ = connection.recv()
+            except (EOFError, Interrupted):  # the sweep process is done with predictions, or stopping
+                break
+            _use_environment(environ)
+            result = run_job(run, progress=ProgressLine(label, run))
+            connection.send(result.to_json(indent=None))
+            if result.status == Status.KILLED:
+                break
+    except BaseException:  # a bug in sweepbp itself: the sweep records the job as lost (EOF) and starts anew
+        traceback.print_exc()
+        code = 1
+    finally:
+        connection.close()
+        os._exit(code)
+
+
+def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> None:
+    _use_environment(environ)
     # The job's own modules, imported here in the job's process: the sweep process never imports torch.
     from sweepbp.job import Interrupted, run_job
     from sweepbp.train.distributed import local_rank, setup_rank

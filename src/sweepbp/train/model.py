@@ -11,8 +11,9 @@ from sweepbp.train.flops import training_flops_per_token
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def hf_config(model: ModelConfig):
-    """The Hugging Face config of a model option; its complaints become one-line errors."""
+def hf_config(model: ModelConfig, depth: int | None = None):
+    """The Hugging Face config of a model option; its complaints become one-line errors. With `depth`, the same
+    model with that many decoder layers (mode=predict's depth extrapolation traces shallow twins)."""
     if model.pretrained_path is not None:
         config = AutoConfig.from_pretrained(model.pretrained_path, local_files_only=True)
     elif model.config_path is not None:
@@ -28,16 +29,33 @@ def hf_config(model: ModelConfig):
         except (ValueError, TypeError, KeyError) as err:
             raise ConfigError([f"model.config is not a valid {model.arch} config: {str(err).splitlines()[0]}"]) from None
     config.use_cache = False  # training: a KV cache only costs memory
+    if depth is not None:
+        with_depth(config, depth)
     return config
 
 
-def build_model(model: ModelConfig, device: torch.device, seed: int) -> PreTrainedModel:
-    """Build the model directly in its dtype on its device (no fp32 detour, no download)."""
+def per_layer_lists(config) -> dict[str, list]:
+    """The config's fields that hold one entry per decoder layer (e.g. `layer_types`: sliding or full attention)."""
+    depth = config.num_hidden_layers
+    return {name: list(value) for name, value in vars(config).items()
+            if isinstance(value, (list, tuple)) and len(value) == depth and depth > 1}
+
+
+def with_depth(config, depth: int) -> None:
+    """Make `config` the same model with `depth` layers: per-layer lists keep their first `depth` entries."""
+    for name, values in per_layer_lists(config).items():
+        setattr(config, name, values[:depth])
+    config.num_hidden_layers = depth
+
+
+def build_model(model: ModelConfig, device: torch.device, seed: int, depth: int | None = None) -> PreTrainedModel:
+    """Build the model directly in its dtype on its device (no fp32 detour, no download); with `depth`, a
+    random-init twin of it with that many decoder layers."""
     dtype = DTYPES[model.dtype]
-    config = hf_config(model)
+    config = hf_config(model, depth)
     torch.manual_seed(seed)
     with torch.device(device):
-        if model.pretrained_path is not None:
+        if model.pretrained_path is not None and depth is None:
             built = AutoModelForCausalLM.from_pretrained(
                 model.pretrained_path, config=config, dtype=dtype, attn_implementation=model.attn_implementation,
                 local_files_only=True, use_safetensors=True)

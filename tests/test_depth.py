@@ -1,0 +1,153 @@
+"""Depth extrapolation (predict/depth.py): a prediction from shallow twins of the model equals the trace of
+the whole model, byte for byte in every category, for every option that changes the step; where a figure is
+not affine in depth the whole model is traced instead; predictions of a sweep share one process."""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import FAST, compose
+from sweeps import SMALL, alive, run_sweep, runs_of, start_sweep, sweep_dirs
+
+import sweepbp.predict.autobatch as autobatch
+import sweepbp.predict.trace as trace
+from sweepbp.job import run_job
+from sweepbp.predict.depth import affine_at, depth_plan, pattern_period
+from sweepbp.predict.trace import extrapolated, plan_depths, predict, trace_step
+from sweepbp.train.model import hf_config
+
+# Deep enough that three traced depths stop short of the model: 2,3,4 -> 5; 4,6,8 -> 10; 5,8,11 -> 14 layers.
+LAYERS = {1: 5, 2: 10, 3: 14}
+CASES = [
+    *[[f"memory={m}"] for m in ("none", "offload", "ckpt", "selective", "ckpt_offload")],
+    # memory.every=2 and 3 with each mechanism at least once (ckpt with both): the period is every's
+    ["memory=ckpt", "memory.every=2"], ["memory=ckpt", "memory.every=3"], ["memory=selective", "memory.every=2"],
+    ["memory=ckpt_offload", "memory.every=3"],
+    ["loss=chunked", "memory=ckpt"], ["loss=fused"],
+    ["quant=nf4", "model.dtype=bfloat16"], ["quant=int8", "model.dtype=bfloat16", "memory=ckpt"],
+    ["method=dora"], ["method=full"], ["method=full", "batch.accumulate=2"],
+    ["optim=adamw8bit", "optim.min_8bit_size=64"], ["optim=adafactor", "method=full"], ["optim=sgd"],
+    ["trainer.precision=bf16-mixed", "memory=ckpt"],  # autocast: the trace on fake CPU tensors
+]
+
+
+def same_prediction(a: trace.Prediction, b: trace.Prediction) -> None:
+    """Every figure a prediction reports, equal."""
+    assert a.report.peak_bytes == b.report.peak_bytes
+    assert a.report.at_peak == b.report.at_peak
+    assert a.report.category_peaks == b.report.category_peaks
+    assert a.report.host_peak_bytes == b.report.host_peak_bytes
+    assert a.inference_peak_bytes == b.inference_peak_bytes
+    assert a.parameters == b.parameters
+    assert (a.checkpointed_layers, a.quantized_layers) == (b.checkpointed_layers, b.quantized_layers)
+    assert {k: v for k, v in a.metrics().items() if k != "predict_time_s"} == \
+           {k: v for k, v in b.metrics().items() if k != "predict_time_s"}
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=lambda o: " ".join(o))
+def test_extrapolated_equals_the_full_trace_for_every_option(overrides):
+    if any(o.startswith(("quant=nf4", "quant=int8", "optim=adamw8bit")) for o in overrides):
+        pytest.importorskip("bitsandbytes", reason="the .[quant] extra (CI installs it)")
+    every = next((int(o.split("=")[1]) for o in overrides if o.startswith("memory.every=")), 1)
+    layers = LAYERS[every]
+    cfg = compose([*FAST, "mode=predict", "batch.seq_len=16", f"model.config.num_hidden_layers={layers}",
+                   *overrides]).cfg
+    plan = plan_depths(cfg, cheaper_only=False)  # the twins are as costly as the model at this size: forced
+    assert plan is not None and plan.depths[-1] < layers and plan.period == every
+    device = "cpu" if "quant" in " ".join(overrides) else "cuda"
+    same_prediction(extrapolated(cfg, device, 2, plan), trace_step(cfg, device, 2, False))
+
+
+@pytest.mark.parametrize("memory", ["none", "ckpt"])
+def test_llama3_8b_extrapolated_equals_its_full_trace(memory):
+    cfg = compose(["model=llama3_8b", "mode=predict", "lora.r=16", "batch.size=1", "batch.seq_len=2048",
+                   f"memory={memory}"]).cfg
+    fast = predict(cfg, "cuda")
+    assert (fast.method, fast.traced_depths, fast.depth) == ("extrapolated", (2, 3, 4), 32)
+    same_prediction(fast, trace_step(cfg, "cuda", 1, False))
+
+
+def test_auto_batch_is_the_same_with_extrapolated_predictions(monkeypatch):
+    cfg = compose([*FAST, "mode=predict", "batch.seq_len=16", "model.config.num_hidden_layers=10"])
+    plan = plan_depths(cfg.cfg)
+    assert plan is not None and plan.depths == (2, 3, 4)  # 9 layers traced for 10
+    fast = autobatch.BatchSearch(cfg, "cuda", budget=0)
+    budget = (fast.peak(3) + fast.peak(4)) // 2
+    fast.budget = budget
+    monkeypatch.setattr(autobatch, "predict", lambda c, d, batch_size: trace_step(c, d, batch_size, False))
+    full = autobatch.BatchSearch(cfg, "cuda", budget)
+    assert fast.largest() == full.largest() == 3
+    assert all(full.peak(size) == peak for size, peak in fast.peaks.items())
+
+
+def test_layer_patterns_set_the_period_and_a_curve_must_be_affine():
+    gemma = compose(["model=gemma2_9b", "mode=predict", "tracking=none"]).cfg
+    plan = depth_plan(hf_config(gemma.model), every=1)
+    assert plan is not None and plan.period == 2 and plan.depths == (4, 6, 8)  # sliding and full alternate
+    assert depth_plan(hf_config(gemma.model), every=3, cheaper_only=False).period == 6
+    assert pattern_period(["a", "b", "a", "b", "a", "b"]) == 2
+    assert pattern_period(["a", "a", "a", "b"]) is None  # a pattern that does not repeat: traced whole
+    assert affine_at([10, 17, 24], (2, 3, 4), 32) == 10 + 30 * 7
+    assert affine_at([10, 17, 25], (2, 3, 4), 32) is None
+
+
+def test_a_figure_that_is_not_affine_falls_back_to_the_full_trace(monkeypatch):
+    cfg = compose([*FAST, "mode=predict", "tracking=none", "model.config.num_hidden_layers=12"]).cfg
+    real = trace.trace_step
+
+    def off_by_a_byte(cfg, device, size, keep_timeline, depth=None):
+        prediction = real(cfg, device, size, keep_timeline, depth)
+        return replace(prediction, inference_peak_bytes=prediction.inference_peak_bytes + (depth == 3))
+
+    monkeypatch.setattr(trace, "trace_step", off_by_a_byte)
+    fallback = predict(cfg, "cpu")
+    assert fallback.method == "full" and fallback.traced_depths == (12,)
+    assert "inference_peak_bytes is not affine in depth" in fallback.full_reason
+    assert fallback.record()["predict_full_reason"] == fallback.full_reason
+
+
+def test_a_measured_deep_model_equals_its_extrapolated_prediction():
+    result = run_job(compose([*FAST, "tracking=none", "model.config.num_hidden_layers=10", "memory=ckpt"]))
+    assert result.status == "ok", result.error
+    assert result.environment["predict_method"] == "extrapolated"
+    assert result.environment["predict_traced_depths"] == "2,3,4"
+    for name in ("peak_memory_bytes", "activation_bytes", "grad_bytes", "inference_peak_bytes", "other_bytes"):
+        assert result.metrics[f"predicted_{name}"] == result.metrics[name], name
+
+
+@pytest.mark.slow
+def test_a_predict_sweep_runs_its_jobs_in_one_process_with_every_record(tmp_path: Path):
+    args = ["mode=predict", "memory=none,ckpt", "trainer.seed=0,1", "model.config.num_hidden_layers=12", *SMALL]
+    code, stderr = run_sweep(args, tmp_path)
+    assert code == 0, stderr
+    folders = sorted(p for p in sweep_dirs(tmp_path)[0].iterdir() if p.is_dir() and p.name.isdigit())
+    records = [json.loads((f / "results.json").read_text()) for f in folders]
+    assert [r["status"] for r in records] == ["ok"] * 4
+    assert len({r["environment"]["job_pid"] for r in records}) == 1  # one prediction process, no job start each
+    assert {r["environment"]["predict_method"] for r in records} == {"extrapolated"}
+    assert all((f / "memory_timeline.png").exists() and (f / "config.yaml").exists() for f in folders)
+    jobs, parents = runs_of(tmp_path)
+    assert len(jobs) == 4 and len(parents) == 1
+    assert {r.data.tags["sweepbp.env.predict_method"] for r in jobs} == {"extrapolated"}
+    assert all(r.data.metrics["predicted_peak_memory_bytes"] > 0 for r in jobs)
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_prediction_records_it_killed_and_ends_the_prediction_process(tmp_path: Path):
+    sweep = start_sweep(["mode=predict", "trainer.seed=0,1,2", *SMALL], tmp_path,
+                        {"SWEEPBP_FAULT_HANG_SEED": "1", "SWEEPBP_FAULT_MARK": str(tmp_path / "job.pid")})
+    job_pid = int(sweep.wait_for_file(tmp_path / "job.pid", 300))
+    sweep.signal_group(signal.SIGTERM)  # what SLURM sends at a time limit: the sweep and its processes
+
+    assert sweep.finish(60) == 143
+    assert "Traceback" not in sweep.stderr
+    assert not alive(job_pid)
+    jobs, parents = runs_of(tmp_path)
+    assert [(r.data.params["trainer.seed"], r.data.tags["sweepbp.status"]) for r in jobs] == [("0", "ok"), ("1", "killed")]
+    assert parents[0].info.status == "KILLED"
+    first = json.loads((sweep_dirs(tmp_path)[0] / "0" / "results.json").read_text())
+    assert first["environment"]["job_pid"] == str(job_pid)  # the same process served both predictions
