@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -140,7 +141,12 @@ def test_a_predict_sweep_runs_its_jobs_in_one_process_with_every_record(tmp_path
 def test_sigterm_during_a_prediction_records_it_killed_and_ends_the_prediction_process(tmp_path: Path):
     sweep = start_sweep(["mode=predict", "trainer.seed=0,1,2", *SMALL], tmp_path,
                         {"SWEEPBP_FAULT_HANG_SEED": "1", "SWEEPBP_FAULT_MARK": str(tmp_path / "job.pid")})
-    job_pid = int(sweep.wait_for_file(tmp_path / "job.pid", 300))
+    job_pid = int(sweep.wait_for_file(tmp_path / "job.pid", 300))  # predicting seed 1 (maybe ahead of the sweep)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("multirun/*/*/0/results.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # job 0 recorded (so the store exists and can be read meanwhile)
+    while len(runs_of(tmp_path)[0]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)  # job 1's run open: the sweep now waits for seed 1's prediction
     sweep.signal_group(signal.SIGTERM)  # what SLURM sends at a time limit: the sweep and its processes
 
     assert sweep.finish(60) == 143

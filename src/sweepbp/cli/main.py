@@ -39,7 +39,8 @@ def _main(args: list[str]) -> None:
         print(help_text(get_args_parser().parse_args(args).overrides))
         return
     said: list[str] = []
-    problems, jobs = precheck(args, on_first_valid=_start_workers_early, notes=said)
+    runs: list[RunConfig] = []
+    problems, jobs = precheck(args, on_first_valid=_start_workers_early, notes=said, runs=runs)
     if problems:
         _stop_workers_if_started()
         for line in problems:
@@ -52,6 +53,10 @@ def _main(args: list[str]) -> None:
         from hydra_plugins.sweepbp_sweeper import PRECHECKED  # Hydra's sweeper: only for a sweep that runs
 
         os.environ[PRECHECKED] = "1"  # every job composed and validated: the sweeper need not do it again
+    if _started_workers and len(runs) == jobs:
+        from sweepbp.sweep.worker import prefetch_predictions  # as for start_workers: only for a sweep that runs
+
+        prefetch_predictions(runs)  # the jobs run in this process: their predictions can start now
     sys.argv = [sys.argv[0], *args]
     import hydra  # the whole of Hydra and the sweep's task: only once every job is valid (errors stay fast)
 

@@ -35,9 +35,9 @@ MAX_PRECHECKED_JOBS = 512
 
 
 def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], None] | None = None,
-             notes: list[str] | None = None) -> tuple[list[str], int]:
+             notes: list[str] | None = None, runs: list[RunConfig] | None = None) -> tuple[list[str], int]:
     """Problems of every job of the sweep (empty if none) and the number of jobs; what the jobs ask that
-    deserves a word but no refusal goes into `notes` (once each).
+    deserves a word but no refusal goes into `notes` (once each), and every job's validated config into `runs`.
 
     `on_first_valid` is called once, with the first job that validates: the command line starts the
     pre-importing worker there, so the heavy imports overlap with checking the remaining jobs.
@@ -63,6 +63,8 @@ def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], N
                 problems.append(line)
         if run is not None and notes is not None:
             notes.extend(n for n in attention_notes(run) if n not in notes)
+        if run is not None and runs is not None:
+            runs.append(run)
         if run is not None and not problems and on_first_valid is not None:
             on_first_valid(run, parsed.overrides)
             on_first_valid = None

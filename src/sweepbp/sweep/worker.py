@@ -19,8 +19,8 @@ libraries itself, once): the same isolation, without the overlap.
 
 A prediction (mode=predict, one process) needs no isolation: it allocates no device memory (its tensors are
 meta tensors) and measures no time. Predictions run one after another in one long-lived job process forked
-the same way (`_Predictor`), which saves each of them a process start and keeps the libraries' caches warm;
-their records are made exactly as for any job.
+the same way (`_Predictor`, sweep/predictor.py), which saves each a process start and predicts ahead while the
+sweep process records; their records are made exactly as for any job.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import importlib
 import multiprocessing as mp
 import os
 import signal
+import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing import forkserver
@@ -38,6 +39,7 @@ from multiprocessing.process import BaseProcess
 
 from sweepbp.config import RunConfig
 from sweepbp.result import JobResult, Status
+from sweepbp.sweep.predictor import PREFETCH, RUN, PredictionServer, use_environment
 from sweepbp.sweep.progress import ProgressLine
 from sweepbp.sweep.ranks import free_port, merge_ranks, rank_environment
 from sweepbp.sweep.signals import STOP_SIGNALS, Stopped, die_with_parent, ignore_signals, raise_once, stopping
@@ -123,7 +125,7 @@ def run_isolated(run: RunConfig, label: str) -> JobResult:
     with stopping():
         try:
             if _in_predictor(run):
-                ranks.append(_PREDICTOR.submit(run, label))
+                ranks.append(_PREDICTOR.submit(run))
             else:
                 _start_ranks(run, label, ranks)
             return _one_result(_gather(ranks, run))
@@ -172,30 +174,56 @@ def _in_predictor(run: RunConfig) -> bool:
 
 
 class _Predictor:
-    """The long-lived job process of predictions, started at the first and replaced when it ends
-    (a stop, a crash); it ends with the sweep process, or with the fork server it was forked from."""
+    """The sweep's side of the prediction process (sweep/predictor.py), started at the first use and replaced
+    when it has ended (a stop, a crash); it ends with the sweep process, or with the fork server."""
 
     def __init__(self) -> None:
         self.rank: _Rank | None = None
+        self.starting: threading.Thread | None = None
 
-    def submit(self, run: RunConfig, label: str) -> _Rank:
-        """Hand one prediction to the process; its result comes back on the returned rank's connection."""
+    def prefetch(self, runs: list[RunConfig]) -> None:
+        """Announce the sweep's predictions, in order: the process predicts them while the sweep records.
+        Returns at once: starting the process waits for the fork server's imports, which Hydra's start
+        overlaps (a job forked from the sweep process itself is started here and now)."""
+        message = (PREFETCH, runs, dict(os.environ))
+        if start_method() == "fork":
+            self._started().receiver.send(message)
+            return
+        self.starting = threading.Thread(target=lambda: self._started().receiver.send(message), daemon=True)
+        self.starting.start()
+
+    def submit(self, run: RunConfig) -> _Rank:
+        """Ask for one job's prediction; its result comes back on the returned rank's connection."""
+        if self.starting is not None:
+            self.starting.join()
+            self.starting = None
+        rank = self._started()
+        rank.result = None
+        rank.receiver.send((RUN, run, dict(os.environ)))
+        return rank
+
+    def _started(self) -> _Rank:
         if self.rank is None or not self.rank.process.is_alive():
             context = mp.get_context(start_method())
             parent_end, child_end = context.Pipe(duplex=True)
             # daemon: multiprocessing ends it at exit instead of waiting for it
-            process = context.Process(target=_predictor_main, args=(child_end,), name="sweepbp-predictions",
+            process = context.Process(target=_predictor_main, args=(child_end, parent_end), name="sweepbp-predictions",
                                       daemon=True)
             process.start()
             child_end.close()
             self.rank = _Rank(process, parent_end, serves_more=True)
             atexit.register(parent_end.close)  # the process sees the end of its input and leaves
-        self.rank.result = None
-        self.rank.receiver.send((run, label, dict(os.environ)))
         return self.rank
 
 
 _PREDICTOR = _Predictor()
+
+
+def prefetch_predictions(runs: list[RunConfig]) -> None:
+    """The command line knows the sweep's jobs: the predictions among them start now, in the sweep's order."""
+    predictions = [run for run in runs if _in_predictor(run)]
+    if predictions:
+        _PREDICTOR.prefetch(predictions)
 
 
 def _start_ranks(run: RunConfig, label: str, ranks: list[_Rank]) -> None:
@@ -261,34 +289,18 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
-def _use_environment(environ: dict[str, str]) -> None:
-    if os.environ != environ:
-        os.environ.clear()
-        os.environ.update(environ)
-
-
-def _predictor_main(connection: Connection) -> None:
-    """The prediction process: one prediction per message, until the sweep closes the connection or a stop.
-    A stop raises the job's interrupt in the prediction it reaches; the process then hands back that killed
-    result and ends (the sweep is ending)."""
+def _predictor_main(connection: Connection, sweep_end: Connection) -> None:
+    """The prediction process (sweep/predictor.py): predictions until the sweep closes the connection or a stop."""
     from sweepbp.job import Interrupted, run_job  # the job's modules, in the job's process (see _child_main)
 
+    sweep_end.close()  # a forked copy of the sweep's end would keep the connection open after the sweep closed it
     die_with_parent(os.getppid())
     interrupt = raise_once(Interrupted)
     for signum in STOP_SIGNALS:
         signal.signal(signum, interrupt)
     code = 0
     try:
-        while True:
-            try:
-                run, label, environ = connection.recv()
-            except (EOFError, Interrupted):  # the sweep process is done with predictions, or stopping
-                break
-            _use_environment(environ)
-            result = run_job(run, progress=ProgressLine(label, run))
-            connection.send(result.to_json(indent=None))
-            if result.status == Status.KILLED:
-                break
+        PredictionServer(connection, run_job, Interrupted).serve()
     except BaseException:  # a bug in sweepbp itself: the sweep records the job as lost (EOF) and starts anew
         traceback.print_exc()
         code = 1
@@ -298,7 +310,7 @@ def _predictor_main(connection: Connection) -> None:
 
 
 def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> None:
-    _use_environment(environ)
+    use_environment(environ)
     # The job's own modules, imported here in the job's process: the sweep process never imports torch.
     from sweepbp.job import Interrupted, run_job
     from sweepbp.train.distributed import local_rank, setup_rank

@@ -1,0 +1,132 @@
+"""The prediction process: the predictions of a sweep, one after another in one long-lived job process.
+
+A prediction needs no isolation (its tensors are meta tensors: no device memory, no timing), so the sweep
+hands all of them to one process (forked like any job, see worker.py) instead of starting a process each.
+The command line knows every job of the sweep before the first starts (it validated them all), so it
+announces them (`prefetch`); the process then predicts them in that order while the sweep process composes
+and records, and a job's request finds its result ready. A job asked for before its turn is predicted next.
+Every result is made by the job's own `run_job`, so each record is what the job would have recorded alone.
+
+Predictions run in the process's main thread (where signals arrive); a second thread reads the sweep's
+messages and answers a request as soon as its result is ready, also while the next prediction runs.
+Stops: a signal interrupts the prediction it reaches (run_job records it `killed`); the process then answers
+the request the sweep waits for, if any (its result if ready, else `killed`), and ends. It also ends when the
+sweep closes its connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+from sweepbp.config import RunConfig, config_as_dict
+from sweepbp.result import JobResult, Status
+
+STOP_GRACE_S = 60.0  # after a stop, how long the process waits for the request the sweep may still send
+PREFETCH, RUN = "prefetch", "run"  # the sweep's messages: (PREFETCH, runs, environ) and (RUN, run, environ)
+
+
+def use_environment(environ: dict[str, str]) -> None:
+    """Run as if started now by the sweep process: its environment (a forked process keeps the one it had)."""
+    if os.environ != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def config_key(run: RunConfig) -> str:
+    """What makes two jobs the same prediction: the whole resolved config and the options it came from."""
+    return json.dumps([config_as_dict(run.cfg), run.choices], sort_keys=True)
+
+
+class PredictionServer:
+    """The process's side of the connection: predictions in the main thread, requests answered by a reader."""
+
+    def __init__(self, connection: Connection, run_job: Callable[[RunConfig], JobResult],
+                 interrupted: type[BaseException]):
+        self.connection = connection
+        self.run_job = run_job
+        self.interrupted = interrupted
+        self.changed = threading.Condition()  # guards everything below; notified on every message
+        self.ahead: deque[tuple[RunConfig, dict[str, str]]] = deque()  # announced, not yet predicted
+        self.wanted: dict[str, tuple[RunConfig, dict[str, str]]] = {}  # asked for, not yet answered
+        self.ready: dict[str, str] = {}  # predicted, not yet asked for: config key -> the result's JSON
+        self.closed = False  # the sweep closed its end
+
+    def serve(self) -> None:
+        """Predict what is asked for, else what is announced, until the sweep closes the connection or a stop."""
+        threading.Thread(target=self._read, name="sweepbp-requests", daemon=True).start()
+        try:
+            while (job := self._next()) is not None:
+                key, run, environ = job
+                use_environment(environ)
+                result = self.run_job(run)
+                with self.changed:
+                    self.ready[key] = result.to_json(indent=None)
+                    self._answer(key)
+                    answered = key not in self.ready
+                if result.status == Status.KILLED:  # a stop reached it: the sweep is ending
+                    if answered:
+                        return  # the sweep waited for this one: the stop is answered
+                    raise self.interrupted()
+        except self.interrupted:
+            self._answer_after_stop()
+
+    def _next(self) -> tuple[str, RunConfig, dict[str, str]] | None:
+        """The next prediction to make: a request first, else the next announced job; None once closed."""
+        with self.changed:
+            while not self.closed:
+                if self.wanted:
+                    key, (run, environ) = next(iter(self.wanted.items()))
+                    return key, run, environ
+                while self.ahead:
+                    run, environ = self.ahead.popleft()
+                    key = config_key(run)
+                    if key not in self.ready:
+                        return key, run, environ
+                self.changed.wait()
+            return None
+
+    def _read(self) -> None:
+        """The reader thread: announcements queue up, requests are answered at once when their result is ready."""
+        try:
+            while True:
+                message = self.connection.recv()
+                with self.changed:
+                    if message[0] == PREFETCH:
+                        self.ahead.extend((run, message[2]) for run in message[1])
+                    else:
+                        key = config_key(message[1])
+                        self.wanted[key] = (message[1], message[2])
+                        self._answer(key)
+                    self.changed.notify()
+        except (EOFError, OSError):
+            with self.changed:
+                self.closed = True
+                self.changed.notify()
+
+    def _answer(self, key: str) -> None:
+        """Send the result of a request once both the request and its result are there (holding the lock)."""
+        if key in self.wanted and key in self.ready:
+            del self.wanted[key]
+            self.connection.send(self.ready.pop(key))
+
+    def _answer_after_stop(self) -> None:
+        """The request the sweep waits for, if it comes within the grace period: its result if ready, else
+        `killed` (the prediction never started)."""
+        deadline = time.monotonic() + STOP_GRACE_S
+        try:
+            with self.changed:
+                while not self.wanted and not self.closed and time.monotonic() < deadline:
+                    self.changed.wait(timeout=max(0.0, deadline - time.monotonic()))
+                for key, (run, _) in list(self.wanted.items()):
+                    self.ready.setdefault(key, JobResult.of(
+                        run, Status.KILLED, "interrupted (Ctrl-C or SIGTERM) before the prediction started"
+                    ).to_json(indent=None))
+                    self._answer(key)
+        except (self.interrupted, OSError):  # a second signal, or the sweep gone: nothing left to answer
+            return
