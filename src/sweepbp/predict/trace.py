@@ -41,6 +41,7 @@ from sweepbp.train.lora import adapted_layer_names, apply_method
 from sweepbp.train.model import build_model, parameter_counts
 from sweepbp.train.module import counting_gradients, inference_peak, make_optimizer, step_tracker, train_step
 from sweepbp.train.quant import int8_kernels_of, quantize_model
+from sweepbp.train.scopes import naming_modules
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Prediction:
     adapted_layers: list[str]  # what lora.target_modules resolved to (empty for method=full)
     seconds: float  # wall time of the prediction itself
     modelled: list[str] = field(default_factory=list)  # what was chosen for the target rather than traced
+    snapshot: dict | None = None  # the traced step as a memory snapshot (measure/snapshot.py), when asked for
 
     @property
     def peak_bytes(self) -> int:
@@ -86,8 +88,10 @@ def target_device(accelerator: str) -> str:
     return pick_device(accelerator).type
 
 
-def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep_timeline: bool = False) -> Prediction:
-    """Trace one steady-state training step of `cfg` without data, for a `device` (cpu or cuda) target."""
+def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep_timeline: bool = False,
+            snapshot: bool = False) -> Prediction:
+    """Trace one steady-state training step of `cfg` without data, for a `device` (cpu or cuda) target;
+    `snapshot`: also as a memory snapshot, with the modules named."""
     size = int(batch_size if batch_size is not None else cfg.batch.size)
     if cfg.quant.name != "none" and cfg.trainer.precision.endswith("-mixed"):
         raise ConfigError([f"quant={cfg.quant.name} with trainer.precision={cfg.trainer.precision} is not predicted: "
@@ -116,14 +120,15 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
                                    foreach=_foreach(cfg.optim, device, modelled))
         with plugin.train_step_context():  # Lightning runs every training_step inside it
             warm_optimizer(optimizer)
-            tracker = step_tracker(model, optimizer, batch, counted, None, keep_timeline, kind)
-            with counting_gradients(model), tracker:
+            tracker = step_tracker(model, optimizer, batch, counted, None, keep_timeline, kind, snapshot)
+            with counting_gradients(model), naming_modules(model, tracker), tracker:
                 train_step(model, applied, cfg.loss, batch, optimizer, _backward, tracker.phase_of)
             report = tracker.report()
     return Prediction(device=device, batch_size=size, report=report, inference_peak_bytes=inference,
                       parameters=parameters, checkpointed_layers=applied.checkpointed_layers,
                       quantized_layers=quantized, adapted_layers=adapted_layer_names(model),
-                      seconds=time.perf_counter() - start, modelled=sorted(set(modelled)))
+                      seconds=time.perf_counter() - start, modelled=sorted(set(modelled)),
+                      snapshot=tracker.log.snapshot() if tracker.log is not None else None)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 from sweepbp.config import RunConfig
 from sweepbp.result import JobResult, Status
@@ -108,15 +109,16 @@ def preload(arch: str) -> None:
         pass
 
 
-def run_isolated(run: RunConfig, label: str) -> JobResult:
-    """Run one job in freshly forked children, one per rank (one for a single-device job).
+def run_isolated(run: RunConfig, label: str, output_dir: Path | None = None) -> JobResult:
+    """Run one job in freshly forked children, one per rank (one for a single-device job), in its folder
+    `output_dir` (where it writes files of its own, `JobResult.artifacts`).
     Ctrl-C/SIGTERM reach them and come back as `JobInterrupted`, which carries the partial result
     with status `killed`."""
     start_workers(run.cfg.model.arch)
     ranks: list[_Rank] = []
     with stopping():
         try:
-            _start_ranks(run, label, ranks)
+            _start_ranks(run, label, ranks, output_dir)
             return _one_result(_gather(ranks, run))
         except KeyboardInterrupt as stop:
             ignore_signals()  # a second Ctrl-C must not cut the partial result off (stopping() keeps this)
@@ -154,7 +156,7 @@ class _Rank:
     result: JobResult | None = None
 
 
-def _start_ranks(run: RunConfig, label: str, ranks: list[_Rank]) -> None:
+def _start_ranks(run: RunConfig, label: str, ranks: list[_Rank], output_dir: Path | None) -> None:
     """Start every rank, appending each to `ranks` as soon as it runs (so a stop can reach it)."""
     context = mp.get_context(start_method())
     world = run.cfg.world_size
@@ -166,7 +168,7 @@ def _start_ranks(run: RunConfig, label: str, ranks: list[_Rank]) -> None:
         if world > 1:
             environ.update(rank_environment(rank, world, port))
         name = f"sweepbp-{label}" + (f"-rank{rank}" if world > 1 else "")
-        process = context.Process(target=_child_main, args=(sender, run, label, environ), name=name)
+        process = context.Process(target=_child_main, args=(sender, run, label, environ, output_dir), name=name)
         process.start()
         sender.close()
         ranks.append(_Rank(process, receiver))
@@ -217,7 +219,7 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
-def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> None:
+def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str], output_dir: Path | None) -> None:
     if os.environ != environ:
         os.environ.clear()
         os.environ.update(environ)
@@ -235,7 +237,7 @@ def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> 
     code = 0
     try:
         # One progress line per job: rank 0's.
-        result = run_job(run, progress=ProgressLine(label, run) if local_rank() == 0 else None)
+        result = run_job(run, progress=ProgressLine(label, run) if local_rank() == 0 else None, output_dir=output_dir)
         sender.send(result.to_json(indent=None))
     except BaseException:  # a bug in sweepbp itself: still hand back a record
         traceback.print_exc()
