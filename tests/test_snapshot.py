@@ -79,17 +79,25 @@ def viewer_peak(snapshot: dict, device: int = 0) -> int:
     return peak
 
 
+def assert_viewer_unpickles(data: bytes) -> None:
+    """MemoryViz.js's unpickler takes protocols 2 to 4 and the opcodes it knows."""
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(data)]
+    assert ops[0][0] == "PROTO" and 2 <= ops[0][1] <= 4
+    assert {name for name, _ in ops} <= VIEWER_OPCODES
+
+
 def check_viewer_reads(folder: Path) -> dict:
     """The snapshot in `folder`, checked as the viewer and torch's `_memory_viz` read it; returns it."""
     data = (folder / SNAPSHOT_FILE).read_bytes()
-    assert {op.name for op, _, _ in pickletools.genops(data)} <= VIEWER_OPCODES
+    assert_viewer_unpickles(data)
     snapshot = pickle.loads(data)
     assert "total_allocated" in _memory_viz.segsum(snapshot)  # asserts that the blocks tile their segment
     # the page is torch's own, around the same snapshot
     page = (folder / PAGE_FILE).read_text()
     assert "MemoryViz.js" in page and "Active Memory Timeline" in page
-    embedded = json.loads(page.split("const local_files = ", 1)[1].split("\n", 1)[0])[0]["base64"]
-    assert pickle.loads(base64.b64decode(embedded)) == snapshot
+    embedded = base64.b64decode(json.loads(page.split("const local_files = ", 1)[1].split("\n", 1)[0])[0]["base64"])
+    assert_viewer_unpickles(embedded)
+    assert pickle.loads(embedded) == snapshot
     return snapshot
 
 

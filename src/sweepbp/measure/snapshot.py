@@ -25,11 +25,13 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 BASE_ADDRESS = 0x7F0000000000  # where the made-up address space starts (looks like a device pointer)
 ALIGNMENT = 512  # the CUDA caching allocator's smallest block: storages start at multiples of it
 SNAPSHOT_FILE, PAGE_FILE = "memory_snapshot.pickle", "memory_snapshot.html"
-PICKLE_PROTOCOL = 4  # the viewer's own unpickler reads protocols 2 to 4
+PICKLE_PROTOCOL = 4  # the viewer's own unpickler reads protocols 2 to 4 (Python 3.14 pickles with 5 by default)
 _FREES = ("free_requested", "free_completed")  # what a CUDA free records; the viewer joins the two
 
 
@@ -132,5 +134,8 @@ def write_snapshot(snapshot: dict, folder: Path) -> list[Path]:
     data, page = folder / SNAPSHOT_FILE, folder / PAGE_FILE
     with data.open("wb") as out:
         pickle.dump(snapshot, out, protocol=PICKLE_PROTOCOL)
-    page.write_text(_memory_viz.trace_plot(snapshot))
+    # torch embeds the snapshot pickled with Python's default protocol; pinned to one the viewer reads
+    readable = SimpleNamespace(dumps=lambda obj: pickle.dumps(obj, protocol=PICKLE_PROTOCOL))
+    with mock.patch.object(_memory_viz, "pickle", readable):
+        page.write_text(_memory_viz.trace_plot(snapshot))
     return [data, page]
