@@ -120,6 +120,8 @@ class MemoryTracker(TorchDispatchMode):
     `device_type` is the device whose memory is counted (cpu or cuda); storages elsewhere (the host,
     for offloading on CUDA) count as host memory. mode=predict passes several types: its trace runs on
     `meta` tensors, next to the real CPU scalars an optimizer keeps (device memory when predicting for CPU).
+    With a `log` (snapshot=true) every device allocation and free is also written down, in order, for a
+    memory snapshot (measure/snapshot.py).
     """
 
     def __init__(self, device_type: str | tuple[str, ...], budget_bytes: int | None = None,
