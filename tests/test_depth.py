@@ -100,8 +100,8 @@ def test_a_figure_that_is_not_affine_falls_back_to_the_full_trace(monkeypatch):
     cfg = compose([*FAST, "mode=predict", "tracking=none", "model.config.num_hidden_layers=12"]).cfg
     real = trace.trace_step
 
-    def off_by_a_byte(cfg, device, size, keep_timeline, depth=None):
-        prediction = real(cfg, device, size, keep_timeline, depth)
+    def off_by_a_byte(cfg, device, size, keep_timeline, depth=None, **kwargs):
+        prediction = real(cfg, device, size, keep_timeline, depth, **kwargs)
         return replace(prediction, inference_peak_bytes=prediction.inference_peak_bytes + (depth == 3))
 
     monkeypatch.setattr(trace, "trace_step", off_by_a_byte)

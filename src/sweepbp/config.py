@@ -278,6 +278,9 @@ class SweepbpConfig:
     mode: str = "measure"  # measure: run it; predict: trace it on fake tensors
     budget_gb: Optional[float] = None  # emulate a device with this much memory (GB = 1e9 bytes)
     resume: bool = False  # skip jobs whose exact config already finished ok or oom in the store
+    # write memory_snapshot.pickle and .html of the traced step (PyTorch's memory viewer): costs the traced
+    # step some time and the job folder some MB, never the timed steps (docs/snapshot.md)
+    snapshot: bool = False
 
     @property
     def budget_bytes(self) -> int | None:

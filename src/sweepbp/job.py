@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -22,6 +23,7 @@ from sweepbp.measure.device import (
     rss_peak_bytes,
 )
 from sweepbp.measure.timing import TimingSummary
+from sweepbp.measure.snapshot import write_snapshot
 from sweepbp.measure.tracker import timeline_samples
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.predict.autobatch import resolve_batch_size
@@ -29,7 +31,7 @@ from sweepbp.predict.record import add_prediction, prediction_errors, record_pre
 from sweepbp.predict.trace import predict, target_device
 from sweepbp.result import JobResult, Status, host_environment, one_line
 from sweepbp.train.data import TokenBatches, first_micro_batch
-from sweepbp.train.distributed import data_seed, process_group_record, trainer_arguments
+from sweepbp.train.distributed import data_seed, local_rank, process_group_record, trainer_arguments
 from sweepbp.train.environment import device_environment, pick_device, quiet_libraries
 from sweepbp.train.flops import peak_flops
 from sweepbp.train.lora import adapted_layer_names, apply_method
@@ -43,16 +45,19 @@ class Interrupted(BaseException):
     Lightning re-raises it instead of turning it into sys.exit(1))."""
 
 
-def run_job(run: RunConfig, progress=None) -> JobResult:
-    """Run one job to a result; every expected failure becomes a status, never an exception."""
+def run_job(run: RunConfig, progress=None, output_dir: Path | None = None) -> JobResult:
+    """Run one job to a result; every expected failure becomes a status, never an exception. `output_dir` is
+    the job's folder, where it writes its memory snapshot (snapshot=true)."""
     result = JobResult.of(run, Status.RUNNING, environment=host_environment())
     start = time.perf_counter()
     try:
         quiet_libraries()
+        if run.cfg.snapshot and output_dir is None:
+            raise ValueError("snapshot=true needs the job's folder (run_job's output_dir)")
         if run.cfg.mode == "predict":
-            predict_job(run, result)
+            predict_job(run, result, output_dir)
         else:
-            measure_job(run, result, progress, start)
+            measure_job(run, result, progress, start, output_dir)
         result.status = Status.OK
     except torch.OutOfMemoryError as err:
         result.status, result.error = Status.OOM, one_line(err)
@@ -67,7 +72,7 @@ def run_job(run: RunConfig, progress=None) -> JobResult:
     return result
 
 
-def measure_job(run: RunConfig, result: JobResult, progress, start: float) -> None:
+def measure_job(run: RunConfig, result: JobResult, progress, start: float, output_dir: Path | None = None) -> None:
     """mode=measure: predict, build, adapt, apply the memory strategy, fit; the measurements go into `result`."""
     device = pick_device(run.cfg.trainer.accelerator)
     result.environment.update(device_environment(device, run.cfg.trainer.seed))
@@ -90,7 +95,7 @@ def measure_job(run: RunConfig, result: JobResult, progress, start: float) -> No
     result.metrics.update(measure_inference(model, first_micro_batch(batches[0]), cfg.loss, device, cfg.budget_bytes))
 
     module = LoraFinetune(model, applied, cfg.loss, cfg.optim, cfg.trainer.lr, cfg.trainer.weight_decay, cfg.trainer.warmup_steps,
-                          cfg.budget_bytes, on_step=progress)
+                          cfg.budget_bytes, on_step=progress, snapshot=cfg.snapshot)
     trainer = L.Trainer(max_steps=cfg.trainer.steps, accelerator="gpu" if device.type == "cuda" else "cpu",
                         devices=cfg.trainer.devices, precision=cfg.trainer.precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -100,28 +105,40 @@ def measure_job(run: RunConfig, result: JobResult, progress, start: float) -> No
     finally:
         result.losses = list(module.losses)
         _collect(module, cfg, device, result)
+        save_snapshot(module.snapshot_data, output_dir, result)  # also the one up to an out-of-memory error
     result.environment.update(process_group_record())
     if trainer.interrupted:
         raise Interrupted()
 
 
-def predict_job(run: RunConfig, result: JobResult) -> None:
+def predict_job(run: RunConfig, result: JobResult, output_dir: Path | None = None) -> None:
     """mode=predict: the job's record is its prediction. Over `budget_gb` it is an `oom` result (with
     every predicted figure kept), as the real job would be."""
     device = target_device(run.cfg.trainer.accelerator)
     result.environment.update(device_environment(torch.device("cpu"), run.cfg.trainer.seed))
     result.environment["predicted_device"] = device
     run = resolve_batch_size(run, device, result.metrics)
-    prediction = predict(run.cfg, device, keep_timeline=True)
+    prediction = predict(run.cfg, device, keep_timeline=True, snapshot=run.cfg.snapshot)
     record_prediction(run.cfg, prediction, result)
     result.metrics.update(prediction.parameters)
     result.metrics["checkpointed_layers"] = float(prediction.checkpointed_layers)
     result.metrics["quantized_layers"] = float(prediction.quantized_layers)
     result.environment["lora_resolved_targets"] = ",".join(prediction.adapted_layers)
     result.timeline = timeline_samples(prediction.report)
+    save_snapshot(prediction.snapshot, output_dir, result)
     if not prediction.fits(run.cfg.budget_bytes):
         raise torch.OutOfMemoryError(f"predicted peak {prediction.peak_bytes:,} bytes exceeds "
                                      f"budget_gb={run.cfg.budget_gb:g} on {device}")
+
+
+def save_snapshot(snapshot: dict | None, folder: Path | None, result: JobResult) -> None:
+    """memory_snapshot.pickle and .html into the job's folder (rank 0's, in a multi-device job), named in the
+    result so the sweep logs them with the run; `snapshot_time_s` is what writing them took."""
+    if snapshot is None or folder is None or local_rank() != 0:
+        return
+    started = time.perf_counter()
+    result.artifacts += [path.name for path in write_snapshot(snapshot, folder)]
+    result.metrics["snapshot_time_s"] = time.perf_counter() - started
 
 
 def _collect(module, cfg, device: torch.device, result: JobResult) -> None:

@@ -81,6 +81,8 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("setup_time_s", "s", "setup", "job start to a built, adapted model with its memory strategy "
            "(includes `batch.size=auto` and the job's own prediction)", TIME),
     Metric("job_time_s", "s", "job", "the whole job inside its process", TIME, Merge.MAX),
+    Metric("snapshot_time_s", "s", "snapshot", "writing memory_snapshot.pickle and .html (snapshot=true only; "
+           "recording them slows the traced step or the prediction, never the timed steps)", TIME),
     # -- memory of the traced step (exact tracker) ---------------------------------------------------------
     Metric("peak_memory_bytes", "bytes", "peak memory", "peak of all live device tensor bytes during the traced step",
            MEMORY, Merge.MAX, per_rank=True, shown=Shown.TABLE, predicted=True),

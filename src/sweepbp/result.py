@@ -61,6 +61,7 @@ class JobResult:
     environment: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     timeline: list[dict] = field(default_factory=list)  # live bytes by category through the traced step
+    artifacts: list[str] = field(default_factory=list)  # files the job wrote into its folder, logged with its run
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)  # from JSON, a plain string

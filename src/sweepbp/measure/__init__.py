@@ -1,2 +1,2 @@
-"""Measurement: the exact memory tracker (real and data-less tensors alike), step timing, and the device's
-own figures. The only code that touches allocators (import-linter checks it)."""
+"""Measurement: the exact memory tracker (real and data-less tensors alike), memory snapshots, step timing, and
+the device's own figures. The only code that touches allocators (import-linter checks it)."""

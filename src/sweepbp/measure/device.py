@@ -1,5 +1,5 @@
-"""Device figures: the CUDA caching allocator's peaks and cap, NVML, the process's RSS. The only code that
-calls torch.cuda memory functions.
+"""Device figures: the CUDA caching allocator's peaks, cap and recorded history, NVML, the process's RSS. The
+only code that calls torch.cuda memory functions.
 """
 
 from __future__ import annotations
@@ -48,6 +48,21 @@ def inference_allocator_figures(device: torch.device, allocated_before: int) -> 
         return {}
     return {"inference_peak_allocated_bytes": float(torch.cuda.max_memory_allocated(device)),
             "inference_allocated_before_bytes": float(allocated_before)}
+
+
+def record_memory_history(device: torch.device) -> None:
+    """Start the CUDA allocator's record of every alloc and free (Python stacks only: C++ frames would cost
+    seconds to symbolise at the snapshot), dropping what it recorded before."""
+    torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python", device=device,
+                                             clear_history=True)
+
+
+def memory_history(device: torch.device) -> dict:
+    """The allocator's snapshot (its segments now and the events recorded since `record_memory_history`),
+    then recording stops."""
+    snapshot = torch.cuda.memory._snapshot(device)
+    torch.cuda.memory._record_memory_history(enabled=None, device=device)
+    return snapshot
 
 
 def _nvml_process_bytes(device: torch.device) -> int | None:

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from sweepbp.config import GB
+from sweepbp.measure.snapshot import SnapshotLog
 
 # Categories of device memory, in the order they claim a storage that fits several.
 PARAM, QUANT_STATE, TRAINABLE, GRAD, OPTIMIZER, ACTIVATION, LOGITS, OTHER = (
@@ -139,11 +140,14 @@ class MemoryTracker(TorchDispatchMode):
     `device_type` is the device whose memory is counted (cpu or cuda); storages elsewhere (the host,
     for offloading on CUDA) count as host memory. mode=predict passes several types: its trace runs on
     `meta` tensors, next to the real CPU scalars an optimizer keeps (device memory when predicting for CPU).
+    With a `log` (snapshot=true) every device allocation and free is also written down, in order, for a
+    memory snapshot (measure/snapshot.py).
     """
 
     def __init__(self, device_type: str | tuple[str, ...], budget_bytes: int | None = None,
-                 keep_timeline: bool = False):
+                 keep_timeline: bool = False, log: SnapshotLog | None = None):
         super().__init__()
+        self.log = log  # snapshot=true: every device allocation and free, for a memory snapshot
         self.device_types = (device_type,) if isinstance(device_type, str) else tuple(device_type)
         self.device_type = self.device_types[0]
         self.budget_bytes = budget_bytes
@@ -163,6 +167,7 @@ class MemoryTracker(TorchDispatchMode):
         self._events = 0  # storages counted so far: the order of moments
         self._phases: dict[str, PhasePeak] = {}
         self.timeline: list[MemorySample] = []
+        self._op: object = None  # the operator whose outputs are being counted (named in a snapshot's frames)
 
     # -- registering what exists before tracking starts ---------------------------------------
     def register(self, tensors: Iterable[torch.Tensor], category: str) -> None:
@@ -173,7 +178,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def retag(self, tensor: torch.Tensor, category: str) -> None:
         """Move a counted storage to another category (a gradient that landed in `param.grad`)."""
-        key = _storage_key(tensor)
+        key = storage_key(tensor)
         entry = self._sizes.get(key)
         if entry is None:
             self._add(tensor, category)
@@ -182,6 +187,8 @@ class MemoryTracker(TorchDispatchMode):
         if old == category:
             return
         self._sizes[key] = (size, category)
+        if self.log is not None:
+            self.log.retag(key, category)
         self._live[old] -= size
         self._live[category] += size
         self._category_peaks[category] = max(self._category_peaks[category], self._live[category])
@@ -190,6 +197,7 @@ class MemoryTracker(TorchDispatchMode):
     # -- the dispatch hook --------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._op = func
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 self._add(tensor, self._category_for_new())
@@ -224,6 +232,8 @@ class MemoryTracker(TorchDispatchMode):
             self._category_peaks[HOST] = max(self._category_peaks[HOST], self._live[HOST])
             phase.host_peak_bytes = max(phase.host_peak_bytes, self._live[HOST])
             return
+        if self.log is not None:
+            self.log.alloc(key, size, category, self.phase, self._op)
         self._total += size
         self._category_peaks[category] = max(self._category_peaks[category], self._live[category])
         phase.note_category(category, self._live[category])
@@ -235,6 +245,8 @@ class MemoryTracker(TorchDispatchMode):
         if self.keep_timeline:
             self._sample()
         if self.budget_bytes is not None and self._total > self.budget_bytes:
+            if self.log is not None:
+                self.log.refused(size, self.budget_bytes - (self._total - size))
             raise torch.OutOfMemoryError(
                 f"sweepbp budget: {self._total} bytes live exceed budget_gb={self.budget_bytes / GB:g} "
                 f"while allocating {size} bytes in the {self.phase} phase")
@@ -244,6 +256,8 @@ class MemoryTracker(TorchDispatchMode):
         self._live[category] -= size
         if category != HOST:
             self._total -= size
+            if self.log is not None:
+                self.log.free(key)
             if self.keep_timeline:
                 self._sample()
 
@@ -283,10 +297,14 @@ class MemoryTracker(TorchDispatchMode):
     def __enter__(self):
         _active.append(self)
         self._peak = max(self._peak, self._total)
+        if self.log is not None:
+            self.log.start()
         return super().__enter__()
 
     def __exit__(self, *exc):
         _active.remove(self)
+        if self.log is not None:
+            self.log.stop()
         return super().__exit__(*exc)
 
 
@@ -307,7 +325,8 @@ def timeline_samples(report: MemoryReport, most: int = 2000) -> list[dict]:
     return [asdict(s) for s in kept]
 
 
-def _storage_key(tensor: torch.Tensor) -> int:
+def storage_key(tensor: torch.Tensor) -> int:
+    """The identity the tracker counts a storage by (views of one storage share it)."""
     return tensor.untyped_storage()._cdata
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sweepbp.measure.tracker import host_scope, layer_scope
+from sweepbp.measure.tracker import host_scope, layer_scope, storage_key
 
 
 @dataclass
@@ -69,7 +69,7 @@ class HostOffload:
     def session(self) -> Iterator[None]:
         """One forward pass: learn which storages are weights now (a precision plugin may have cast
         them since the strategy was applied), and forget the host copies' index when it ends."""
-        self._weights = {_storage_key(t) for t in [*self.model.parameters(), *self.model.buffers()]}
+        self._weights = {storage_key(t) for t in [*self.model.parameters(), *self.model.buffers()]}
         self.stats = OffloadStats()
         try:
             yield
@@ -105,7 +105,7 @@ class HostOffload:
     def _stays(self, tensor: torch.Tensor) -> bool:
         return (tensor.device != self.device or tensor.layout != torch.strided
                 or tensor.numel() * tensor.element_size() < self.min_bytes
-                or _storage_key(tensor) in self._weights)
+                or storage_key(tensor) in self._weights)
 
     def _copy_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor's whole storage, as bytes in (pinned, on CUDA) host memory."""
@@ -130,8 +130,8 @@ class HostOffload:
                 storage_bytes = packed.host.to(packed.device, non_blocking=True)
             return packed.view_of(storage_bytes)
 
-    def _forget(self, storage_key: int) -> None:
-        for key in [k for k in self._copies if k[0] == storage_key]:
+    def _forget(self, freed: int) -> None:
+        for key in [k for k in self._copies if k[0] == freed]:
             del self._copies[key]
 
 
@@ -141,7 +141,3 @@ def _storage_bytes(tensor: torch.Tensor) -> torch.Tensor:
     so the prediction would never see the device copy freed."""
     whole = tensor.untyped_storage().nbytes() // tensor.element_size()
     return tensor.as_strided((whole,), (1,), 0).view(torch.uint8)
-
-
-def _storage_key(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage()._cdata

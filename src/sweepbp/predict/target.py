@@ -107,6 +107,7 @@ class MetaTracker(MemoryTracker):
         self._layouts: dict[tuple, tuple] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._op = func
         wanted = kwargs.get("device") if kwargs and self._host_depth else None
         if wanted is not None and torch.device(wanted).type != "meta":
             # an offload's host buffer (inside host_scope): kept on meta, booked as host memory

@@ -42,6 +42,7 @@ from sweepbp.train.lora import adapted_layer_names, apply_method
 from sweepbp.train.model import build_model, hf_config, parameter_counts
 from sweepbp.train.module import counting_gradients, inference_peak, make_optimizer, step_tracker, train_step
 from sweepbp.train.quant import int8_kernels_of, quantize_model
+from sweepbp.train.scopes import naming_modules
 
 
 FULL, EXTRAPOLATED = "full", "extrapolated"  # predict_method
@@ -61,6 +62,7 @@ class Prediction:
     adapted_layers: list[str]  # what lora.target_modules resolved to (empty for method=full)
     seconds: float  # wall time of the prediction itself
     modelled: list[str] = field(default_factory=list)  # what was chosen for the target rather than traced
+    snapshot: dict | None = None  # the traced step as a memory snapshot (measure/snapshot.py), when asked for
     method: str = FULL  # full: the whole model traced; extrapolated: shallow twins traced (predict/depth.py)
     traced_depths: tuple[int, ...] = ()  # decoder layers of each trace
     depth: int = 0  # the model's own decoder layers
@@ -101,25 +103,28 @@ def target_device(accelerator: str) -> str:
     return pick_device(accelerator).type
 
 
-def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep_timeline: bool = False) -> Prediction:
-    """Trace one steady-state training step of `cfg` without data, for a `device` (cpu or cuda) target.
+def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep_timeline: bool = False,
+            snapshot: bool = False) -> Prediction:
+    """Trace one steady-state training step of `cfg` without data, for a `device` (cpu or cuda) target;
+    `snapshot`: also as a memory snapshot, with the modules named.
 
     A deep random-init model is traced at three shallow depths and extrapolated (predict/depth.py) when every
-    figure is exactly affine in depth; otherwise, and when that would not be cheaper, the whole model is traced.
+    figure is exactly affine in depth; otherwise, when that would not be cheaper, and for a snapshot (which is
+    the whole model's step), the whole model is traced.
     """
     size = int(batch_size if batch_size is not None else cfg.batch.size)
     if cfg.quant.name != "none" and cfg.trainer.precision.endswith("-mixed"):
         raise ConfigError([f"quant={cfg.quant.name} with trainer.precision={cfg.trainer.precision} is not predicted: "
                            "autocast is traced on fake tensors, which bitsandbytes' parameters cannot wrap"])
     start = time.perf_counter()
-    plan = plan_depths(cfg)
+    plan = plan_depths(cfg) if not snapshot else None
     full_reason = ""
     if plan is not None:
         try:
             return replace(extrapolated(cfg, device, size, plan, keep_timeline), seconds=time.perf_counter() - start)
         except NotAffine as why:
             full_reason = str(why)
-    prediction = trace_step(cfg, device, size, keep_timeline)
+    prediction = trace_step(cfg, device, size, keep_timeline, snapshot=snapshot)
     return replace(prediction, seconds=time.perf_counter() - start, full_reason=full_reason)
 
 
@@ -155,8 +160,9 @@ def extrapolate(traces: list[Prediction], plan: DepthPlan) -> Prediction:
                    method=EXTRAPOLATED, traced_depths=plan.depths, depth=plan.depth)
 
 
-def trace_step(cfg: SweepbpConfig, device: str, size: int, keep_timeline: bool, depth: int | None = None) -> Prediction:
-    """One traced step of `cfg` (of a twin with `depth` decoder layers, when given)."""
+def trace_step(cfg: SweepbpConfig, device: str, size: int, keep_timeline: bool, depth: int | None = None,
+               snapshot: bool = False) -> Prediction:
+    """One traced step of `cfg` (of a twin with `depth` decoder layers, when given), as a snapshot too if asked."""
     modelled: list[str] = []
     meta = torch.device("meta")
     with torch.device(meta):  # peft creates adapters on the default device before moving them
@@ -180,15 +186,16 @@ def trace_step(cfg: SweepbpConfig, device: str, size: int, keep_timeline: bool, 
                                    foreach=_foreach(cfg.optim, device, modelled))
         with plugin.train_step_context():  # Lightning runs every training_step inside it
             warm_optimizer(optimizer)
-            tracker = step_tracker(model, optimizer, batch, counted, None, keep_timeline, kind)
-            with counting_gradients(model), tracker:
+            tracker = step_tracker(model, optimizer, batch, counted, None, keep_timeline, kind, snapshot)
+            with counting_gradients(model), naming_modules(model, tracker), tracker:
                 train_step(model, applied, cfg.loss, batch, optimizer, _backward, tracker.phase_of)
             report = tracker.report()
     layers = model.config.num_hidden_layers
     return Prediction(device=device, batch_size=size, report=report, inference_peak_bytes=inference,
                       parameters=parameters, checkpointed_layers=applied.checkpointed_layers,
                       quantized_layers=quantized, adapted_layers=adapted_layer_names(model), seconds=0.0,
-                      modelled=sorted(set(modelled)), traced_depths=(layers,), depth=layers)
+                      modelled=sorted(set(modelled)), traced_depths=(layers,), depth=layers,
+                      snapshot=tracker.log.snapshot() if tracker.log is not None else None)
 
 
 @contextlib.contextmanager

@@ -23,12 +23,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from sweepbp.config import RunConfig, config_as_dict
 from sweepbp.result import JobResult, Status
 
 STOP_GRACE_S = 60.0  # after a stop, how long the process waits for the request the sweep may still send
-PREFETCH, RUN = "prefetch", "run"  # the sweep's messages: (PREFETCH, runs, environ) and (RUN, run, environ)
+# the sweep's messages: (PREFETCH, runs, environ) and (RUN, run, environ, the job's folder)
+PREFETCH, RUN = "prefetch", "run"
+
+
+Job = tuple[RunConfig, dict[str, str], Path | None]  # a prediction to make: config, environment, folder
 
 
 def use_environment(environ: dict[str, str]) -> None:
@@ -46,14 +51,13 @@ def config_key(run: RunConfig) -> str:
 class PredictionServer:
     """The process's side of the connection: predictions in the main thread, requests answered by a reader."""
 
-    def __init__(self, connection: Connection, run_job: Callable[[RunConfig], JobResult],
-                 interrupted: type[BaseException]):
+    def __init__(self, connection: Connection, run_job: Callable[..., JobResult], interrupted: type[BaseException]):
         self.connection = connection
         self.run_job = run_job
         self.interrupted = interrupted
         self.changed = threading.Condition()  # guards everything below; notified on every message
-        self.ahead: deque[tuple[RunConfig, dict[str, str]]] = deque()  # announced, not yet predicted
-        self.wanted: dict[str, tuple[RunConfig, dict[str, str]]] = {}  # asked for, not yet answered
+        self.ahead: deque[Job] = deque()  # announced, not yet predicted
+        self.wanted: dict[str, Job] = {}  # asked for, not yet answered
         self.ready: dict[str, str] = {}  # predicted, not yet asked for: config key -> the result's JSON
         self.closed = False  # the sweep closed its end
 
@@ -62,9 +66,9 @@ class PredictionServer:
         threading.Thread(target=self._read, name="sweepbp-requests", daemon=True).start()
         try:
             while (job := self._next()) is not None:
-                key, run, environ = job
+                key, (run, environ, folder) = job
                 use_environment(environ)
-                result = self.run_job(run)
+                result = self.run_job(run, output_dir=folder)
                 with self.changed:
                     self.ready[key] = result.to_json(indent=None)
                     self._answer(key)
@@ -76,18 +80,17 @@ class PredictionServer:
         except self.interrupted:
             self._answer_after_stop()
 
-    def _next(self) -> tuple[str, RunConfig, dict[str, str]] | None:
+    def _next(self) -> tuple[str, Job] | None:
         """The next prediction to make: a request first, else the next announced job; None once closed."""
         with self.changed:
             while not self.closed:
                 if self.wanted:
-                    key, (run, environ) = next(iter(self.wanted.items()))
-                    return key, run, environ
+                    return next(iter(self.wanted.items()))
                 while self.ahead:
-                    run, environ = self.ahead.popleft()
-                    key = config_key(run)
+                    job = self.ahead.popleft()
+                    key = config_key(job[0])
                     if key not in self.ready:
-                        return key, run, environ
+                        return key, job
                 self.changed.wait()
             return None
 
@@ -98,10 +101,11 @@ class PredictionServer:
                 message = self.connection.recv()
                 with self.changed:
                     if message[0] == PREFETCH:
-                        self.ahead.extend((run, message[2]) for run in message[1])
+                        self.ahead.extend((run, message[2], None) for run in message[1])
                     else:
-                        key = config_key(message[1])
-                        self.wanted[key] = (message[1], message[2])
+                        _, run, environ, folder = message
+                        key = config_key(run)
+                        self.wanted[key] = (run, environ, folder)
                         self._answer(key)
                     self.changed.notify()
         except (EOFError, OSError):
@@ -123,7 +127,7 @@ class PredictionServer:
             with self.changed:
                 while not self.wanted and not self.closed and time.monotonic() < deadline:
                     self.changed.wait(timeout=max(0.0, deadline - time.monotonic()))
-                for key, (run, _) in list(self.wanted.items()):
+                for key, (run, _, _) in list(self.wanted.items()):
                     self.ready.setdefault(key, JobResult.of(
                         run, Status.KILLED, "interrupted (Ctrl-C or SIGTERM) before the prediction started"
                     ).to_json(indent=None))

@@ -55,9 +55,10 @@ def job_context() -> JobContext:
 
 
 def config_hash(run: RunConfig) -> str:
-    """Identity of a job's measurement: the resolved config without the keys that cannot change it."""
+    """Identity of a job's measurement: the resolved config without the keys that cannot change it (a
+    snapshot only draws the measured step: resume=true reuses a run made without one)."""
     data = config_as_dict(run.cfg)
-    for key in ("resume", "tracking"):
+    for key in ("resume", "tracking", "snapshot"):
         data.pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -96,7 +97,7 @@ def record_job(run: RunConfig, context: JobContext) -> JobResult:
     try:
         with held():  # a run is created with its tags and params, or not at all
             run_id = _open_run(run, context, store, digest)
-        result = run_isolated(run, context.label)
+        result = run_isolated(run, context.label, context.output_dir)
     except KeyboardInterrupt as stop:  # the job's partial result, or a stop before the job started
         ignore_signals()  # from here the sweep only records this job, then exits
         partial = stop.result if isinstance(stop, JobInterrupted) else JobResult.of(
@@ -129,6 +130,7 @@ def _finish(run: RunConfig, context: JobContext, store: Store | None, run_id: st
         result.environment[RUN_ID] = run_id
     files = _write_job_files(context.output_dir, run, result)
     files += _job_charts(context.output_dir, run, result)
+    files += [context.output_dir / name for name in result.artifacts]  # what the job wrote itself (snapshot=true)
     if store is not None and run_id is not None:
         store.finish_job(run_id, result, files)
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 from sweepbp.config import RunConfig
 from sweepbp.result import JobResult, Status
@@ -116,18 +117,19 @@ def preload(arch: str) -> None:
         pass
 
 
-def run_isolated(run: RunConfig, label: str) -> JobResult:
+def run_isolated(run: RunConfig, label: str, output_dir: Path | None = None) -> JobResult:
     """Run one job in freshly forked children, one per rank (one for a single-device job), or a prediction in
-    the long-lived prediction process. Ctrl-C/SIGTERM reach them and come back as `JobInterrupted`, which
-    carries the partial result with status `killed`."""
+    the long-lived prediction process, in its folder `output_dir` (where it writes files of its own,
+    `JobResult.artifacts`). Ctrl-C/SIGTERM reach them and come back as `JobInterrupted`, which carries the
+    partial result with status `killed`."""
     start_workers(run.cfg.model.arch)
     ranks: list[_Rank] = []
     with stopping():
         try:
             if _in_predictor(run):
-                ranks.append(_PREDICTOR.submit(run))
+                ranks.append(_PREDICTOR.submit(run, output_dir))
             else:
-                _start_ranks(run, label, ranks)
+                _start_ranks(run, label, ranks, output_dir)
             return _one_result(_gather(ranks, run))
         except KeyboardInterrupt as stop:
             ignore_signals()  # a second Ctrl-C must not cut the partial result off (stopping() keeps this)
@@ -192,14 +194,15 @@ class _Predictor:
         self.starting = threading.Thread(target=lambda: self._started().receiver.send(message), daemon=True)
         self.starting.start()
 
-    def submit(self, run: RunConfig) -> _Rank:
-        """Ask for one job's prediction; its result comes back on the returned rank's connection."""
+    def submit(self, run: RunConfig, output_dir: Path | None) -> _Rank:
+        """Ask for one job's prediction (made in `output_dir`, for the files it writes); its result comes back on
+        the returned rank's connection."""
         if self.starting is not None:
             self.starting.join()
             self.starting = None
         rank = self._started()
         rank.result = None
-        rank.receiver.send((RUN, run, dict(os.environ)))
+        rank.receiver.send((RUN, run, dict(os.environ), output_dir))
         return rank
 
     def _started(self) -> _Rank:
@@ -220,13 +223,14 @@ _PREDICTOR = _Predictor()
 
 
 def prefetch_predictions(runs: list[RunConfig]) -> None:
-    """The command line knows the sweep's jobs: the predictions among them start now, in the sweep's order."""
-    predictions = [run for run in runs if _in_predictor(run)]
+    """The command line knows the sweep's jobs: the predictions among them start now, in the sweep's order
+    (not those that write files into their folder, which Hydra has not made yet: snapshot=true)."""
+    predictions = [run for run in runs if _in_predictor(run) and not run.cfg.snapshot]
     if predictions:
         _PREDICTOR.prefetch(predictions)
 
 
-def _start_ranks(run: RunConfig, label: str, ranks: list[_Rank]) -> None:
+def _start_ranks(run: RunConfig, label: str, ranks: list[_Rank], output_dir: Path | None) -> None:
     """Start every rank, appending each to `ranks` as soon as it runs (so a stop can reach it)."""
     context = mp.get_context(start_method())
     world = run.cfg.world_size
@@ -238,7 +242,7 @@ def _start_ranks(run: RunConfig, label: str, ranks: list[_Rank]) -> None:
         if world > 1:
             environ.update(rank_environment(rank, world, port))
         name = f"sweepbp-{label}" + (f"-rank{rank}" if world > 1 else "")
-        process = context.Process(target=_child_main, args=(sender, run, label, environ), name=name)
+        process = context.Process(target=_child_main, args=(sender, run, label, environ, output_dir), name=name)
         process.start()
         sender.close()
         ranks.append(_Rank(process, receiver))
@@ -309,7 +313,7 @@ def _predictor_main(connection: Connection, sweep_end: Connection) -> None:
         os._exit(code)
 
 
-def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> None:
+def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str], output_dir: Path | None) -> None:
     use_environment(environ)
     # The job's own modules, imported here in the job's process: the sweep process never imports torch.
     from sweepbp.job import Interrupted, run_job
@@ -325,7 +329,7 @@ def _child_main(sender, run: RunConfig, label: str, environ: dict[str, str]) -> 
     code = 0
     try:
         # One progress line per job: rank 0's.
-        result = run_job(run, progress=ProgressLine(label, run) if local_rank() == 0 else None)
+        result = run_job(run, progress=ProgressLine(label, run) if local_rank() == 0 else None, output_dir=output_dir)
         sender.send(result.to_json(indent=None))
     except BaseException:  # a bug in sweepbp itself: still hand back a record
         traceback.print_exc()

@@ -1,7 +1,8 @@
 """The Lightning module: one LoRA backpropagation step, timed or memory-traced, never both.
 
 Step order: `warmup_steps` untimed steps (the first allocates AdamW state), one memory-traced step
-(exact accounting, no timing), then timed steps (synchronised clocks, no tracing hook).
+(exact accounting, no timing), then timed steps (synchronised clocks, no tracing hook). With snapshot=true
+the traced step also keeps a memory snapshot: the tracker's events on CPU, the allocator's history on CUDA.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import lightning as L
 import torch
 
 from sweepbp.config import LossConfig, OptimConfig
-from sweepbp.measure.device import device_peaks, reset_device_peaks
+from sweepbp.measure.device import device_peaks, memory_history, record_memory_history, reset_device_peaks
+from sweepbp.measure.snapshot import SnapshotLog
 from sweepbp.measure.timing import StepTimer
 from sweepbp.measure.tracker import (
     BACKWARD,
@@ -36,6 +38,7 @@ from sweepbp.memory import AppliedMemory
 from sweepbp.train.data import micro_batches
 from sweepbp.train.loss import step_loss
 from sweepbp.train.quant import quant_state_tensors
+from sweepbp.train.scopes import naming_modules, state_names
 
 
 class Diverged(RuntimeError):
@@ -48,7 +51,7 @@ class LoraFinetune(L.LightningModule):
 
     def __init__(self, model: torch.nn.Module, memory: AppliedMemory, loss: LossConfig, optim: OptimConfig, lr: float,
                  weight_decay: float, warmup_steps: int, budget_bytes: int | None, keep_timeline: bool = True,
-                 on_step: Callable[[int, float, float, int], None] | None = None):
+                 on_step: Callable[[int, float, float, int], None] | None = None, snapshot: bool = False):
         super().__init__()
         self.model = model
         self.memory = memory
@@ -66,6 +69,8 @@ class LoraFinetune(L.LightningModule):
         self.trace: MemoryReport | None = None
         self.allocator_figures: dict[str, float] = {}  # CUDA allocator peaks of the traced step
         self.steps_time_s = 0.0  # wall time inside all training steps (warm-up, traced, timed): the job's work
+        self.snapshot = snapshot
+        self.snapshot_data: dict | None = None  # the traced step's memory snapshot (snapshot=true)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return make_optimizer(self.model, self.optim, self.lr, self.weight_decay)
@@ -76,7 +81,8 @@ class LoraFinetune(L.LightningModule):
             loss = self._traced_step(batch)
         else:
             timer = StepTimer(self.device)
-            loss = self._step(batch, timer.phase)
+            with self._allocator_history(batch_idx):
+                loss = self._step(batch, timer.phase)
             if batch_idx > self.traced_step:
                 self.timers.append(timer)
         value = float(loss.detach())  # waits for the device, so the step's wall time below is complete
@@ -92,15 +98,36 @@ class LoraFinetune(L.LightningModule):
         return train_step(self.model, self.memory, self.loss, batch, self.optimizers(), self.manual_backward, phase)
 
     def _traced_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        cuda = self.device.type == "cuda"
         tracker = step_tracker(self.model, self.optimizers().optimizer, batch, self.device.type, self.budget_bytes,
-                               self.keep_timeline)
+                               self.keep_timeline, snapshot=self.snapshot and not cuda)
         reset_device_peaks(self.device)
         try:
-            with counting_gradients(self.model), tracker:
+            with self._allocator_history(self.traced_step), counting_gradients(self.model), \
+                    naming_modules(self.model, tracker), tracker:
                 return self._step(batch, tracker.phase_of).detach()
         finally:
             self.trace = tracker.report()  # also when the budget ran out mid-step
             self.allocator_figures = device_peaks(self.device)
+            if tracker.log is not None:
+                self.snapshot_data = tracker.log.snapshot()
+
+    @contextlib.contextmanager
+    def _allocator_history(self, batch_idx: int) -> Iterator[None]:
+        """snapshot=true on CUDA: the allocator records each untimed step afresh (warm-up, then the traced
+        step), and its snapshot is kept at the end of the traced step, or at an out-of-memory error in any of
+        them (up to the refused allocation). The timed steps are never recorded."""
+        if not (self.snapshot and self.device.type == "cuda" and batch_idx <= self.traced_step):
+            yield
+            return
+        record_memory_history(self.device)
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            self.snapshot_data = memory_history(self.device)
+            raise
+        if batch_idx == self.traced_step:
+            self.snapshot_data = memory_history(self.device)
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float, weight_decay: float,
@@ -148,10 +175,12 @@ def train_step(model: torch.nn.Module, memory: AppliedMemory, loss_config: LossC
 
 def step_tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict[str, torch.Tensor],
                  device_type: str | tuple[str, ...], budget_bytes: int | None, keep_timeline: bool,
-                 kind: type[MemoryTracker] = MemoryTracker) -> MemoryTracker:
+                 kind: type[MemoryTracker] = MemoryTracker, snapshot: bool = False) -> MemoryTracker:
     """The exact tracker of one traced step, with the state that exists before it registered.
-    The same tracker counts real tensors (mode=measure) and data-less ones (mode=predict passes its `kind`)."""
-    tracker = kind(device_type, budget_bytes, keep_timeline=keep_timeline)
+    The same tracker counts real tensors (mode=measure) and data-less ones (mode=predict passes its `kind`);
+    with `snapshot` it also logs its events for a memory snapshot, the registered state named."""
+    log = SnapshotLog(state_names(model, optimizer, batch)) if snapshot else None
+    tracker = kind(device_type, budget_bytes, keep_timeline=keep_timeline, log=log)
     register_state(tracker, model, optimizer, batch)
     return tracker
 
