@@ -13,9 +13,11 @@ booked as host memory (`MetaTracker`), and its reloads are fresh device copies, 
 
 The kernels whose choice depends on the device (attention, AdamW's implementation) are picked for the
 target device by `target.py`, for CPU as for CUDA; the target is part of every prediction
-(`Prediction.device`). Data-dependent branches cannot be decided without data: sweepbp's batches hold
-one unpadded sequence per row, and `unpadded_sequences` decides transformers' two such branches the way
-that data does. The CPU test (predicted == measured for every strategy) is what catches a new one.
+(`Prediction.device`). Data-dependent branches cannot be decided without data: synthetic and text batches
+hold one unpadded sequence per row, and `unpadded_sequences` decides transformers' two such branches the
+way that data does; a dataset's traced step is its epoch's worst batch, planned as the job plans it, and
+`data.padded_rows` decides its padding check (predict/data.py). The CPU test (predicted == measured for
+every strategy and data option) is what catches a new one.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from sweepbp.config import ConfigError, SweepbpConfig
 from sweepbp.measure.tracker import MemoryReport, MemoryTracker
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.metrics import PREDICTED
+from sweepbp.predict.data import padded_rows, traced_batch
 from sweepbp.predict.target import MetaTracker, precision_plugin, target_kernels
-from sweepbp.train.data import first_micro_batch
+from sweepbp.train.data import largest_micro_batch
 from sweepbp.train.environment import pick_device
 from sweepbp.train.lora import adapted_layer_names, apply_method
 from sweepbp.train.model import build_model, parameter_counts
@@ -52,6 +55,7 @@ class Prediction:
     report: MemoryReport  # the traced training step
     inference_peak_bytes: int
     parameters: dict[str, float]  # trainable_params, frozen_params, flops_per_token
+    data: dict[str, float]  # a dataset's length distribution and the worst step traced (empty otherwise)
     checkpointed_layers: int
     quantized_layers: int
     adapted_layers: list[str]  # what lora.target_modules resolved to (empty for method=full)
@@ -102,14 +106,14 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
     meta_trace = not cfg.trainer.precision.endswith("-mixed")  # autocast needs a real device type: fake CPU
     # the strategy sees the trace's device: an offload moves what lives there to the host
     applied = apply_memory_strategy(model, cfg.memory, meta if meta_trace else torch.device("cpu"))
-    with (no_data(meta_trace, model, device) as counted, unpadded_sequences(), scalars_without_data(),
+    with (no_data(meta_trace, model, device) as counted, unpadded_sequences(), padded_rows(), scalars_without_data(),
           target_kernels(device, modelled), int8_kernels_of(model, cfg.quant, device, modelled)):
         model.train()
         assert_training_mode(model)
-        batch = empty_batch(size, cfg.batch.seq_len, counted[0], cfg.batch.accumulate)
+        batch, data = traced_batch(cfg, size, model.config.vocab_size, counted[0])
         parameters = parameter_counts(model, cfg.batch.seq_len)
         kind = MetaTracker if meta_trace else MemoryTracker
-        inference = inference_peak(model, first_micro_batch(batch), cfg.loss, counted, kind=kind)
+        inference = inference_peak(model, largest_micro_batch(batch), cfg.loss, counted, kind=kind)
         plugin = precision_plugin(cfg.trainer.precision, device, modelled)
         model = plugin.convert_module(model)  # Lightning converts at fit, after the inference measurement
         optimizer = make_optimizer(model, cfg.optim, cfg.trainer.lr, cfg.trainer.weight_decay,
@@ -121,7 +125,7 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
                 train_step(model, applied, cfg.loss, batch, optimizer, _backward, tracker.phase_of)
             report = tracker.report()
     return Prediction(device=device, batch_size=size, report=report, inference_peak_bytes=inference,
-                      parameters=parameters, checkpointed_layers=applied.checkpointed_layers,
+                      parameters=parameters, data=data, checkpointed_layers=applied.checkpointed_layers,
                       quantized_layers=quantized, adapted_layers=adapted_layer_names(model),
                       seconds=time.perf_counter() - start, modelled=sorted(set(modelled)))
 
@@ -140,14 +144,6 @@ def no_data(meta: bool, model: torch.nn.Module, device: str) -> Iterator[tuple[s
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         yield ("cpu",)
-
-
-def empty_batch(size: int, seq_len: int, device: str, accumulate: int = 1) -> dict[str, torch.Tensor]:
-    """A batch shaped like `data.TokenBatches` items: input_ids and labels, two int64 storages (with
-    accumulation, the step's micro-batches stacked)."""
-    shape = (accumulate, size, seq_len) if accumulate > 1 else (size, seq_len)
-    tokens = torch.zeros(shape, dtype=torch.long, device=device)
-    return {"input_ids": tokens, "labels": tokens.clone()}
 
 
 def warm_optimizer(optimizer: torch.optim.Optimizer) -> None:
