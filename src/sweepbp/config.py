@@ -659,8 +659,8 @@ def _data_problems(data: DataConfig) -> list[str]:
     if data.name == "text":
         if not data.path or not Path(os.path.expanduser(data.path)).is_file():
             return [f"data.path must be an existing local text file, got {data.path!r}"]
-    if not isinstance(data, DatasetConfig):
-        return []
+    if not isinstance(data, DatasetConfig) or type(data) is not NAMED_SCHEMAS["data"][data.name]:
+        return []  # not a dataset, or one whose name disagrees with its option (_option_problems says so)
     problems = _field_problems(data, "data", (
         ("pad_to", lambda v: v in PAD_TO, " or ".join(PAD_TO)),
         ("order", lambda v: v in DATA_ORDERS, " or ".join(DATA_ORDERS))))

@@ -19,6 +19,7 @@ import functools
 import os
 import statistics
 import tempfile
+import threading
 from dataclasses import dataclass
 
 from sweepbp.config import DatasetConfig
@@ -64,8 +65,11 @@ def read_field(kind: str, path: str, field: str) -> list:
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
     import datasets  # the job's process only: a second of imports the command line does not pay
+    from tqdm import tqdm
 
     datasets.disable_progress_bars()
+    if not hasattr(tqdm, "_lock"):  # its default lock makes a multiprocessing semaphore, which a job's process
+        tqdm.set_lock(threading.RLock())  # (ended by os._exit) would leave behind: a thread lock is enough here
     with tempfile.TemporaryDirectory(prefix="sweepbp-datasets-") as cache:
         table = datasets.load_dataset(BUILDERS[kind], data_files=path, split="train", cache_dir=cache,
                                       keep_in_memory=True)
