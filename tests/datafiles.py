@@ -52,3 +52,12 @@ def _write_chat(path: Path, texts: list[str]) -> None:
     chats = [[{"role": "user", "content": texts[i]}, {"role": "assistant", "content": texts[i + 1]}]
              for i in range(0, len(texts) - 1, 2)]
     pq.write_table(pa.table({"messages": chats}), path)
+
+
+if __name__ == "__main__":  # docs/data.md's dataset: python tests/datafiles.py FOLDER [EXAMPLES]
+    import sys
+
+    target = Path(sys.argv[1])
+    target.mkdir(parents=True, exist_ok=True)
+    made = make_data_files(target, examples=int(sys.argv[2]) if len(sys.argv) > 2 else 64)
+    print(f"{made.jsonl}, {made.parquet}, {made.text}, {made.tokenizer}/ ({len(made.texts)} examples)")

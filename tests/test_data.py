@@ -160,7 +160,7 @@ def test_a_vocabulary_too_small_for_the_data_is_a_one_line_failure(data_files):
     result = run_job(compose([*FAST, "tracking=none", "mode=predict", "data=jsonl", f"data.path={data_files.jsonl}",
                               "model.config.vocab_size=128"]))
     assert result.status == "failed"
-    assert result.error == ("ValueError: data=jsonl is tokenized into 256 bytewise ids (no tokenizer): "
+    assert result.error == ("ValueError: data=jsonl is tokenized into 256 ids (bytewise: no tokenizer): "
                             "model.config.vocab_size must be at least that, got 128")
 
 

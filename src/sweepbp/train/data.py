@@ -99,9 +99,8 @@ def tokenized_for(data: DatasetConfig, pretrained_path: str | None, vocab_size: 
     """The dataset tokenized, checked against the model's vocabulary."""
     tokenized = tokenize_dataset(data, pretrained_path)
     if tokenized.vocab > vocab_size:
-        what = "bytewise ids (no tokenizer)" if tokenized.tokenizer == "bytewise" else \
-            f"the tokenizer in {tokenized.tokenizer!r}"
-        raise ValueError(f"data={data.name} is tokenized into {tokenized.vocab} {what}: model.config.vocab_size "
+        what = "bytewise: no tokenizer" if tokenized.tokenizer == "bytewise" else f"the tokenizer in {tokenized.tokenizer!r}"
+        raise ValueError(f"data={data.name} is tokenized into {tokenized.vocab} ids ({what}): model.config.vocab_size "
                          f"must be at least that, got {vocab_size}")
     return tokenized
 
