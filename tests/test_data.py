@@ -80,7 +80,7 @@ def test_tokenized_by_the_tokenizer_its_chat_template_or_bytewise(data_files):
     assert first == tuple(tokenizer(rendered, add_special_tokens=False)["input_ids"])  # the template's markers only
 
 
-SMALLER = ["trainer.steps=4", "trainer.warmup_steps=1", "batch.size=2"]  # than the defaults: test time
+SMALLER = ["trainer.steps=4", "trainer.warmup_steps=1", "batch.size=2", "batch.seq_len=64", "tracking=none"]  # than the defaults: test time
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_packed_and_padded_jobs_count_real_tokens(packing_sweep):
         assert m["tokens_per_s"] == pytest.approx(m["padded_tokens_per_s"] * (1 - m["padding_fraction"]))
         assert m["examples"] == 64 and m["examples_over_seq_len"] > 0
     # the padded job's worst batch holds the longest (truncated) example; packed rows are always full
-    assert padded["metrics"]["worst_batch_seq_len"] == packed["metrics"]["worst_batch_seq_len"] == 128
+    assert padded["metrics"]["worst_batch_seq_len"] == packed["metrics"]["worst_batch_seq_len"] == 64
     # padding_fraction is exactly the padding of the planned timed steps
     run = compose(["data=jsonl", f"data.path={folder / 'train.jsonl'}", f"data.tokenizer_path={folder / 'tok'}",
                    *SMALLER])
@@ -124,7 +124,7 @@ def test_predict_mode_gives_the_worst_batch_peak_measured(packing_sweep):
     folder, results = packing_sweep
     padded = results[False]["metrics"]
     run = compose(["data=jsonl", f"data.path={folder / 'train.jsonl'}", f"data.tokenizer_path={folder / 'tok'}",
-                   *SMALLER, "mode=predict", "tracking=none"])
+                   *SMALLER, "mode=predict"])
     predicted = run_job(run)
     assert predicted.status == "ok", predicted.error
     assert predicted.metrics["predicted_peak_memory_bytes"] == padded["peak_memory_bytes"]
