@@ -83,11 +83,11 @@ class LoraFinetune(L.LightningModule):
         value = float(loss.detach())  # waits for the device, so the step's wall time below is complete
         self.steps_time_s += time.perf_counter() - started
         self.losses.append(value)
-        if not math.isfinite(value):
-            raise Diverged(f"loss became {value} at step {batch_idx + 1}")
         counts = token_counts(batch)  # after the clock: padded batches are counted on the device
         if batch_idx > self.traced_step:
-            self.timed_counts.append(counts)
+            self.timed_counts.append(counts)  # one per timer, also for a step that diverged
+        if not math.isfinite(value):
+            raise Diverged(f"loss became {value} at step {batch_idx + 1}")
         if self.on_step is not None:  # (step, loss, timed seconds or 0.0 if untimed, real tokens in the step's batch)
             timed = self.timers[-1].total if self.timers and batch_idx > self.traced_step else 0.0
             self.on_step(batch_idx, value, timed, counts[0])
