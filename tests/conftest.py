@@ -53,6 +53,14 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 420, env: dict | None =
     return done
 
 
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory):
+    """A generated dataset, its trained tokenizer and the files the data options read (tests/datafiles.py)."""
+    from datafiles import make_data_files
+
+    return make_data_files(tmp_path_factory.mktemp("data"))
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> str:
     """A real SQLite MLflow store in a temporary folder."""

@@ -16,11 +16,15 @@ from sweepbp.config import GROUPS, ConfigError, leaf_params
 
 
 @pytest.mark.parametrize("group", GROUPS)
-def test_every_shipped_option_composes_and_validates(group, tmp_path):
+def test_every_shipped_option_composes_and_validates(group, data_files):
     options = available_options(group)
     assert options, f"no options in conf/{group}"
+    paths = {"text": f"data.path={__file__}", "jsonl": f"data.path={data_files.jsonl}",
+             "parquet": f"data.path={data_files.parquet}"}
     for option in options:
-        extra = [f"data.path={__file__}"] if (group, option) == ("data", "text") else []
+        extra = [paths[option]] if group == "data" and option in paths else []
+        if (group, option) == ("data", "parquet"):
+            extra.append("data.text_field=messages")
         run = compose([f"{group}={option}", *extra])
         assert run.choices[group] == option
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST, compose
+from test_predict import data_overrides
 from sweeps import SMALL, alive, run_sweep, runs_of, start_sweep, sweep_dirs
 
 import sweepbp.predict.autobatch as autobatch
@@ -61,6 +62,18 @@ def test_extrapolated_equals_the_full_trace_for_every_option(overrides):
     assert plan is not None and plan.depths[-1] < layers and plan.period == every
     device = "cpu" if "quant" in " ".join(overrides) else "cuda"
     same_prediction(extrapolated(cfg, device, 2, plan), trace_step(cfg, device, 2, False))
+
+
+@pytest.mark.parametrize("option", ["jsonl", "parquet"])
+def test_extrapolated_equals_the_full_trace_for_a_dataset(option, data_files):
+    """A dataset's worst step (padded: a mask, repeated K/V; or a mask of ones), planned once for every twin."""
+    cfg = compose([*FAST, "mode=predict", f"data={option}", *data_overrides(option, data_files),
+                   "model.config.num_hidden_layers=5"]).cfg
+    plan = plan_depths(cfg, cheaper_only=False)
+    fast = extrapolated(cfg, "cuda", 2, plan)
+    assert fast.data["worst_batch_tokens"] > 0
+    same_prediction(fast, trace_step(cfg, "cuda", 2, False))
+    assert fast.data == trace_step(cfg, "cuda", 2, False, depth=2).data
 
 
 @pytest.mark.parametrize("overrides", [["memory=none"], ["memory=ckpt"],

@@ -83,6 +83,36 @@ def test_prediction_is_exact_beyond_the_defaults(overrides):
     assert_prediction_exact(result.metrics)
 
 
+def data_overrides(option: str, files) -> list[str]:
+    """One case per shipped data option (a new option needs one here), with files made by tests/datafiles.py."""
+    return {
+        # shuffled examples, each micro-batch padded to its longest row; the worst step's first micro-batch is
+        # padded (a mask: SDPA off its causal kernel, K/V repeated), its second is not (a mask of ones, dropped)
+        "jsonl": [f"data.path={files.jsonl}", f"data.tokenizer_path={files.tokenizer}", "batch.seq_len=48",
+                  "batch.accumulate=2"],
+        # chat messages by the tokenizer's template, longest first, padded to batch.seq_len, eager attention:
+        # the worst batch is two truncated rows, a mask without padding
+        "parquet": [f"data.path={files.parquet}", "data.text_field=messages", f"data.tokenizer_path={files.tokenizer}",
+                    "data.order=longest_first", "data.pad_to=max_length", "batch.seq_len=48",
+                    "model.attn_implementation=eager", "memory=ckpt"],
+    }[option]
+
+
+@pytest.mark.parametrize("option", available_options("data"))
+def test_measured_run_logs_an_exact_prediction_for_every_data_option(option, data_files):
+    """A dataset's traced step is its epoch's worst batch, padded: the prediction plans and traces the same one."""
+    if option in ("synthetic", "text"):  # one full-length unpadded row per sequence: the step the others trace
+        pytest.skip(f"data={option}: every other test of this file runs that step (data=synthetic)")
+    result = run_job(compose([*FAST, "tracking=none", f"data={option}", *data_overrides(option, data_files)]))
+    assert result.status == "ok", result.error
+    assert_prediction_exact(result.metrics)
+    assert result.metrics["padding_fraction"] > 0
+    if option == "jsonl":  # the traced step holds padding
+        assert result.metrics["worst_batch_tokens"] < 2 * 2 * 48
+    if option == "parquet":  # two truncated rows: a mask of ones, which transformers drops
+        assert result.metrics["worst_batch_tokens"] == 2 * 48
+
+
 def test_predict_mode_records_the_prediction_and_its_target():
     result = run_job(compose([*FAST, "tracking=none", "mode=predict", "memory=ckpt"]))
     assert result.status == "ok", result.error

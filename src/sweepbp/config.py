@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from sweepbp.datafile import dataset_problems
+
 GB = 1e9  # budget_gb and every figure shown in GB are decimal gigabytes, like device memory sizes
 GROUPS = ("model", "quant", "method", "lora", "memory", "loss", "optim", "batch", "trainer", "data", "tracking",
           "strategy")
@@ -228,10 +230,37 @@ class TrainerConfig:
 
 @dataclass
 class DataConfig:
-    """Where the token batches come from. `name` selects synthetic tokens or a local text file."""
+    """Where the token batches come from. `name` selects synthetic tokens, a local text file (both one
+    full-length row per sequence) or a local dataset of examples (jsonl, parquet: `DatasetConfig`)."""
 
     name: str = "synthetic"
-    path: Optional[str] = None  # text: a local UTF-8 file, tokenized bytewise
+    path: Optional[str] = None  # text: a local UTF-8 file, tokenized bytewise; jsonl, parquet: the dataset file
+
+
+@dataclass
+class DatasetConfig(DataConfig):
+    """A local dataset of examples of varied length, read with Hugging Face `datasets` (never downloaded),
+    tokenized, truncated at batch.seq_len, padded or packed (train/dataset.py, train/batching.py)."""
+
+    text_field: str = "text"  # the field holding each example: text, or a list of {role, content} messages
+    tokenizer_path: Optional[str] = None  # a local tokenizer folder; null: model.pretrained_path's, else bytewise
+    packing: bool = False  # true: examples joined (EOS between) and cut into full rows: no padding at all
+    pad_to: str = "longest"  # without packing: longest (of the micro-batch) or max_length (batch.seq_len)
+    order: str = "shuffle"  # shuffle (seeded by trainer.seed) or longest_first (batches of similar length)
+
+
+@dataclass
+class JsonlDataConfig(DatasetConfig):
+    """One JSON object per line."""
+
+    name: str = "jsonl"
+
+
+@dataclass
+class ParquetDataConfig(DatasetConfig):
+    """A Parquet file (pyarrow, which comes with `datasets`)."""
+
+    name: str = "parquet"
 
 
 @dataclass
@@ -303,7 +332,11 @@ NAMED_SCHEMAS: dict[str, dict[str, type]] = {
               "adafactor": OptimConfig, "sgd": SgdOptimConfig},
     "loss": {"standard": LossConfig, "chunked": ChunkedLossConfig, "fused": FusedLossConfig, "liger": LossConfig},
     "strategy": {"single": StrategyConfig, "ddp": StrategyConfig, "fsdp": FsdpStrategyConfig},
+    "data": {"synthetic": DataConfig, "text": DataConfig, "jsonl": JsonlDataConfig, "parquet": ParquetDataConfig},
 }
+DATASETS = ("jsonl", "parquet")  # data options that are datasets of examples (DatasetConfig)
+PAD_TO = ("longest", "max_length")  # data.pad_to
+DATA_ORDERS = ("shuffle", "longest_first")  # data.order
 # Fields of a random-init model.config that must be positive integers (when given).
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "max_position_embeddings")
@@ -331,7 +364,7 @@ SCHEMAS: dict[str, list[tuple[str, type]]] = {
     "loss": [("loss", LossConfig), ("chunked", ChunkedLossConfig), ("fused", FusedLossConfig)],
     "batch": [("batch", BatchConfig)],
     "trainer": [("trainer", TrainerConfig)],
-    "data": [("data", DataConfig)],
+    "data": [("data", DataConfig), ("jsonl", JsonlDataConfig), ("parquet", ParquetDataConfig)],
     "tracking": [("tracking", TrackingConfig)],
     "strategy": [("strategy", StrategyConfig), ("fsdp", FsdpStrategyConfig)],
 }
@@ -624,12 +657,17 @@ def _strategy_problems(strategy: StrategyConfig, trainer: TrainerConfig) -> list
 
 
 def _data_problems(data: DataConfig) -> list[str]:
-    if data.name not in ("synthetic", "text"):
-        return [f"data.name must be synthetic or text, got {data.name!r}"]
+    if data.name not in NAMED_SCHEMAS["data"]:
+        return []  # _option_problems says so
     if data.name == "text":
         if not data.path or not Path(os.path.expanduser(data.path)).is_file():
             return [f"data.path must be an existing local text file, got {data.path!r}"]
-    return []
+    if not isinstance(data, DatasetConfig) or type(data) is not NAMED_SCHEMAS["data"][data.name]:
+        return []  # not a dataset, or one whose name disagrees with its option (_option_problems says so)
+    problems = _field_problems(data, "data", (
+        ("pad_to", lambda v: v in PAD_TO, " or ".join(PAD_TO)),
+        ("order", lambda v: v in DATA_ORDERS, " or ".join(DATA_ORDERS))))
+    return problems + dataset_problems(data.name, data.path, data.text_field, data.tokenizer_path)
 
 
 def config_as_dict(cfg: SweepbpConfig) -> dict[str, Any]:

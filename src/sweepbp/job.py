@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from sweepbp.config import LossConfig, RunConfig
+from sweepbp.config import DATASETS, LossConfig, RunConfig
 from sweepbp.measure.device import (
     cap_device_memory,
     device_allocated,
@@ -22,15 +22,15 @@ from sweepbp.measure.device import (
     reset_device_peaks,
     rss_peak_bytes,
 )
-from sweepbp.measure.timing import TimingSummary
 from sweepbp.measure.snapshot import write_snapshot
+from sweepbp.measure.timing import TimingSummary, varied_throughput
 from sweepbp.measure.tracker import timeline_samples
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.predict.autobatch import resolve_batch_size
 from sweepbp.predict.record import add_prediction, prediction_errors, record_prediction
 from sweepbp.predict.trace import predict, target_device
 from sweepbp.result import JobResult, Status, host_environment, one_line
-from sweepbp.train.data import TokenBatches, first_micro_batch
+from sweepbp.train.data import token_batches
 from sweepbp.train.distributed import data_seed, local_rank, process_group_record, trainer_arguments
 from sweepbp.train.environment import device_environment, pick_device, quiet_libraries
 from sweepbp.train.flops import peak_flops
@@ -87,12 +87,12 @@ def measure_job(run: RunConfig, result: JobResult, progress, start: float, outpu
     applied = apply_memory_strategy(model, cfg.memory, device)
     model.train()
     assert_training_mode(model)
-    batches = TokenBatches(cfg.data, cfg.trainer.steps, int(cfg.batch.size), cfg.batch.seq_len,
-                           model.config.vocab_size, data_seed(cfg.trainer.seed), cfg.batch.accumulate)
+    batches = token_batches(cfg, model.config.vocab_size, data_seed(cfg.trainer.seed))
+    result.metrics.update(batches.metrics())
     result.metrics.update(parameter_counts(model, cfg.batch.seq_len))
     result.metrics["checkpointed_layers"] = applied.checkpointed_layers
     result.metrics["setup_time_s"] = time.perf_counter() - start
-    result.metrics.update(measure_inference(model, first_micro_batch(batches[0]), cfg.loss, device, cfg.budget_bytes))
+    result.metrics.update(measure_inference(model, batches.inference_batch(), cfg.loss, device, cfg.budget_bytes))
 
     module = LoraFinetune(model, applied, cfg.loss, cfg.optim, cfg.trainer.lr, cfg.trainer.weight_decay, cfg.trainer.warmup_steps,
                           cfg.budget_bytes, on_step=progress, snapshot=cfg.snapshot)
@@ -121,6 +121,7 @@ def predict_job(run: RunConfig, result: JobResult, output_dir: Path | None = Non
     prediction = predict(run.cfg, device, keep_timeline=True, snapshot=run.cfg.snapshot)
     record_prediction(run.cfg, prediction, result)
     result.metrics.update(prediction.parameters)
+    result.metrics.update(prediction.data)
     result.metrics["checkpointed_layers"] = float(prediction.checkpointed_layers)
     result.metrics["quantized_layers"] = float(prediction.quantized_layers)
     result.environment["lora_resolved_targets"] = ",".join(prediction.adapted_layers)
@@ -151,6 +152,8 @@ def _collect(module, cfg, device: torch.device, result: JobResult) -> None:
                                [t.phases["backward"] for t in module.timers], [t.phases["optim"] for t in module.timers])
         sequences = int(cfg.batch.size) * cfg.batch.accumulate  # every micro-batch of the optimizer step
         result.metrics.update(timing.metrics(sequences * cfg.batch.seq_len, sequences))
+        if cfg.data.name in DATASETS:  # batches of varied size: real tokens over the timed steps' summed time
+            result.metrics.update(varied_throughput(timing.step_times, module.timed_counts))
         _add_mfu(result, device)
     if module.losses:
         result.metrics["steps_time_s"] = module.steps_time_s

@@ -41,7 +41,7 @@ class Metric:
     """One recorded number."""
 
     name: str
-    unit: str  # bytes, s, tokens/s, sequences/s, count, FLOPs, %, ratio
+    unit: str  # bytes, s, tokens/s, sequences/s, count, tokens, FLOPs, %, ratio
     label: str  # short name for chart axes and table headers
     meaning: str  # one line: what it is (docs/metrics.md says how it is measured)
     group: str  # the section of docs/metrics.md it belongs to
@@ -52,17 +52,24 @@ class Metric:
     gpu_only: bool = False  # recorded on CUDA devices only
 
 
-MEMORY, TIME, MODEL, PREDICTION, FORMULA, GPU = (
-    "memory", "time", "model", "prediction", "formula", "gpu")
+MEMORY, TIME, MODEL, DATA, PREDICTION, FORMULA, GPU = (
+    "memory", "time", "model", "data", "prediction", "formula", "gpu")
 
 CATALOGUE: tuple[Metric, ...] = (
     # -- the timed steps ----------------------------------------------------------------------------------
-    Metric("tokens_per_s", "tokens/s", "tokens/s", "`batch.accumulate * batch.size * batch.seq_len / step_time_s`: "
-           "every token of the optimizer step", TIME, Merge.SUM,
-           per_rank=True, shown=Shown.TABLE),
-    Metric("samples_per_s", "sequences/s", "samples/s", "`batch.accumulate * batch.size / step_time_s`", TIME,
-           Merge.SUM,
+    Metric("tokens_per_s", "tokens/s", "tokens/s", "real (non-padding) tokens per second. Synthetic and text data, "
+           "every step alike: `batch.accumulate * batch.size * batch.seq_len / step_time_s`. A dataset "
+           "(data=jsonl, parquet), whose steps vary: the timed steps' real tokens over their summed time",
+           TIME, Merge.SUM, per_rank=True, shown=Shown.TABLE),
+    Metric("padded_tokens_per_s", "tokens/s", "padded tokens/s", "a dataset's positions computed per second, "
+           "padding included: the timed steps' positions over their summed time", TIME, Merge.SUM, per_rank=True,
            shown=Shown.CSV),
+    Metric("padding_fraction", "ratio", "padding", "share of the timed steps' positions that are padding "
+           "(`1 - tokens_per_s / padded_tokens_per_s`; 0 when packed; data=jsonl, parquet)", TIME,
+           shown=Shown.TABLE),
+    Metric("samples_per_s", "sequences/s", "samples/s", "rows per second: `batch.accumulate * batch.size / "
+           "step_time_s`; a dataset: the timed steps' rows over their summed time (a packed row holds several "
+           "examples)", TIME, Merge.SUM, shown=Shown.CSV),
     Metric("step_time_s", "s", "step", "median wall time of the timed optimizer steps (every micro-batch's forward "
            "and backward, then the optimizer)",
            TIME, Merge.MAX, per_rank=True, shown=Shown.TABLE),
@@ -132,6 +139,20 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("auto_accumulate", "count", "auto accumulation", "the `batch.accumulate` that `batch.size=auto` with "
            "`batch.effective_size` chose", MODEL),
     Metric("world_size", "count", "ranks", "processes of a multi-device job", MODEL),
+    # -- a dataset's lengths (data=jsonl, parquet; train/dataset.py, train/batching.py) -------------------
+    Metric("examples", "count", "examples", "non-empty examples in the dataset", DATA),
+    *(Metric(f"example_tokens_{stat}", "tokens", f"{label} example", f"{what} example length in tokens, as the job "
+             "tokenizes it (special tokens included), before truncation at batch.seq_len", DATA)
+      for stat, label, what in (("mean", "mean", "mean"), ("p50", "median", "median"),
+                                ("p95", "p95", "95th percentile (inclusive quantiles)"), ("max", "longest", "longest"))),
+    Metric("examples_over_seq_len", "count", "over seq_len", "examples longer than batch.seq_len: truncated when "
+           "padded, split over rows when packed", DATA),
+    Metric("epoch_steps", "count", "epoch steps", "optimizer steps in one pass over the dataset at this batch "
+           "shape (the traced step is the worst of them)", DATA),
+    Metric("worst_batch_tokens", "tokens", "worst batch tokens", "real tokens of the traced step: the epoch's "
+           "worst step (the most positions in a micro-batch)", DATA),
+    Metric("worst_batch_seq_len", "tokens", "worst batch length", "positions per row of the traced step's widest "
+           "micro-batch (its longest row, or batch.seq_len)", DATA),
     # -- the prediction -----------------------------------------------------------------------------------
     Metric("predict_time_s", "s", "predict", "wall time of the prediction itself", PREDICTION),
     Metric("predicted_error_pct", "%", "prediction error", "`(predicted - measured) / measured` of "
@@ -169,7 +190,7 @@ CATALOGUE: tuple[Metric, ...] = (
 
 METRICS: dict[str, Metric] = {m.name: m for m in CATALOGUE}
 GROUP_TITLES = {MEMORY: "Memory of the traced step", TIME: "Time of the timed steps", MODEL: "The model and the run",
-                PREDICTION: "The prediction", FORMULA: "The closed-form cross-check", GPU: "CUDA only"}
+                DATA: "The data (data=jsonl, parquet)", PREDICTION: "The prediction", FORMULA: "The closed-form cross-check", GPU: "CUDA only"}
 
 
 def metric(name: str) -> Metric:

@@ -19,8 +19,11 @@ from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
 from sweepbp.tracking.redaction import install_log_redaction
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+    args = multirun_first(sys.argv[1:] if argv is None else argv)
     stop_on_signals()  # SIGTERM stops a sweep as cleanly as Ctrl-C
     install_log_redaction()
     try:
@@ -63,6 +66,13 @@ def _main(args: list[str]) -> None:
     from sweepbp.sweep.task import run_task
 
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(run_task)()
+
+
+def multirun_first(args: list[str]) -> list[str]:
+    """`-m` moved before the overrides: Hydra's parser takes the overrides as one run of positional arguments,
+    so `a=1 -m b=1,2` would leave `b=1,2` unrecognised. The flag takes no value, so moving it changes nothing else."""
+    flags = [a for a in args if a in MULTIRUN_FLAGS]
+    return [*flags, *(a for a in args if a not in MULTIRUN_FLAGS)]
 
 
 def _wants_help(args: list[str]) -> bool:

@@ -66,6 +66,16 @@ class TimingSummary:
         }
 
 
+def varied_throughput(step_times: list[float], counts: list[tuple[int, int, int]]) -> dict[str, float]:
+    """Throughput over timed steps of varied size (a dataset's batches): totals over the summed time, so each
+    step weighs what it holds. counts: (real tokens, positions, rows) per timed step. Real tokens are the
+    non-padding ones; `padded_tokens_per_s` counts every position the step computed."""
+    seconds = sum(step_times)
+    real, positions, rows = (sum(c[i] for c in counts) for i in range(3))
+    return {"tokens_per_s": real / seconds, "padded_tokens_per_s": positions / seconds, "samples_per_s": rows / seconds,
+            "padding_fraction": 1.0 - real / positions}
+
+
 def _quartiles(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return values[0], values[0]

@@ -6,6 +6,8 @@ that b fits and b + 1 does not. Memory grows almost linearly with the batch, so 
 first guess, a couple more confirm it, and bisection makes the answer exact whatever the curve does
 (it only assumes that a larger batch never needs less memory). In mode=measure the job then runs at
 that size: its own traced step, under the same budget, is the confirming real step on the device.
+With a dataset (data=jsonl, parquet) each size is predicted on its own plan, the epoch batched at that size
+and its worst step traced: the answer is the largest batch whose worst batch of the epoch fits.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ the same tensors whatever the device; where the device decides, `TargetDevice` d
   autograd saves what that kernel saves. CPU (sdp_utils_cpp.cpp): flash unless dropout > 0 or shapes forbid it, else
   math. CUDA on sm80+ (A100, H100, H200, L4, RTX 4090; sdp_utils.cpp): flash for 16-bit inputs without
   a mask: the output and an fp32 logsumexp (B, H, L) are saved; memory-efficient for fp32 or masked
-  inputs without grouped KV heads (logsumexp padded to a multiple of 32 in L); math otherwise, which
+  inputs without grouped KV heads (logsumexp padded to a multiple of 32 in L; a padded batch's mask, made
+  additive, is saved too, copied with its last dimension padded to a multiple of 8 when its strides are
+  not; transformers repeats K/V for grouped heads whenever it passes a mask); math otherwise, which
   keeps the (B, H, L, L) attention matrix (and, with grouped KV heads, K and V expanded to all heads). cuDNN attention, preferred by some builds on sm90, saves the same output and
   logsumexp as flash. Without this, meta tensors would always take the math path. The replacement is
   a patch of the module attribute, not a TorchFunctionMode: function modes are not active in the
@@ -85,12 +87,25 @@ def sdpa(device: str, query, key, value, attn_mask=None, dropout_p=0.0, is_causa
         out = out[..., :query.shape[-1]] if pad else out
     elif backend == "efficient":
         grad = query.requires_grad or key.requires_grad or value.requires_grad
+        if attn_mask is not None:
+            attn_mask = _aligned_bias(attn_mask).expand(*query.shape[:-1], key.shape[-2])
         out = aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, grad, dropout_p, is_causal,
                                                            scale=scale)[0]
     else:
         out = aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
                                                       scale=scale, enable_gqa=enable_gqa)[0]
     return out, backend
+
+
+def _aligned_bias(bias: torch.Tensor, alignment: int = 8) -> torch.Tensor:
+    """A mask as CUDA's composite prepares it for the memory-efficient kernel (attention.cpp, preprocess_mask):
+    one whose strides are not multiples of 8 elements is copied with its last dimension padded to the next
+    multiple of 8 (then sliced back). The kernel saves it for its backward. Modelled from the source, not
+    measured on a GPU (a padded batch's mask is the only one sweepbp's models pass)."""
+    if all(stride % alignment == 0 for stride in bias.stride()[:-1]) and bias.stride(-1) == 1:
+        return bias
+    last = bias.shape[-1]
+    return torch.nn.functional.pad(bias, (0, alignment - last % alignment))[..., :last]
 
 
 class MetaTracker(MemoryTracker):

@@ -13,9 +13,11 @@ booked as host memory (`MetaTracker`), and its reloads are fresh device copies, 
 
 The kernels whose choice depends on the device (attention, AdamW's implementation) are picked for the
 target device by `target.py`, for CPU as for CUDA; the target is part of every prediction
-(`Prediction.device`). Data-dependent branches cannot be decided without data: sweepbp's batches hold
-one unpadded sequence per row, and `unpadded_sequences` decides transformers' two such branches the way
-that data does. The CPU test (predicted == measured for every strategy) is what catches a new one.
+(`Prediction.device`). Data-dependent branches cannot be decided without data: synthetic and text batches
+hold one unpadded sequence per row, and `unpadded_sequences` decides transformers' two such branches the
+way that data does; a dataset's traced step is its epoch's worst batch, planned as the job plans it, and
+`data.padded_rows` decides its padding check (predict/data.py). The CPU test (predicted == measured for
+every strategy and data option) is what catches a new one.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from sweepbp.config import ConfigError, SweepbpConfig
 from sweepbp.measure.tracker import MemoryReport, MemoryTracker
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.metrics import PREDICTED
+from sweepbp.predict.data import TracedBatch, padded_rows, traced_batch
 from sweepbp.predict.depth import DepthPlan, NotAffine, depth_plan, extend_figures, extend_report
 from sweepbp.predict.target import MetaTracker, precision_plugin, target_kernels
-from sweepbp.train.data import first_micro_batch
+from sweepbp.train.data import largest_micro_batch
 from sweepbp.train.environment import pick_device
 from sweepbp.train.lora import adapted_layer_names, apply_method
 from sweepbp.train.model import build_model, hf_config, parameter_counts
@@ -57,6 +60,7 @@ class Prediction:
     report: MemoryReport  # the traced training step
     inference_peak_bytes: int
     parameters: dict[str, float]  # trainable_params, frozen_params, flops_per_token
+    data: dict[str, float]  # a dataset's length distribution and the worst step traced (empty otherwise)
     checkpointed_layers: int
     quantized_layers: int
     adapted_layers: list[str]  # what lora.target_modules resolved to (empty for method=full)
@@ -138,7 +142,9 @@ def plan_depths(cfg: SweepbpConfig, cheaper_only: bool = True) -> DepthPlan | No
 def extrapolated(cfg: SweepbpConfig, device: str, size: int, plan: DepthPlan, keep_timeline: bool = False) -> Prediction:
     """The prediction from traces at the plan's depths (the timeline is the deepest one's); NotAffine when a
     figure is not exactly affine in depth."""
-    traces = [trace_step(cfg, device, size, keep_timeline and depth == plan.depths[-1], depth) for depth in plan.depths]
+    planned = traced_batch(cfg, size, hf_config(cfg.model).vocab_size)  # the same batch for every twin
+    traces = [trace_step(cfg, device, size, keep_timeline and depth == plan.depths[-1], depth, planned=planned)
+              for depth in plan.depths]
     return extrapolate(traces, plan)
 
 
@@ -146,7 +152,7 @@ def extrapolate(traces: list[Prediction], plan: DepthPlan) -> Prediction:
     """The prediction for the model's own depth from the traces at `plan.depths`; NotAffine if any figure
     is not exactly affine in depth."""
     deepest = traces[-1]
-    for what in ("device", "batch_size", "adapted_layers", "modelled"):
+    for what in ("device", "batch_size", "adapted_layers", "modelled", "data"):
         if any(getattr(t, what) != getattr(deepest, what) for t in traces):
             raise NotAffine(f"the traces differ in {what}")
 
@@ -161,8 +167,9 @@ def extrapolate(traces: list[Prediction], plan: DepthPlan) -> Prediction:
 
 
 def trace_step(cfg: SweepbpConfig, device: str, size: int, keep_timeline: bool, depth: int | None = None,
-               snapshot: bool = False) -> Prediction:
-    """One traced step of `cfg` (of a twin with `depth` decoder layers, when given), as a snapshot too if asked."""
+               snapshot: bool = False, planned: TracedBatch | None = None) -> Prediction:
+    """One traced step of `cfg` (of a twin with `depth` decoder layers, when given), as a snapshot too if asked;
+    `planned`: its batch, when the caller planned it (else planned here)."""
     modelled: list[str] = []
     meta = torch.device("meta")
     with torch.device(meta):  # peft creates adapters on the default device before moving them
@@ -172,14 +179,15 @@ def trace_step(cfg: SweepbpConfig, device: str, size: int, keep_timeline: bool, 
     meta_trace = not cfg.trainer.precision.endswith("-mixed")  # autocast needs a real device type: fake CPU
     # the strategy sees the trace's device: an offload moves what lives there to the host
     applied = apply_memory_strategy(model, cfg.memory, meta if meta_trace else torch.device("cpu"))
-    with (no_data(meta_trace, model, device) as counted, unpadded_sequences(), scalars_without_data(),
+    with (no_data(meta_trace, model, device) as counted, unpadded_sequences(), padded_rows(), scalars_without_data(),
           target_kernels(device, modelled), int8_kernels_of(model, cfg.quant, device, modelled)):
         model.train()
         assert_training_mode(model)
-        batch = empty_batch(size, cfg.batch.seq_len, counted[0], cfg.batch.accumulate)
+        planned = planned or traced_batch(cfg, size, model.config.vocab_size)
+        batch = planned.tensors(cfg, counted[0])
         parameters = parameter_counts(model, cfg.batch.seq_len)
         kind = MetaTracker if meta_trace else MemoryTracker
-        inference = inference_peak(model, first_micro_batch(batch), cfg.loss, counted, kind=kind)
+        inference = inference_peak(model, largest_micro_batch(batch), cfg.loss, counted, kind=kind)
         plugin = precision_plugin(cfg.trainer.precision, device, modelled)
         model = plugin.convert_module(model)  # Lightning converts at fit, after the inference measurement
         optimizer = make_optimizer(model, cfg.optim, cfg.trainer.lr, cfg.trainer.weight_decay,
@@ -192,7 +200,7 @@ def trace_step(cfg: SweepbpConfig, device: str, size: int, keep_timeline: bool, 
             report = tracker.report()
     layers = model.config.num_hidden_layers
     return Prediction(device=device, batch_size=size, report=report, inference_peak_bytes=inference,
-                      parameters=parameters, checkpointed_layers=applied.checkpointed_layers,
+                      parameters=parameters, data=planned.metrics, checkpointed_layers=applied.checkpointed_layers,
                       quantized_layers=quantized, adapted_layers=adapted_layer_names(model), seconds=0.0,
                       modelled=sorted(set(modelled)), traced_depths=(layers,), depth=layers,
                       snapshot=tracker.log.snapshot() if tracker.log is not None else None)
@@ -212,14 +220,6 @@ def no_data(meta: bool, model: torch.nn.Module, device: str) -> Iterator[tuple[s
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         yield ("cpu",)
-
-
-def empty_batch(size: int, seq_len: int, device: str, accumulate: int = 1) -> dict[str, torch.Tensor]:
-    """A batch shaped like `data.TokenBatches` items: input_ids and labels, two int64 storages (with
-    accumulation, the step's micro-batches stacked)."""
-    shape = (accumulate, size, seq_len) if accumulate > 1 else (size, seq_len)
-    tokens = torch.zeros(shape, dtype=torch.long, device=device)
-    return {"input_ids": tokens, "labels": tokens.clone()}
 
 
 def warm_optimizer(optimizer: torch.optim.Optimizer) -> None:

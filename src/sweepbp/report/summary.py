@@ -83,7 +83,11 @@ AXES = (Axis(STRATEGY, BASELINE, "memory strategy", "activation_bytes"),
         Axis("method", "lora", "method", "grad_bytes"),
         Axis("optim", "adamw", "optimizer", "optimizer_state_bytes"),
         Axis("lora.adapter_dtype", "float32", "adapter precision", "activation_bytes"),
-        Axis("batch.accumulate", "1", "gradient accumulation", "grad_bytes"))
+        Axis("batch.accumulate", "1", "gradient accumulation", "grad_bytes"),
+        # a dataset's batching (data=jsonl, parquet): per real token (tokens_per_s counts no padding)
+        Axis("data.packing", "False", "packing", "activation_bytes"),
+        Axis("data.pad_to", "longest", "padding length", "activation_bytes"),
+        Axis("data.order", "shuffle", "data order", "activation_bytes"))
 
 
 @dataclass

@@ -35,7 +35,7 @@ from sweepbp.measure.tracker import (
     tensors_of,
 )
 from sweepbp.memory import AppliedMemory
-from sweepbp.train.data import micro_batches
+from sweepbp.train.data import micro_batches, token_counts
 from sweepbp.train.loss import step_loss
 from sweepbp.train.quant import quant_state_tensors
 from sweepbp.train.scopes import naming_modules, state_names
@@ -66,6 +66,7 @@ class LoraFinetune(L.LightningModule):
         self.automatic_optimization = False
         self.losses: list[float] = []
         self.timers: list[StepTimer] = []
+        self.timed_counts: list[tuple[int, int, int]] = []  # (real tokens, positions, rows) of each timed step
         self.trace: MemoryReport | None = None
         self.allocator_figures: dict[str, float] = {}  # CUDA allocator peaks of the traced step
         self.steps_time_s = 0.0  # wall time inside all training steps (warm-up, traced, timed): the job's work
@@ -88,11 +89,14 @@ class LoraFinetune(L.LightningModule):
         value = float(loss.detach())  # waits for the device, so the step's wall time below is complete
         self.steps_time_s += time.perf_counter() - started
         self.losses.append(value)
+        counts = token_counts(batch)  # after the clock: padded batches are counted on the device
+        if batch_idx > self.traced_step:
+            self.timed_counts.append(counts)  # one per timer, also for a step that diverged
         if not math.isfinite(value):
             raise Diverged(f"loss became {value} at step {batch_idx + 1}")
-        if self.on_step is not None:  # (step, loss, timed seconds or 0.0 if untimed, tokens in the step's batch)
+        if self.on_step is not None:  # (step, loss, timed seconds or 0.0 if untimed, real tokens in the step's batch)
             timed = self.timers[-1].total if self.timers and batch_idx > self.traced_step else 0.0
-            self.on_step(batch_idx, value, timed, batch["input_ids"].numel())
+            self.on_step(batch_idx, value, timed, counts[0])
 
     def _step(self, batch: dict[str, torch.Tensor], phase: Callable[[str], contextlib.AbstractContextManager]) -> torch.Tensor:
         return train_step(self.model, self.memory, self.loss, batch, self.optimizers(), self.manual_backward, phase)
