@@ -21,7 +21,7 @@ from sweepbp.measure.device import (
     reset_device_peaks,
     rss_peak_bytes,
 )
-from sweepbp.measure.timing import TimingSummary
+from sweepbp.measure.stats import TimingSummary
 from sweepbp.measure.tracker import timeline_samples
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.predict.autobatch import resolve_batch_size
@@ -30,7 +30,7 @@ from sweepbp.predict.trace import predict, target_device
 from sweepbp.result import JobResult, Status, host_environment, one_line
 from sweepbp.train.data import TokenBatches, first_micro_batch
 from sweepbp.train.distributed import data_seed, process_group_record, trainer_arguments
-from sweepbp.train.environment import device_environment, pick_device, quiet_libraries
+from sweepbp.train.environment import device_environment, machine_load, pick_device, quiet_libraries
 from sweepbp.train.flops import peak_flops
 from sweepbp.train.lora import adapted_layer_names, apply_method
 from sweepbp.train.model import build_model, parameter_counts
@@ -45,7 +45,7 @@ class Interrupted(BaseException):
 
 def run_job(run: RunConfig, progress=None) -> JobResult:
     """Run one job to a result; every expected failure becomes a status, never an exception."""
-    result = JobResult.of(run, Status.RUNNING, environment=host_environment())
+    result = JobResult.of(run, Status.RUNNING, environment=host_environment(), metrics=machine_load("start"))
     start = time.perf_counter()
     try:
         quiet_libraries()
@@ -64,6 +64,7 @@ def run_job(run: RunConfig, progress=None) -> JobResult:
         result.status, result.error = Status.FAILED, one_line(err)
         result.environment["traceback"] = traceback.format_exc()
     result.metrics["job_time_s"] = time.perf_counter() - start
+    result.metrics.update(machine_load("end"))
     return result
 
 
