@@ -6,6 +6,9 @@ The job whose `trainer.seed` equals
   SWEEPBP_FAULT_FAIL_SEED  raises RuntimeError("injected fault") in its second training step (-> failed);
   SWEEPBP_FAULT_HANG_SEED  writes its process id to the file SWEEPBP_FAULT_MARK in its second training
                            step, then sleeps until a signal stops it: a job caught mid-training, every time.
+  SWEEPBP_FAULT_WAIT_SEED  writes its process id to SWEEPBP_FAULT_MARK in its second training step, then waits
+                           until the file SWEEPBP_FAULT_GO exists and trains on: the test acts in between
+                           (stops the tracking server while this job runs).
 Jobs are forked from the sweep process itself (SWEEPBP_START_METHOD=fork, set below), so the patches made
 here reach them; the default fork server would import clean copies of the modules.
 """
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 FAIL, HANG, MARK = "SWEEPBP_FAULT_FAIL_SEED", "SWEEPBP_FAULT_HANG_SEED", "SWEEPBP_FAULT_MARK"
+WAIT, GO = "SWEEPBP_FAULT_WAIT_SEED", "SWEEPBP_FAULT_GO"
 
 
 def install() -> None:
@@ -39,6 +43,10 @@ def install() -> None:
         if batch_idx == 1 and seed and str(seed[-1]) == os.environ.get(HANG):
             Path(os.environ[MARK]).write_text(str(os.getpid()))
             while True:  # the job's signal handler raises out of this sleep
+                time.sleep(0.05)
+        if batch_idx == 1 and seed and str(seed[-1]) == os.environ.get(WAIT):
+            Path(os.environ[MARK]).write_text(str(os.getpid()))
+            while not Path(os.environ[GO]).exists():
                 time.sleep(0.05)
         return step(self, batch, batch_idx)
 
