@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -110,12 +111,48 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+@dataclass
+class Server:
+    """The session's `mlflow server`, which a test may kill and start again on the same port with the same
+    backend (tests/test_outage.py)."""
+
+    folder: Path
+    port: int
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = start_server(self.folder, self.port)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the host's out-of-memory killer ends it; returns once its port refuses."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            assert time.monotonic() < deadline, f"port {self.port} still answers"
+            time.sleep(0.05)
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
+def mlflow_server(tmp_path_factory):
     """`mlflow server` with a SQLite backend and served artifacts, both in a temporary folder."""
-    port = free_port()
-    proc = start_server(tmp_path_factory.mktemp("server"), port)
+    server = Server(tmp_path_factory.mktemp("server"), free_port())
+    server.start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server
     finally:
-        stop_server(proc)
+        if server.proc is not None:
+            stop_server(server.proc)
+
+
+@pytest.fixture(scope="session")
+def server(mlflow_server: Server) -> str:
+    """The session server's URL."""
+    return mlflow_server.url

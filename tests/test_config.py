@@ -14,7 +14,7 @@ from conftest import compose, run_cli
 
 from sweepbp.cli.paths import config_dir
 from sweepbp.cli.precheck import available_options, expand, local_cuda_gpus, precheck
-from sweepbp.config import GROUPS, ConfigError, leaf_params
+from sweepbp.config import GROUPS, ConfigError, leaf_params, register_schemas
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -115,6 +115,7 @@ def broken_weights(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(("args", "message", "value"), BAD_INPUT, ids=[" ".join(c[0]) for c in BAD_INPUT])
 def test_bad_input_is_one_line(args, message, value, pickle_only, broken_weights):
+    register_schemas()  # as the command line does first (the test must not depend on an earlier one's compose)
     problems, _ = precheck([a.format(pickle_only=pickle_only, broken_weights=broken_weights) for a in args])
     assert len(problems) == 1, problems
     assert message in problems[0]
