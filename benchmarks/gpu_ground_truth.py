@@ -261,26 +261,14 @@ def import_results(args: argparse.Namespace) -> int:
     source = Path(args.results).resolve().parent
     parent = recorder.open_sweep(args.sweep_id or source.name, source, "GPU ground truth (imported)")
     for number, result in enumerate(results):
-        run = config_of(result)
-        name = f"{result.mode} {result.choices.get('model', '')} {run.memory_name} b={run.cfg.batch.size}"
-        run_id = recorder.open_job(run, name, parent, {"sweepbp.sweep_id": args.sweep_id or source.name,
-                                                         "sweepbp.job_num": str(number)})
+        name = (f"{result.mode} {result.choices.get('model', '')} {result.config['memory']['name']} "
+                f"b={result.config['batch']['size']}")
+        run_id = recorder.open_job(result, name, parent, {"sweepbp.sweep_id": args.sweep_id or source.name,
+                                                            "sweepbp.job_num": str(number)})
         with tempfile.TemporaryDirectory() as folder:
             recorder.finish_job(run_id, result, [result.write(Path(folder))])
     print(f"imported {len(results)} runs into {args.tracking_uri} (experiment {args.experiment})")
     return 0
-
-
-def config_of(result):
-    """The RunConfig a record was made from (its resolved config, each group in its own schema)."""
-    from sweepbp.config import SCHEMAS, RunConfig, SweepbpConfig, schema_of
-
-    data = dict(result.config)
-    groups = {}
-    for group in SCHEMAS:
-        values = data.pop(group)
-        groups[group] = schema_of(group, values.get("name"))(**values)
-    return RunConfig(cfg=SweepbpConfig(**groups, **data), choices=result.choices)
 
 
 def fetch_wheels(args: argparse.Namespace) -> int:

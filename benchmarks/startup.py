@@ -93,13 +93,12 @@ def tracking_cost(records: list[dict], folder: Path) -> dict[str, float]:
     parent = recorder.open_sweep("bench", folder / "sweep")
     starts, finishes = [], []
     for number, record in enumerate(records):
-        run = _run_config(record)
         result = JobResult(**record)
         job_dir = folder / str(number)
         files = [result.write(job_dir), job_dir / "config.yaml"]
         files[1].write_text("from: benchmark\n")
         start = time.perf_counter()
-        run_id = recorder.open_job(run, f"job {number}", parent, {"sweepbp.job_num": str(number)})
+        run_id = recorder.open_job(result, f"job {number}", parent, {"sweepbp.job_num": str(number)})
         starts.append(time.perf_counter() - start)
         start = time.perf_counter()
         recorder.finish_job(run_id, result, files)
@@ -107,19 +106,6 @@ def tracking_cost(records: list[dict], folder: Path) -> dict[str, float]:
     figures["start_job_s"] = statistics.median(starts)
     figures["finish_job_s"] = statistics.median(finishes)
     return figures
-
-
-def _run_config(record: dict):
-    """The typed config of one of the sweep's jobs, composed again from its choices."""
-    from sweepbp.cli.precheck import check_job_config
-    from sweepbp.config import register_schemas
-
-    register_schemas()
-    config = record["config"]
-    problems, run = check_job_config([f"memory={record['choices']['memory']}", f"lora.r={config['lora']['r']}",
-                                      f"batch.size={config['batch']['size']}"])
-    assert run is not None, problems
-    return run
 
 
 def mean(records: list[dict], key: str) -> float:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -76,39 +77,90 @@ def _health(url: str) -> bool:
     return http_get(url + "/health").strip() == b"OK"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """`mlflow server` with a SQLite backend and served artifacts, both in a temporary folder."""
-    folder = tmp_path_factory.mktemp("server")
-    port = _free_port()
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:`port` with a SQLite backend and served artifacts in `folder` (the same
+    folder again: the same backend), once it answers /health; in its own process group."""
+    folder.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--serve-artifacts",
          "--artifacts-destination", str(folder / "artifacts")],
-        stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=open(folder / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if _health(url):
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker, started by this fixture
+    deadline = time.monotonic() + 180
+    while True:
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            if _health(url):
+                return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)
+            pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server `start_server` started: it and its uvicorn worker, and wait until they are gone."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@dataclass
+class Server:
+    """The session's `mlflow server`, which a test may kill and start again on the same port with the same
+    backend (tests/test_outage.py)."""
+
+    folder: Path
+    port: int
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = start_server(self.folder, self.port)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the host's out-of-memory killer ends it; returns once its port refuses."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            assert time.monotonic() < deadline, f"port {self.port} still answers"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` with a SQLite backend and served artifacts, both in a temporary folder."""
+    server = Server(tmp_path_factory.mktemp("server"), free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None:
+            stop_server(server.proc)
+
+
+@pytest.fixture(scope="session")
+def server(mlflow_server: Server) -> str:
+    """The session server's URL."""
+    return mlflow_server.url

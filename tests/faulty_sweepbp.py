@@ -7,6 +7,9 @@ The job whose `trainer.seed` equals
   SWEEPBP_FAULT_HANG_SEED  writes its process id to the file SWEEPBP_FAULT_MARK in its second training
                            step (in its prediction, for mode=predict), then sleeps until a signal stops it: a
                            job caught mid-training, every time.
+  SWEEPBP_FAULT_WAIT_SEED  writes its process id to SWEEPBP_FAULT_MARK in its second training step, then waits
+                           until the file SWEEPBP_FAULT_GO exists and trains on: the test acts in between
+                           (stops the tracking server while this job runs).
 Jobs are forked from the sweep process itself (SWEEPBP_START_METHOD=fork, set below), so the patches made
 here reach them; the default fork server would import clean copies of the modules.
 """
@@ -19,6 +22,7 @@ import time
 from pathlib import Path
 
 FAIL, HANG, MARK = "SWEEPBP_FAULT_FAIL_SEED", "SWEEPBP_FAULT_HANG_SEED", "SWEEPBP_FAULT_MARK"
+WAIT, GO = "SWEEPBP_FAULT_WAIT_SEED", "SWEEPBP_FAULT_GO"
 
 
 def install() -> None:
@@ -40,6 +44,10 @@ def install() -> None:
             raise RuntimeError("injected fault")
         if batch_idx == 1 and seed and str(seed[-1]) == os.environ.get(HANG):
             hang()
+        if batch_idx == 1 and seed and str(seed[-1]) == os.environ.get(WAIT):
+            Path(os.environ[MARK]).write_text(str(os.getpid()))
+            while not Path(os.environ[GO]).exists():
+                time.sleep(0.05)
         return step(self, batch, batch_idx)
 
     def predict_with_faults(run, *args, **kwargs):

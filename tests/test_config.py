@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from conftest import compose, run_cli
 
 from sweepbp.cli.paths import config_dir
 from sweepbp.cli.precheck import available_options, expand, local_cuda_gpus, precheck
-from sweepbp.config import GROUPS, ConfigError, leaf_params
+from sweepbp.config import GROUPS, ConfigError, leaf_params, register_schemas
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -69,6 +71,8 @@ BAD_INPUT = [
     (["model.pretrained_path=/does/not/exist"], "model.pretrained_path must be an existing local folder",
      "/does/not/exist"),
     (["model.pretrained_path={pickle_only}"], "model.pretrained_path must hold safetensors weights", "pickle"),
+    (["model.pretrained_path={broken_weights}"], "model.pretrained_path must hold readable safetensors files",
+     "model.safetensors (header too small: the file has 3 bytes)"),
     (["tracking.uri=http://127.0.0.1:1"], "tracking.uri must be a reachable MLflow store", "http://127.0.0.1:1"),
     (["tracking.uri=sqlite:////does/not/exist/mlflow.db"], "tracking.uri must be a reachable MLflow store",
      "/does/not/exist"),
@@ -103,9 +107,20 @@ def pickle_only(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def broken_weights(tmp_path: Path) -> Path:
+    """A checkpoint folder whose model.safetensors is broken (safetensors says only "header too small")."""
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"abc")
+    return folder
+
+
 @pytest.mark.parametrize(("args", "message", "value"), BAD_INPUT, ids=[" ".join(c[0]) for c in BAD_INPUT])
-def test_bad_input_is_one_line(args, message, value, pickle_only):
-    problems, _ = precheck([a.format(pickle_only=pickle_only) for a in args])
+def test_bad_input_is_one_line(args, message, value, pickle_only, broken_weights):
+    register_schemas()  # as the command line does first (the test must not depend on an earlier one's compose)
+    problems, _ = precheck([a.format(pickle_only=pickle_only, broken_weights=broken_weights) for a in args])
     assert len(problems) == 1, problems
     assert message in problems[0]
     assert value in problems[0]
@@ -136,6 +151,45 @@ def test_bad_input_through_the_cli_is_one_line_and_records_nothing(args, message
     assert len(lines) == 1 and lines[0].startswith(f"sweepbp: error: {message}"), done.stderr
     assert "Traceback" not in done.stderr + done.stdout and "s3cret" not in done.stderr + done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no job folder: nothing ran
+
+
+def read_only_mounts() -> bool:
+    """Whether this machine lets a test mount a folder read-only in a private mount namespace (root, unshare)."""
+    probe = Path(tempfile.mkdtemp())
+    try:
+        done = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -o bind,ro {probe} {probe} && ! touch {probe}/x"],
+                              capture_output=True, timeout=30)
+        return done.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    finally:
+        shutil.rmtree(probe)
+
+
+@pytest.mark.skipif(not read_only_mounts(), reason="needs `unshare -m` and `mount` (root) for a read-only folder: "
+                    "root ignores chmod, so only a read-only mount makes a folder unwritable for it")
+@pytest.mark.parametrize("place", ["launch folder", "store folder"])
+def test_an_unwritable_folder_is_one_line_before_any_job(place, tmp_path):
+    """A read-only mount (what fails for root too): `-m` in it, or a SQLite store in it."""
+    read_only, launch = tmp_path / "ro", tmp_path / "launch"
+    read_only.mkdir()
+    launch.mkdir()
+    if place == "launch folder":
+        cwd, args = read_only, ["-m", "trainer.seed=0,1"]
+        message = (f"hydra.sweep.dir and tracking.uri must be in a folder sweepbp can write, got {read_only}, the "
+                   "launch folder ([Errno 30] Read-only file system); move them elsewhere, e.g. hydra.sweep.dir=")
+    else:
+        cwd, args = launch, [f"tracking.uri=sqlite:///{read_only}/mlflow.db"]
+        message = (f"tracking.uri must be in a folder sweepbp can write, got {read_only} ([Errno 30] Read-only file "
+                   "system); move it elsewhere, e.g. tracking.uri=")
+    mount = 'mount -o bind,ro "$0" "$0" && exec "$@"'
+    done = subprocess.run(["unshare", "-m", "sh", "-c", mount, str(read_only), sys.executable, "-m", "sweepbp", *args],
+                          cwd=cwd, env={**os.environ, "CI": "1"}, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sweepbp: error: {message}"), done.stderr
+    assert sorted(p.name for p in [*read_only.iterdir(), *launch.iterdir()]) == []  # nothing written anywhere
 
 
 def test_bad_input_fails_before_anything_heavy_is_imported(tmp_path):

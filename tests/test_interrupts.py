@@ -1,5 +1,5 @@
 """Interruption: Ctrl-C, SIGTERM and kill -9 of a real sweep subprocess lose nothing that had finished, and
-`resume=true` then runs only what is missing.
+`resume=true` then runs only what is missing; SIGTERM ends a sweep within seconds even while a store call hangs.
 
 The job with trainer.seed=1 is made to wait in its second training step (tests/faulty_sweepbp.py) and
 writes its process id to a file when it gets there, so every signal lands mid-job, on a fast machine or
@@ -8,10 +8,16 @@ a slow one. The rerun with resume=true runs without that fault, so the same conf
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import queue
 import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -114,3 +120,61 @@ def test_ctrl_c_of_a_rerun_is_one_line_and_records_the_rerun_as_killed(tmp_path:
     assert "Traceback" not in rerun.stderr and "sweepbp.rerun: stopped (SIGINT)" in rerun.stderr
     reruns = [r for r in runs_of(tmp_path)[0] if r.data.tags.get("sweepbp.rerun_of") == original]
     assert [(r.data.tags["sweepbp.status"], r.info.status) for r in reruns] == [("killed", "KILLED")]
+
+
+@contextmanager
+def hanging_server() -> Iterator[tuple[str, queue.Queue]]:
+    """A tracking server that answers /health (so pre-flight lets the sweep start) and then never answers an
+    API call: a hung or overloaded server, the outage in which a client waits longest. Each API request's
+    path and Authorization header go into the queue."""
+    requests: queue.Queue = queue.Queue()
+    release = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/health"):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"OK")
+                return
+            requests.put((self.path, self.headers.get("Authorization")))
+            release.wait(120)
+
+        do_POST = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", requests
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_sigterm_while_a_store_call_hangs_ends_the_sweep_within_seconds(tmp_path: Path):
+    with hanging_server() as (host, requests):
+        sweep = start_sweep(["trainer.seed=0,1", "batch.size=1", *SMALL, f"tracking.uri=http://alice:t0k3n@{host}"],
+                            tmp_path, faulty=False)
+        try:
+            path, authorization = requests.get(timeout=START_S)  # job 0's first store call, waiting on the server
+        except queue.Empty:
+            sweep.kill()
+            raise AssertionError(f"no store call within {START_S} s:\n{sweep.stderr[-3000:]}") from None
+        os.kill(sweep.process.pid, signal.SIGTERM)  # what SLURM sends at the time limit
+        stopped = time.monotonic()
+        code = sweep.finish(STOP_S)
+        took = time.monotonic() - stopped
+
+    print(f"exit {code}, {took:.1f} s after SIGTERM")
+    assert code == 143 and took < 15, (code, took)
+    assert "Traceback" not in sweep.stderr and "t0k3n" not in sweep.stderr
+    assert path.startswith("/api/2.0/mlflow/")
+    assert authorization == "Basic " + base64.b64encode(b"alice:t0k3n").decode()  # the credentials, the MLflow way
+    job = sweep_dirs(tmp_path)[0] / "0"
+    assert json.loads((job / "results.json").read_text())["status"] == "killed"
+    assert (job / "not_in_store.txt").exists() and "--sync" in sweep.stderr

@@ -6,6 +6,7 @@ import torch
 from conftest import FAST, compose
 
 from sweepbp.job import run_job
+from sweepbp.measure.stats import TimingSummary, is_noisy
 from sweepbp.measure.tracker import ACTIVATION, GRAD, OTHER, PARAM, TRAINABLE, MemoryTracker
 
 F32 = 4
@@ -115,3 +116,14 @@ def test_a_thinned_timeline_keeps_the_peak_and_the_dips():
     assert max(drawn) == 20_005 and min(drawn) == 5
     order = [int(s["phase"]) for s in kept]  # the phase field carries each sample's index here
     assert order == sorted(order) and len(set(order)) == len(order)
+
+
+def test_steps_that_spread_by_more_than_a_quarter_of_their_median_are_noisy():
+    """The rule on given step times (no clock read here; benchmarks/timing_noise.py runs real jobs idle and loaded)."""
+    quiet = [0.100, 0.102, 0.098, 0.101, 0.099]  # IQR 2% of the median
+    busy = [0.100, 0.180, 0.095, 0.250, 0.110]  # IQR 80% of the median
+    assert not is_noisy(quiet) and is_noisy(busy)
+    assert not is_noisy([0.1, 0.125, 0.1, 0.125, 0.1])  # IQR 0.025 = exactly 25% of the median: not above it
+    assert not is_noisy([0.3])  # one timed step has no spread
+    assert TimingSummary(busy, busy, busy, busy).metrics(64, 2)["timing_noisy"] == 1.0
+    assert TimingSummary(quiet, quiet, quiet, quiet).metrics(64, 2)["timing_noisy"] == 0.0

@@ -18,7 +18,7 @@ from conftest import FAST, http_get, run_cli
 
 from sweepbp.report.files import folder_records, write_report
 from sweepbp.report.summary import Record, fastest_within, summarize, swept_keys
-from sweepbp.report.tables import csv_text
+from sweepbp.report.tables import answers, csv_text, table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EXPERIMENT = "report-test"
@@ -54,6 +54,18 @@ def test_frontier_budget_and_strategy_costs():
     assert rows[0].startswith("job,memory,lora.r,status,tokens_per_s,peak_memory_bytes,activation_bytes,pareto")
     assert rows[2].startswith("1,ckpt,8,ok,80,6000000000,1500000000,1")
     assert rows[4].startswith("3,ckpt,16,oom,,,,0")
+
+
+def test_a_noisy_job_is_marked_in_the_table_and_the_answers():
+    records = [_record("0", "none", 8, peak_memory_bytes=10e9, tokens_per_s=100.0, timing_noisy=0.0),
+               _record("1", "ckpt", 8, peak_memory_bytes=6e9, tokens_per_s=80.0, timing_noisy=1.0)]
+    summary = summarize(records)
+    rows = table(summary).splitlines()
+    assert "| ok |" in rows[2] and "noisy" not in rows[2]
+    assert "| ok (noisy timing) |" in rows[3]
+    assert "- Job(s) 1: the timed steps spread by more than 25% of their median (`timing_noisy`)" in "\n".join(
+        answers(summary))
+    assert csv_text(summary).splitlines()[0].split(",").count("timing_noisy") == 1
 
 
 def test_predicted_metrics_alone_make_a_report(tmp_path):

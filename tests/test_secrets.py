@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from sweepbp.config import TrackingConfig, config_as_dict, config_yaml, leaf_params, redact_uri
-from sweepbp.result import JobResult, host_environment
+from sweepbp.result import JobResult, Status, host_environment
 from sweepbp.sweep.callbacks import SweepEnd
 from sweepbp.sweep.task import JobContext, _finish
 from sweepbp.tracking.redaction import install_log_redaction, redact_text
@@ -67,7 +67,7 @@ def test_a_recorded_job_holds_no_credentials_anywhere(tmp_path: Path, monkeypatc
     run = compose([f"tracking.uri='{SECRET_URI}'"])
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     recorder = open_store(TrackingConfig(uri=store))  # the secret server does not exist: record locally
-    run_id = recorder.open_job(run, "secret", None, {"sweepbp.config_hash": "x"})
+    run_id = recorder.open_job(JobResult.of(run, Status.RUNNING), "secret", None, {"sweepbp.config_hash": "x"})
     result = JobResult(status="failed", mode="measure", config=config_as_dict(run.cfg), choices=run.choices,
                        environment={**host_environment(), "traceback": f"ConnectionError: {SECRET_URI}"},
                        error=f"MlflowException: cannot reach {SECRET_URI}")
@@ -88,8 +88,10 @@ def test_a_recorded_job_holds_no_credentials_anywhere(tmp_path: Path, monkeypatc
 def test_hydra_snapshots_of_the_command_line_are_scrubbed(tmp_path: Path):
     job, snapshot = tmp_path / "sweep" / "0", tmp_path / "sweep" / "0" / ".hydra"
     snapshot.mkdir(parents=True)
+    escaped = SECRET_URI.replace(":", "\\:").replace("=", "\\=")  # how Hydra writes a swept value
     for name in ("overrides.yaml", "config.yaml", "hydra.yaml"):
-        (snapshot / name).write_text(f"- tracking.uri={SECRET_URI}\n")
+        (snapshot / name).write_text(f"- tracking.uri={SECRET_URI}\n- tracking.uri={escaped}\n"
+                                     f"override_dirname: lora.r=8,tracking.uri={escaped},trainer.seed=0\n")
     (tmp_path / "sweep" / "multirun.yaml").write_text(f"uri: {SECRET_URI}\n")
     config = OmegaConf.create({"hydra": {"output_subdir": ".hydra", "runtime": {"output_dir": str(job)},
                                          "mode": RunMode.MULTIRUN, "sweep": {"dir": str(tmp_path / "sweep")}}})
@@ -99,6 +101,28 @@ def test_hydra_snapshots_of_the_command_line_are_scrubbed(tmp_path: Path):
     for path in [*snapshot.iterdir(), tmp_path / "sweep" / "multirun.yaml"]:
         text = path.read_text()
         assert "***@mlflow.example" in text and not any(leak in text for leak in LEAKS), path
+
+
+def test_hydras_escaped_form_of_a_uri_is_redacted_and_stays_escaped():
+    line = "#0 : lora.r=8 tracking.uri=http\\://alice\\:s3cret@host\\:5000 trainer.seed=0"  # Hydra's launcher line
+    assert redact_text(line) == "#0 : lora.r=8 tracking.uri=http\\://***@host\\:5000 trainer.seed=0"
+
+
+def test_credentials_in_the_uri_travel_in_mlflows_variables(monkeypatch):
+    """What the sweep hands to Hydra holds no credentials; MLflow's client sends the same basic auth."""
+    from mlflow.utils.credentials import get_default_host_creds
+
+    from sweepbp.cli.main import credentials_to_environment
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "before")  # so that the test's end restores the environment as it was
+        monkeypatch.delenv(name)
+    args = credentials_to_environment(["-m", "lora.r=8,16", "tracking.uri=http://alice:s3cr%40t@host:5000/x"])
+    assert args == ["-m", "lora.r=8,16", "tracking.uri='http://host:5000/x'"]
+    creds = get_default_host_creds("http://host:5000/x")
+    assert (creds.username, creds.password) == ("alice", "s3cr@t")
+    swept = ["-m", "tracking.uri=http://a:b@h1,http://a:c@h2"]  # a swept URI is left to the redaction
+    assert credentials_to_environment(swept) == swept
 
 
 def test_the_environment_record_holds_no_secret_variable(monkeypatch):

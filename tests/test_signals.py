@@ -48,3 +48,11 @@ def test_a_job_raises_once_and_then_ignores_repeats():
     with pytest.raises(KeyboardInterrupt):
         signal.raise_signal(signal.SIGTERM)
     signal.raise_signal(signal.SIGTERM)  # the sweep forwards SIGTERM after the job got Ctrl-C: ignored
+
+
+def test_a_signal_ignored_before_a_held_block_stays_ignored():
+    """The sweep ignores signals once it is stopping; writing the stopped job's files must not revive them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with held():
+        signal.raise_signal(signal.SIGINT)  # a second Ctrl-C while the killed job is written: nothing happens
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

@@ -22,7 +22,7 @@ from torch.cuda import _memory_viz
 from sweepbp.job import run_job
 from sweepbp.measure.snapshot import PAGE_FILE, SNAPSHOT_FILE, SnapshotLog
 from sweepbp.measure.tracker import GRAD, OTHER, TRAINABLE, MemoryTracker
-from sweepbp.sweep.task import config_hash
+from sweepbp.result import JobResult, Status
 
 # The pickle opcodes MemoryViz.js's own unpickler reads (its `unpickleData`); any other stops the viewer.
 VIEWER_OPCODES = {"PROTO", "APPEND", "APPENDS", "LIST", "TUPLE", "NEWFALSE", "NEWTRUE", "NONE", "BINGET", "BININT",
@@ -169,7 +169,8 @@ def test_cli_writes_snapshots_that_replay_to_the_exact_peak_and_logs_them(tmp_pa
     assert result.status == "ok", result.error
     assert result.metrics["peak_memory_bytes"] == measured
     assert result.artifacts == [] and not (tmp_path / "plain").exists()
-    assert config_hash(plain) == config_hash(compose(["memory=ckpt", *FAST, "tracking=none", "snapshot=true"]))
+    with_snapshot = compose(["memory=ckpt", *FAST, "tracking=none", "snapshot=true"])
+    assert JobResult.of(plain, Status.RUNNING).config_hash == JobResult.of(with_snapshot, Status.RUNNING).config_hash
 
 
 def test_llama3_8b_prediction_snapshot_replays_to_the_predicted_peak(tmp_path):

@@ -530,7 +530,36 @@ def _pretrained_problems(path: str) -> list[str]:
             return [f"model.pretrained_path must hold safetensors weights, got pickle weights only in {path!r} "
                     "(refused: loading pickle can execute code)"]
         return [f"model.pretrained_path must hold *.safetensors weights, got none in {path!r}"]
+    broken = [f"{file} ({why})" for file in sorted(folder.glob("*.safetensors")) if (why := _safetensors_problem(file))]
+    if broken:
+        return [f"model.pretrained_path must hold readable safetensors files, got a broken one: {broken[0]}"]
     return []
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file's layout (an 8-byte header length, a JSON header, then exactly the
+    bytes the header's data offsets cover), read from its header alone; None when it is sound."""
+    import json
+    import struct
+
+    size = file.stat().st_size
+    if size < 8:
+        return f"header too small: the file has {size} bytes"
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > size - 8:
+            return f"header length {length:,} exceeds the file's {size:,} bytes (truncated?)"
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            return f"header is not JSON: {err}"
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"
+            and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and entry["data_offsets"]]
+    if ends and max(ends) != size - 8 - length:
+        return f"its tensors need {max(ends):,} bytes of data, the file holds {size - 8 - length:,} (truncated?)"
+    return None
 
 
 def _shape_problems(config: dict[str, Any]) -> list[str]:

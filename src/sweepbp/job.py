@@ -23,7 +23,7 @@ from sweepbp.measure.device import (
     rss_peak_bytes,
 )
 from sweepbp.measure.snapshot import write_snapshot
-from sweepbp.measure.timing import TimingSummary, varied_throughput
+from sweepbp.measure.stats import TimingSummary, varied_throughput
 from sweepbp.measure.tracker import timeline_samples
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.predict.autobatch import resolve_batch_size
@@ -32,7 +32,7 @@ from sweepbp.predict.trace import predict, target_device
 from sweepbp.result import JobResult, Status, host_environment, one_line
 from sweepbp.train.data import token_batches
 from sweepbp.train.distributed import data_seed, local_rank, process_group_record, trainer_arguments
-from sweepbp.train.environment import device_environment, pick_device, quiet_libraries
+from sweepbp.train.environment import device_environment, machine_load, pick_device, quiet_libraries
 from sweepbp.train.flops import peak_flops
 from sweepbp.train.lora import adapted_layer_names, apply_method
 from sweepbp.train.model import build_model, parameter_counts
@@ -48,7 +48,7 @@ class Interrupted(BaseException):
 def run_job(run: RunConfig, progress=None, output_dir: Path | None = None) -> JobResult:
     """Run one job to a result; every expected failure becomes a status, never an exception. `output_dir` is
     the job's folder, where it writes its memory snapshot (snapshot=true)."""
-    result = JobResult.of(run, Status.RUNNING, environment=host_environment())
+    result = JobResult.of(run, Status.RUNNING, environment=host_environment(), metrics=machine_load("start"))
     start = time.perf_counter()
     try:
         quiet_libraries()
@@ -69,6 +69,7 @@ def run_job(run: RunConfig, progress=None, output_dir: Path | None = None) -> Jo
         result.status, result.error = Status.FAILED, one_line(err)
         result.environment["traceback"] = traceback.format_exc()
     result.metrics["job_time_s"] = time.perf_counter() - start
+    result.metrics.update(machine_load("end"))
     return result
 
 

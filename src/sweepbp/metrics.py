@@ -41,7 +41,7 @@ class Metric:
     """One recorded number."""
 
     name: str
-    unit: str  # bytes, s, tokens/s, sequences/s, count, tokens, FLOPs, %, ratio
+    unit: str  # bytes, s, tokens/s, sequences/s, count, tokens, FLOPs, %, ratio, flag (0 or 1)
     label: str  # short name for chart axes and table headers
     meaning: str  # one line: what it is (docs/metrics.md says how it is measured)
     group: str  # the section of docs/metrics.md it belongs to
@@ -52,8 +52,13 @@ class Metric:
     gpu_only: bool = False  # recorded on CUDA devices only
 
 
-MEMORY, TIME, MODEL, DATA, PREDICTION, FORMULA, GPU = (
-    "memory", "time", "model", "data", "prediction", "formula", "gpu")
+# `timing_noisy`: the step times' interquartile range above this fraction of their median. Steps of one job
+# do identical work, so on a quiet machine they spread by a few percent (benchmarks/timing_noise.py measures
+# a job alone and under load); a spread this large means something else took the CPU or GPU.
+NOISY_IQR_FRACTION = 0.25
+
+MEMORY, TIME, MACHINE, MODEL, DATA, PREDICTION, FORMULA, GPU = (
+    "memory", "time", "machine", "model", "data", "prediction", "formula", "gpu")
 
 CATALOGUE: tuple[Metric, ...] = (
     # -- the timed steps ----------------------------------------------------------------------------------
@@ -83,6 +88,9 @@ CATALOGUE: tuple[Metric, ...] = (
            shown=Shown.CSV),
     Metric("bwd_fwd_ratio", "ratio", "bwd / fwd", "`bwd_time_s / fwd_time_s`", TIME),
     Metric("timed_steps", "count", "timed steps", "how many steps the medians are over", TIME),
+    Metric("timing_noisy", "flag", "noisy timing", f"1 when `step_time_iqr_s` exceeds {NOISY_IQR_FRACTION} x "
+           "`step_time_s`: the timed steps spread too much for their median to be trusted (a busy machine); "
+           "else 0", TIME, Merge.MAX, shown=Shown.CSV),
     Metric("train_time_s", "s", "timed", "sum of the timed steps", TIME),
     Metric("steps_time_s", "s", "all steps", "wall time inside every training step (warm-up, traced, timed)", TIME),
     Metric("setup_time_s", "s", "setup", "job start to a built, adapted model with its memory strategy "
@@ -90,6 +98,12 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("job_time_s", "s", "job", "the whole job inside its process", TIME, Merge.MAX),
     Metric("snapshot_time_s", "s", "snapshot", "writing memory_snapshot.pickle and .html (snapshot=true only; "
            "recording them slows the traced step or the prediction, never the timed steps)", TIME),
+    # -- the machine while the job ran ----------------------------------------------------------------------
+    *(Metric(f"load_1m_{when}", "count", f"load at {when}", f"the machine's 1-minute load average (runnable "
+             f"tasks) at the {when} of the job; above `cpus_{when}`, work queued for the CPUs", MACHINE, Merge.MAX)
+      for when in ("start", "end")),
+    *(Metric(f"cpus_{when}", "count", f"CPUs at {when}", f"CPUs the job's process could run on at its {when} "
+             "(`os.sched_getaffinity`)", MACHINE) for when in ("start", "end")),
     # -- memory of the traced step (exact tracker) ---------------------------------------------------------
     Metric("peak_memory_bytes", "bytes", "peak memory", "peak of all live device tensor bytes during the traced step",
            MEMORY, Merge.MAX, per_rank=True, shown=Shown.TABLE, predicted=True),
@@ -189,8 +203,10 @@ CATALOGUE: tuple[Metric, ...] = (
 )
 
 METRICS: dict[str, Metric] = {m.name: m for m in CATALOGUE}
-GROUP_TITLES = {MEMORY: "Memory of the traced step", TIME: "Time of the timed steps", MODEL: "The model and the run",
-                DATA: "The data (data=jsonl, parquet)", PREDICTION: "The prediction", FORMULA: "The closed-form cross-check", GPU: "CUDA only"}
+GROUP_TITLES = {MEMORY: "Memory of the traced step", TIME: "Time of the timed steps",
+                MACHINE: "The machine while the job ran", MODEL: "The model and the run",
+                DATA: "The data (data=jsonl, parquet)", PREDICTION: "The prediction",
+                FORMULA: "The closed-form cross-check", GPU: "CUDA only"}
 
 
 def metric(name: str) -> Metric:

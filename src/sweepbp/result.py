@@ -72,6 +72,23 @@ class JobResult:
         return cls(status=status, mode=run.cfg.mode, config=config_as_dict(run.cfg), choices=run.choices,
                    error=error, **fields_)
 
+    @property
+    def config_hash(self) -> str:
+        """Identity of a job's measurement (tag sweepbp.config_hash, what resume=true and the sync command match):
+        its resolved config without the keys that cannot change it (a snapshot only draws the measured step:
+        resume=true reuses a run made without one)."""
+        data = {k: v for k, v in self.config.items() if k not in ("resume", "tracking", "snapshot")}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def run_name(self) -> str:
+        """The job's name in MLflow and on its memory timeline: model, memory strategy (and loss, unless
+        standard), rank, batch."""
+        loss = self.config.get("loss", {}).get("name", "standard")
+        shown_loss = f" {loss}" if loss != "standard" else ""
+        return (f"{self.choices.get('model', 'model')} {self.config['memory']['name']}{shown_loss} "
+                f"r={self.config['lora']['r']} b={self.config['batch']['size']}")
+
     def to_json(self, indent: int | None = 2) -> str:
         """JSON text; indent=None is compact (several times faster for a long timeline: the pipe from a job)."""
         # A shallow dict: every field already holds JSON-ready values, and asdict's deep copy of the

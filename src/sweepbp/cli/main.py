@@ -11,12 +11,14 @@ import os
 import sys
 
 from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from sweepbp.cli.paths import config_dir
 from sweepbp.cli.precheck import MAX_PRECHECKED_JOBS, launcher_of, notes, precheck
 from sweepbp.config import RunConfig, register_schemas
 from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
 from sweepbp.tracking.redaction import install_log_redaction
+from sweepbp.tracking.uris import move_credentials
 
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -60,7 +62,7 @@ def _main(args: list[str]) -> None:
         from sweepbp.sweep.worker import prefetch_predictions  # as for start_workers: only for a sweep that runs
 
         prefetch_predictions(runs)  # the jobs run in this process: their predictions can start now
-    sys.argv = [sys.argv[0], *args]
+    sys.argv = [sys.argv[0], *credentials_to_environment(args)]
     import hydra  # the whole of Hydra and the sweep's task: only once every job is valid (errors stay fast)
 
     from sweepbp.sweep.task import run_task
@@ -73,6 +75,28 @@ def multirun_first(args: list[str]) -> list[str]:
     so `a=1 -m b=1,2` would leave `b=1,2` unrecognised. The flag takes no value, so moving it changes nothing else."""
     flags = [a for a in args if a in MULTIRUN_FLAGS]
     return [*flags, *(a for a in args if a not in MULTIRUN_FLAGS)]
+
+
+def credentials_to_environment(args: list[str]) -> list[str]:
+    """`tracking.uri=http://user:password@host` becomes `tracking.uri='http://host'`, the credentials going to
+    MLflow's own MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in this process's environment (which the
+    jobs and launcher workers inherit): what Hydra writes (.hydra/*.yaml, override_dirname), logs and hands to
+    the jobs then never holds them, nor do MLflow's printed links or error messages. A swept URI is left to
+    the redaction of everything shown or written (tracking/redaction.py)."""
+    parser = OverridesParser.create()
+    return [_without_credentials(arg, parser) if arg.lstrip("+").startswith("tracking.uri=") else arg for arg in args]
+
+
+def _without_credentials(arg: str, parser: OverridesParser) -> str:
+    override = parser.parse_override(arg)  # pre-flight parsed it already: it parses
+    if override.is_sweep_override():
+        return arg
+    uri, credentials = move_credentials(override.value())
+    if not credentials:
+        return arg
+    os.environ.update(credentials)
+    quoted = uri.replace("\\", "\\\\").replace("'", "\\'")  # a quoted value in Hydra's override grammar
+    return f"{arg.split('=', 1)[0]}='{quoted}'"
 
 
 def _wants_help(args: list[str]) -> bool:

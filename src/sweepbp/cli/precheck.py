@@ -22,6 +22,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from sweepbp.cli.folders import folder_problems
 from sweepbp.cli.launchers import PRESETS, REMOTE_LAUNCHERS, launcher_options
 from sweepbp.cli.paths import config_dir, user_config_dir
 from sweepbp.config import GROUPS, ConfigError, RunConfig, read_config_file, redact_uri, to_run_config
@@ -55,12 +56,15 @@ def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], N
         problems, _ = precheck([a for a in args if "glob(" not in a], on_first_valid)
         return problems, 0
     problems: list[str] = []
+    runs: list[RunConfig] = []
     here = runs_here(parsed.overrides)
     for combo in combos[:MAX_PRECHECKED_JOBS]:
         lines, run = check_job(combo, here)
         for line in lines:
             if line not in problems:
                 problems.append(line)
+        if run is not None:
+            runs.append(run)
         if run is not None and notes is not None:
             notes.extend(n for n in attention_notes(run) if n not in notes)
         if run is not None and runs is not None:
@@ -68,6 +72,8 @@ def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], N
         if run is not None and not problems and on_first_valid is not None:
             on_first_valid(run, parsed.overrides)
             on_first_valid = None
+    if combos and not problems and not own_config:
+        problems = folder_problems(combos[0], parsed.multirun, runs)
     return problems, len(combos)
 
 

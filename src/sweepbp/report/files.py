@@ -10,7 +10,7 @@ from sweepbp.config import TrackingConfig, redact_uri
 from sweepbp.report.summary import Record, Summary, summarize
 from sweepbp.report.tables import answers, csv_text, markdown, table
 from sweepbp.result import JobResult, one_line
-from sweepbp.tracking import NONE, Store, StoredJob, StoreError, backend, open_store
+from sweepbp.tracking import Store, StoredJob, StoreError, backend, open_store
 
 FILES = ("summary.csv", "summary.md", "tradeoff.png")
 
@@ -41,10 +41,9 @@ def write_report(summary: Summary, out_dir: Path) -> list[Path]:
 def report_sweep_folder(sweep_dir: Path, sweep_id: str, tracking: TrackingConfig | None = None) -> list[Record]:
     """At the end of a multirun: write the report into the sweep folder, log it to the sweep's parent run,
     print the table. `tracking` is the sweep's own tracking config (the records hold the tracking URI
-    redacted); by default the first record's. The report covers the jobs in the folder and the sweep's runs
+    redacted), None to leave the store alone. The report covers the jobs in the folder and the sweep's runs
     in the store that the folder lacks (jobs on machines that do not share the folder). Returns every record."""
     records = folder_records(sweep_dir)
-    tracking = tracking or (_tracking_of(records) if records else None)
     store = open_store(tracking) if tracking is not None else None
     if store is not None:
         records += _store_only_records(tracking, sweep_id, records, store)
@@ -76,10 +75,3 @@ def _store_only_records(tracking: TrackingConfig, sweep_id: str, have: list[Reco
     print(f"[sweepbp] warning: jobs run elsewhere not added to the report, the store {redact_uri(tracking.uri)} "
           f"could not be read: {reason}", file=sys.stderr)
     return []
-
-
-def _tracking_of(records: list[Record]) -> TrackingConfig | None:
-    """The tracking config the jobs used (the first job's), or None when they recorded nothing."""
-    fields = {k.split(".", 1)[1]: v for k, v in records[0].config.items() if k.startswith("tracking.")}
-    tracking = TrackingConfig(**fields)
-    return tracking if tracking.name != NONE else None

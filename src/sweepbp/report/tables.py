@@ -6,7 +6,7 @@ import csv
 import io
 
 from sweepbp.config import GB
-from sweepbp.metrics import PREDICTED, Shown, shown
+from sweepbp.metrics import NOISY_IQR_FRACTION, PREDICTED, Shown, shown
 from sweepbp.metrics import label as metric_label
 from sweepbp.report.formats import describe, describe_point, fmt_bytes, fmt_metric
 from sweepbp.report.summary import Record, Summary, compared_axes, fastest_within, on_chart, plotted
@@ -41,6 +41,7 @@ def table(summary: Summary) -> str:
     lines = [_md_row(header), _md_row(["---"] * len(header))]
     for r in summary.records:
         status = r.status.value if r.status == Status.OK else f"**{r.status.value}**"
+        status += " (noisy timing)" if r.metric("timing_noisy") else ""
         lines.append(_md_row([r.job, *(r.value(k) for k in summary.keys), status,
                               *(fmt_metric(m, r.metric(m)) for m in metrics), "*" if id(r) in frontier else ""]))
     return "\n".join(lines)
@@ -73,6 +74,11 @@ def answers(summary: Summary) -> list[str]:
                   "settings", ""]
         lines += [_effect_line(e, summary) for e in summary.effects if e.axis == axis] or [
             f"- No pair of ok jobs differing only in the {axis.title} (one of them {axis.group}={axis.baseline})."]
+    noisy = [r.job for r in summary.records if r.metric("timing_noisy")]
+    if noisy:
+        lines += ["", "## Noisy timings", "", f"- Job(s) {', '.join(noisy)}: the timed steps spread by more than "
+                  f"{NOISY_IQR_FRACTION:.0%} of their median (`timing_noisy`): the machine was busy; rerun them on a "
+                  "quiet machine before trusting their throughput."]
     shown = {id(r) for r in on_chart(summary.records, x, y)}
     failed = [r for r in summary.records if id(r) not in shown]
     if failed:

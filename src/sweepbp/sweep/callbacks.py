@@ -21,6 +21,7 @@ from sweepbp.report.files import folder_records, report_sweep_folder
 from sweepbp.report.summary import Record
 from sweepbp.result import Status, sweep_id_of
 from sweepbp.tracking import NONE
+from sweepbp.tracking.guard import missing_runs_line, not_in_store
 from sweepbp.tracking.redaction import scrub_files
 
 
@@ -37,6 +38,9 @@ def summary_lines(records: list[Record], sweep_dir: Path) -> tuple[list[str], in
     errors = sum(1 for r in records if r.status.is_error)
     if errors:
         lines.append(f"[sweepbp] error: {errors} job(s) failed or were killed; see their results.json")
+    missing = missing_runs_line(sweep_dir)
+    if missing:
+        lines.append(missing)
     return lines, 1 if errors else 0
 
 
@@ -54,7 +58,9 @@ class SweepEnd(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        lines, code = summary_lines(write_sweep_report(sweep_dir, _tracking_of(config)), sweep_dir)
+        # A store that failed during the sweep is not asked again: the sync command completes the parent run.
+        tracking = None if not_in_store(sweep_dir) else _tracking_of(config)
+        lines, code = summary_lines(write_sweep_report(sweep_dir, tracking), sweep_dir)
         for line in lines:
             print(line, file=sys.stderr)
         if code:

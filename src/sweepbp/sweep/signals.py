@@ -1,9 +1,11 @@
 """How the sweep and its jobs react to Ctrl-C, SIGTERM and to their sweep process dying.
 
 The sweep process turns SIGINT and SIGTERM into `Stopped` (a KeyboardInterrupt that remembers the
-signal), so a `kill PID` stops a sweep as cleanly as Ctrl-C. While a finished job is being recorded,
-signals are held back (`held`) and take effect right after, so a record is never left half-written;
-once a stop has been caught, later signals are ignored until the sweep has recorded the job and exited.
+signal), so a `kill PID` stops a sweep as cleanly as Ctrl-C. While a finished job's files (results.json,
+config.yaml) are written, signals are held back (`held`) and take effect right after, so they are never
+left half-written; a call to the tracking store is not held: a stop ends it at once (tracking/guard.py), and
+a run it leaves unfinished stays RUNNING, as after `kill -9`. Once a stop has been caught, later signals are
+ignored until the sweep has recorded the job and exited.
 A job process raises its interrupt exception once and ignores repeats (Lightning restores the handler
 it found after its own teardown, and the sweep forwards the signal a second time). A job process also
 dies with its sweep process (Linux), so `kill -9` of the sweep leaves no orphan holding the device.
@@ -86,14 +88,16 @@ def stopping() -> Iterator[None]:
 
 @contextmanager
 def held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back during a block (recording a result), then raise `Stopped` if one came."""
+    """Hold SIGINT/SIGTERM back during a block (writing a job's files), then raise `Stopped` if one came. A
+    signal ignored before the block (the sweep is already stopping) stays ignored."""
     if not _main_thread():
         yield
         return
     pending: list[int] = []
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for signum in STOP_SIGNALS:
-        signal.signal(signum, lambda s, f: pending.append(s))
+        if previous[signum] is not signal.SIG_IGN:
+            signal.signal(signum, lambda s, f: pending.append(s))
     try:
         yield
     finally:

@@ -6,25 +6,26 @@ of memory or is killed still gets its results.json and its MLflow run closed wit
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sweepbp import metrics
-from sweepbp.config import ConfigError, RunConfig, config_as_dict, config_yaml, to_run_config
-from sweepbp.metrics import Shown
+from sweepbp.config import ConfigError, RunConfig, config_yaml, redact_uri, to_run_config
+from sweepbp.metrics import NOISY_IQR_FRACTION, Shown
 from sweepbp.result import JobResult, Status, sweep_id_of
 from sweepbp.sweep.signals import Stopped, held, ignore_signals
 from sweepbp.sweep.worker import JobInterrupted, run_isolated
-from sweepbp.tracking import RUN_ID, Store, open_store
+from sweepbp.tracking import NONE, RUN_ID, TAG_DIR, TAG_HASH, TAG_JOB, TAG_SWEEP, open_store
+from sweepbp.tracking.guard import STOPPED, Guarded, StoreDown, mark_not_in_store, missing_runs_line, sync_command
 from sweepbp.tracking.redaction import install_log_redaction, redact_result
 
 
@@ -54,15 +55,6 @@ def job_context() -> JobContext:
     return JobContext(output_dir, None, None, 0, 1)
 
 
-def config_hash(run: RunConfig) -> str:
-    """Identity of a job's measurement: the resolved config without the keys that cannot change it (a
-    snapshot only draws the measured step: resume=true reuses a run made without one)."""
-    data = config_as_dict(run.cfg)
-    for key in ("resume", "tracking", "snapshot"):
-        data.pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def run_task(cfg: DictConfig) -> str:
     """Hydra's task function: one job. Returns its status."""
     install_log_redaction()  # again: a joblib worker process never ran the command line's main()
@@ -76,27 +68,37 @@ def run_task(cfg: DictConfig) -> str:
     result = record_job(run, context)
     if context.sweep_id is None:
         _print_outcome(result, context)
+        _say_not_in_store(context)
         if result.status.is_error:
             raise SystemExit(1)
     return result.status
 
 
 def record_job(run: RunConfig, context: JobContext) -> JobResult:
-    """Run one job in its own process and record it: MLflow run, results.json, config.yaml.
+    """Run one job in its own process and record it: results.json, config.yaml, then its MLflow run.
 
     A stop (Ctrl-C, SIGTERM) during the job records it as `killed` with what it measured, closes the sweep's
-    parent run as KILLED and re-raises `Stopped`; a stop while a finished job is recorded waits for the record.
+    parent run as KILLED and re-raises `Stopped`; a stop while a finished job's files are written waits for
+    them. The store never holds a job up: a store call a stop cuts short leaves its run RUNNING (as `kill -9`
+    does), and once the store has failed the jobs are recorded in their folders only (tracking/guard.py).
     """
+    try:
+        return _record_job(run, context)
+    except KeyboardInterrupt:
+        _say_not_in_store(context)
+        raise
+
+
+def _record_job(run: RunConfig, context: JobContext) -> JobResult:
     store = _store(run)
-    digest = config_hash(run)
+    opened = JobResult.of(run, Status.RUNNING)  # what the run is opened with: params, name, config hash
     if run.cfg.resume and store is not None:
-        previous = store.find_finished(digest)
-        if previous is not None:
-            return _skipped(context, store, previous)
+        skipped = _skipped(run, context, store, opened.config_hash)
+        if skipped is not None:
+            return skipped
     run_id = None
     try:
-        with held():  # a run is created with its tags and params, or not at all
-            run_id = _open_run(run, context, store, digest)
+        run_id = _open_run(run, context, store, opened)
         result = run_isolated(run, context.label, context.output_dir)
     except KeyboardInterrupt as stop:  # the job's partial result, or a stop before the job started
         ignore_signals()  # from here the sweep only records this job, then exits
@@ -104,35 +106,95 @@ def record_job(run: RunConfig, context: JobContext) -> JobResult:
             run, Status.KILLED, "stopped (Ctrl-C or SIGTERM) before the job started")
         _finish(run, context, store, run_id, partial)
         if store is not None and context.sweep_id is not None:
-            store.stop_sweep(context.sweep_id)
+            _unless_down(lambda: store.stop_sweep(context.sweep_id), run, context)
         raise Stopped(getattr(stop, "signum", signal.SIGINT)) from None
-    with held():  # a Ctrl-C now takes effect once this job's record is complete
-        _finish(run, context, store, run_id, result)
+    _finish(run, context, store, run_id, result)
+    _warn_if_noisy(result, context)
     return result
 
 
-def _open_run(run: RunConfig, context: JobContext, store: Store | None, digest: str) -> str | None:
+def _warn_if_noisy(result: JobResult, context: JobContext) -> None:
+    """One line for a job whose timed steps spread too much for its throughput to be trusted."""
+    figures = result.metrics
+    if not figures.get("timing_noisy"):
+        return
+    spread = figures["step_time_iqr_s"] / figures["step_time_s"]
+    print(f"[sweepbp] warning: job {context.label}: timing_noisy: its step times spread by {spread:.0%} of their "
+          f"median (interquartile range; over {NOISY_IQR_FRACTION:.0%} is noisy), machine load "
+          f"{figures.get('load_1m_end', float('nan')):.1f} on {figures.get('cpus_end', float('nan')):.0f} CPUs: "
+          "rerun it on a quiet machine before trusting its throughput", file=sys.stderr, flush=True)
+
+
+def _open_run(run: RunConfig, context: JobContext, store: Guarded | None, opened: JobResult) -> str | None:
     if store is None:
         return None
-    parent = None
+    tags = {TAG_HASH: opened.config_hash, TAG_DIR: str(context.output_dir), **context.tags}
     if context.sweep_id is not None:
-        parent = store.open_sweep(context.sweep_id, context.sweep_dir)
-    tags = {"sweepbp.config_hash": digest, "sweepbp.job_dir": str(context.output_dir), **context.tags}
-    if context.sweep_id is not None:
-        tags["sweepbp.sweep_id"] = context.sweep_id
-        tags["sweepbp.job_num"] = str(context.number)
-    return store.open_job(run, _run_name(run), parent, tags)
+        tags[TAG_SWEEP] = context.sweep_id
+        tags[TAG_JOB] = str(context.number)
+
+    def open_run() -> str:
+        parent = store.open_sweep(context.sweep_id, context.sweep_dir) if context.sweep_id is not None else None
+        return store.open_job(opened, opened.run_name, parent, tags)
+
+    return _unless_down(open_run, run, context)
 
 
-def _finish(run: RunConfig, context: JobContext, store: Store | None, run_id: str | None, result: JobResult) -> None:
+def _finish(run: RunConfig, context: JobContext, store: Guarded | None, run_id: str | None,
+            result: JobResult) -> None:
+    """The job's files first (a stop waits for them), then its run in the store, unless the store is down."""
     redact_result(result)
     if run_id is not None:
         result.environment[RUN_ID] = run_id
-    files = _write_job_files(context.output_dir, run, result)
-    files += _job_charts(context.output_dir, run, result)
-    files += [context.output_dir / name for name in result.artifacts]  # what the job wrote itself (snapshot=true)
-    if store is not None and run_id is not None:
-        store.finish_job(run_id, result, files)
+    try:
+        with held():
+            files = _write_job_files(context.output_dir, run, result) + _job_charts(context.output_dir, result)
+            files += [context.output_dir / name for name in result.artifacts]  # written by the job (snapshot=true)
+        if store is not None and run_id is not None:
+            store.finish_job(run_id, result, files)
+        elif store is not None and store.down is not None:  # its run could not be opened
+            _mark(run, context, store.down)
+    except StoreDown as down:
+        _said(down, run, context)
+        _mark(run, context, down.reason)
+    except KeyboardInterrupt:
+        if store is not None:
+            _mark(run, context, STOPPED)
+        raise
+
+
+T = TypeVar("T")
+
+
+def _unless_down(call: Callable[[], T], run: RunConfig, context: JobContext) -> T | None:
+    """A store call's answer, or None once the store is down (said in one line the first time)."""
+    try:
+        return call()
+    except StoreDown as down:
+        _said(down, run, context)
+        return None
+
+
+def _said(down: StoreDown, run: RunConfig, context: JobContext) -> None:
+    if down.first:
+        print(f"[sweepbp] warning: the tracking store {redact_uri(run.cfg.tracking.uri)} failed ({down.reason}); "
+              "the jobs go on and write their results.json, and the runs it misses are added later by: "
+              f"{sync_command(_folder(context))}", file=sys.stderr, flush=True)
+
+
+def _mark(run: RunConfig, context: JobContext, reason: str) -> None:
+    mark_not_in_store(context.output_dir, redact_uri(run.cfg.tracking.uri), reason, sync_command(_folder(context)))
+
+
+def _say_not_in_store(context: JobContext) -> None:
+    line = missing_runs_line(_folder(context))
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _folder(context: JobContext) -> Path:
+    """What the sync command is given: the sweep folder, or a single run's job folder."""
+    return context.sweep_dir if context.sweep_dir is not None else context.output_dir
 
 
 def _write_job_files(folder: Path, run: RunConfig, result: JobResult) -> list[Path]:
@@ -142,7 +204,7 @@ def _write_job_files(folder: Path, run: RunConfig, result: JobResult) -> list[Pa
     return [result.write(folder), config_path]
 
 
-def _job_charts(folder: Path, run: RunConfig, result: JobResult) -> list[Path]:
+def _job_charts(folder: Path, result: JobResult) -> list[Path]:
     """memory_timeline.png of the traced step, drawn in the sweep process: about 0.3-0.4 s of CPU per job,
     plus about 0.9 s once per sweep to import matplotlib (measured on a loaded 2-core VM, docs/report.md)."""
     if not result.timeline:
@@ -150,7 +212,8 @@ def _job_charts(folder: Path, run: RunConfig, result: JobResult) -> list[Path]:
     try:
         from sweepbp.report.charts import memory_timeline_chart  # matplotlib: when the first picture is drawn
 
-        path = memory_timeline_chart(result.timeline, folder / "memory_timeline.png", _run_name(run), _twin_layers(result))
+        path = memory_timeline_chart(result.timeline, folder / "memory_timeline.png", result.run_name,
+                                     _twin_layers(result))
     except Exception as err:  # noqa: BLE001 (a picture must never cost a job its record)
         print(f"[sweepbp] warning: memory_timeline.png not drawn: {type(err).__name__}: {err}", file=sys.stderr)
         return []
@@ -165,33 +228,31 @@ def _twin_layers(result: JobResult) -> int | None:
     return int(str(result.environment["predict_traced_depths"]).split(",")[-1])
 
 
-def _skipped(context: JobContext, store: Store, previous_run_id: str) -> JobResult:
-    """resume=true: reuse the recorded result of an identical finished job instead of running it again."""
-    result = store.result_of(previous_run_id)
-    result.environment["resumed_from_run_id"] = previous_run_id
+def _skipped(run: RunConfig, context: JobContext, store: Guarded, digest: str) -> JobResult | None:
+    """resume=true: reuse the recorded result of an identical finished job instead of running it again (None:
+    there is none, or the store cannot say: the job runs)."""
+    previous = _unless_down(lambda: store.find_finished(digest), run, context)
+    result = _unless_down(lambda: store.result_of(previous), run, context) if previous is not None else None
+    if result is None:
+        return None
+    result.environment["resumed_from_run_id"] = previous
     result.write(context.output_dir)
-    print(f"[sweepbp] job {context.label}: already recorded as run {previous_run_id} "
+    print(f"[sweepbp] job {context.label}: already recorded as run {previous} "
           f"({result.status}), skipped (resume=true)", file=sys.stderr)
     return result
 
 
-_stores: dict[tuple[str, str, str], Store | None] = {}
+_stores: dict[tuple[str, str, str], Guarded | None] = {}
 
 
-def _store(run: RunConfig) -> Store | None:
-    """One store per backend, URI and experiment in this process: the jobs of a sweep share its connection."""
+def _store(run: RunConfig) -> Guarded | None:
+    """One store per backend, URI and experiment in this process (opened by its first call): the jobs of a
+    sweep share its connection, and once it has failed none of them waits on it again."""
     tracking = run.cfg.tracking
     key = (tracking.name, tracking.uri, tracking.experiment)
     if key not in _stores:
-        _stores[key] = open_store(tracking)
+        _stores[key] = None if tracking.name == NONE else Guarded(lambda: open_store(tracking))
     return _stores[key]
-
-
-def _run_name(run: RunConfig) -> str:
-    """The run's name in MLflow and on its memory timeline: model, memory strategy (and loss, unless
-    standard), rank, batch."""
-    loss = f" {run.cfg.loss.name}" if run.cfg.loss.name != "standard" else ""
-    return f"{run.choices.get('model', 'model')} {run.memory_name}{loss} r={run.cfg.lora.r} b={run.cfg.batch.size}"
 
 
 def _print_outcome(result: JobResult, context: JobContext) -> None:

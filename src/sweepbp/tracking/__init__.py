@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from sweepbp.config import ConfigError, RunConfig, TrackingConfig
+from sweepbp.config import ConfigError, TrackingConfig
 from sweepbp.result import JobResult
 from sweepbp.tracking import uris
 
@@ -29,14 +29,20 @@ class Backend:
     store: str  # "module:class" of its Store, imported when a store is opened
     unreachable: Callable[[str], str | None]  # why a URI cannot be used now, or None (seconds at most)
     resolve: Callable[[str], str]  # the URI every job of a sweep uses (e.g. a relative SQLite path made absolute)
+    folder: Callable[[str], Path | None]  # the local folder its store writes to (pre-flight checks it), if any
 
 
 BACKENDS = {"mlflow": Backend("MLflow", "sweepbp.tracking.mlflow_store:MlflowStore", uris.unreachable_reason,
-                              uris.resolve_uri)}
+                              uris.resolve_uri, uris.store_folder)}
 NONE = "none"
 # results.json's environment entry (and tag sweepbp.env.mlflow_run_id) naming a job's run in the store; named
 # when MLflow was the only backend, kept since scripts read it.
 RUN_ID = "mlflow_run_id"
+# sweepbp's own tags on runs (public names, listed in the README): status, sweep, parent or job, config hash,
+# mode, job number, job folder
+TAG_STATUS, TAG_SWEEP, TAG_ROLE, TAG_HASH, TAG_MODE, TAG_JOB, TAG_DIR = (
+    "sweepbp.status", "sweepbp.sweep_id", "sweepbp.role", "sweepbp.config_hash", "sweepbp.mode", "sweepbp.job_num",
+    "sweepbp.job_dir")
 
 
 class StoreError(LookupError):
@@ -50,6 +56,15 @@ class StoredJob:
     job: str  # the job's number in its sweep
     run_id: str  # the store's id of the job's run
     result: JobResult  # its results.json, or what the store has of it when that is missing
+
+
+@dataclass
+class JobRun:
+    """A job's run as the store lists it, without its artifacts."""
+
+    run_id: str
+    tags: dict[str, str]
+    complete: bool  # its record ended (FINISHED, FAILED or KILLED); a run cut short stays RUNNING
 
 
 @dataclass
@@ -67,11 +82,17 @@ class Store(Protocol):
     def open_sweep(self, sweep_id: str, sweep_dir: Path, description: str = "sweepbp sweep") -> str:
         """The sweep's parent run (created by whichever job gets there first); its id."""
 
-    def open_job(self, run: RunConfig, name: str, parent_id: str | None, tags: dict[str, str]) -> str:
-        """A new run for a job, with its params and tags, status running; its id."""
+    def open_job(self, result: JobResult, name: str, parent_id: str | None, tags: dict[str, str]) -> str:
+        """A new run for a job, with its tags and params (the result's choices and config), status running; its id."""
 
     def finish_job(self, run_id: str, result: JobResult, files: list[Path]) -> None:
         """Record a job's outcome: metrics, environment, files, and last its status."""
+
+    def complete_job(self, run_id: str, result: JobResult, files: list[Path]) -> None:
+        """`finish_job` for a run whose record was cut short: the params and metrics it lacks, then the rest."""
+
+    def job_runs(self, tags: dict[str, str]) -> list[JobRun]:
+        """The job runs (not sweep parents) that carry all these tags."""
 
     def finish_sweep(self, sweep_id: str, sweep_dir: Path, files: list[Path], failed: bool) -> None:
         """The sweep's report goes to its parent run, which then ends."""

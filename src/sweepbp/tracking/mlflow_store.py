@@ -9,6 +9,7 @@ runs: each job's results.json artifact, or its params, metrics and tags when the
 from __future__ import annotations
 
 import fcntl
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,17 +21,34 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sweepbp.config import GROUPS, RunConfig, TrackingConfig, leaf_params, nested, redact_uri
+from sweepbp.config import GROUPS, TrackingConfig, dotted_leaves, nested, redact_uri
 from sweepbp.result import JobResult, Status
-from sweepbp.tracking import RUN_ID, RecordedRun, StoredJob, StoreError
+from sweepbp.tracking import (
+    RUN_ID,
+    TAG_HASH,
+    TAG_JOB,
+    TAG_MODE,
+    TAG_ROLE,
+    TAG_STATUS,
+    TAG_SWEEP,
+    JobRun,
+    RecordedRun,
+    StoredJob,
+    StoreError,
+)
 from sweepbp.tracking.uris import resolve_uri, sqlite_path
 
 T = TypeVar("T")
 RUN_STATUS = {Status.OK: "FINISHED", Status.OOM: "FINISHED", Status.DIVERGED: "FINISHED",
               Status.FAILED: "FAILED", Status.KILLED: "KILLED"}
-TAG_STATUS, TAG_SWEEP, TAG_ROLE, TAG_HASH, TAG_MODE, TAG_JOB = (
-    "sweepbp.status", "sweepbp.sweep_id", "sweepbp.role", "sweepbp.config_hash", "sweepbp.mode", "sweepbp.job_num")
 BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
+# MLflow's HTTP client by default retries a lost server 7 times with exponential backoff (minutes) and waits
+# 120 s for an answer. A sweep must not stop measuring for that: each call gets one retry after a 5 s timeout,
+# so a refused connection fails in well under a second and a server that stopped answering in about 10 s.
+# Set these variables yourself to change it (a busy shared server may want a longer timeout); a failed call
+# costs only the run's place in the store (tracking/guard.py; `python -m sweepbp.report --sync` adds it later).
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def with_retry(call: Callable[[], T], attempts: int = 30) -> T:
@@ -68,6 +86,8 @@ class MlflowStore:
     def __init__(self, tracking: TrackingConfig):
         self.uri = resolve_uri(tracking.uri)
         self.experiment = tracking.experiment
+        for name, value in HTTP_BOUNDS.items():  # read by MLflow at every request
+            os.environ.setdefault(name, value)
         mlflow.environment_variables.MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)  # no bars on the terminal
         # MlflowClient opens the store at once, and opening a new SQLite file creates its schema:
         # parallel jobs must take turns (mlflow PR #6490), or one fails with "table already exists".
@@ -126,27 +146,39 @@ class MlflowStore:
         self._log_files(parent, files)
         with_retry(lambda: self.client.set_terminated(parent, "FAILED" if failed else "FINISHED"))
 
-    def open_job(self, run: RunConfig, name: str, parent_id: str | None, tags: dict[str, str]) -> str:
-        all_tags = {**tags, TAG_STATUS: Status.RUNNING.value, TAG_MODE: run.cfg.mode}
+    def open_job(self, result: JobResult, name: str, parent_id: str | None, tags: dict[str, str]) -> str:
+        all_tags = {**tags, TAG_STATUS: Status.RUNNING.value, TAG_MODE: result.mode}
         if parent_id is not None:
             all_tags["mlflow.parentRunId"] = parent_id
         created = with_retry(lambda: self.client.create_run(self.experiment_id(), run_name=name, tags=all_tags))
-        run_id = created.info.run_id
-        params = {**{g: c for g, c in run.choices.items() if c}, **leaf_params(run.cfg)}
+        self._log_params(created.info.run_id, result)
+        return created.info.run_id
+
+    def _log_params(self, run_id: str, result: JobResult) -> None:
+        """The option of every group and every leaf of the resolved config (logging the same values again is
+        allowed: what completes a run cut short does)."""
+        params = {**{g: c for g, c in result.choices.items() if c}, **dotted_leaves(result.config)}
         params["tracking.uri"] = redact_uri(params.get("tracking.uri", ""))
         items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), BATCH):
             with_retry(lambda chunk=items[i:i + BATCH]: self.client.log_batch(run_id, params=chunk))
-        return run_id
 
     def finish_job(self, run_id: str, result: JobResult, files: list[Path]) -> None:
+        self._finish(run_id, result, files, logged=frozenset())
+
+    def complete_job(self, run_id: str, result: JobResult, files: list[Path]) -> None:
+        self._log_params(run_id, result)
+        self._finish(run_id, result, files, logged=frozenset(self.client.get_run(run_id).data.metrics))
+
+    def _finish(self, run_id: str, result: JobResult, files: list[Path], logged: frozenset[str]) -> None:
         """Order matters for kill -9: files and metrics first, the status tag and the run's end state last,
-        so a run that looks finished is complete."""
+        so a run that looks finished is complete. Metrics in `logged` are there already (not logged twice)."""
         now = int(time.time() * 1000)
         # `loss` is logged as its per-step history only (MLflow shows the last step as its value).
         metrics = [Metric(k, float(v), now, 0) for k, v in sorted(result.metrics.items())
-                   if _is_number(v) and not (k == "loss" and result.losses)]
-        metrics += [Metric("loss", float(v), now, step) for step, v in enumerate(result.losses) if _finite(v)]
+                   if _is_number(v) and not (k == "loss" and result.losses) and k not in logged]
+        if "loss" not in logged:
+            metrics += [Metric("loss", float(v), now, step) for step, v in enumerate(result.losses) if _finite(v)]
         tags = [RunTag(f"sweepbp.env.{k}", str(v)[:5000]) for k, v in sorted(result.environment.items())
                 if k != "traceback"]
         if result.error:
@@ -179,6 +211,15 @@ class MlflowStore:
                 raise StoreError(f"no experiment named {self.experiment!r}")
             self._experiment_id = found.experiment_id
         return [self._experiment_id]
+
+    def job_runs(self, tags: dict[str, str]) -> list[JobRun]:
+        where = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+        try:
+            runs = self._search(where)
+        except StoreError:  # no experiment yet: no runs
+            return []
+        return [JobRun(run.info.run_id, dict(run.data.tags), run.info.status != "RUNNING") for run in runs
+                if run.data.tags.get(TAG_ROLE) != "sweep"]
 
     def find_finished(self, config_hash: str) -> str | None:
         """The status tag is written last but one and the run closed last (`finish_job`), so a run whose

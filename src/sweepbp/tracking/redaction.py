@@ -20,8 +20,12 @@ from sweepbp.config import redact_uri
 from sweepbp.result import JobResult
 
 # scheme://... up to whitespace, a quote or a closing bracket: wide enough for URIs inside log lines,
-# override lists (`['tracking.uri=http://u:p@h']`) and YAML values.
-URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"\]\),]+")
+# override lists (`['tracking.uri=http://u:p@h']`) and YAML values. Also Hydra's escaped form of a swept
+# value (`http\://alice\:pw@host\:5000`, in .hydra/*.yaml, override_dirname and the `#0 : ...` log line),
+# never ending on a backslash (it escapes the separator after the URI).
+URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*\\?://[^\s'\"\]\),]*[^\s'\"\]\),\\]")
+HYDRA_ESCAPED = re.compile(r"\\(.)")  # Hydra escapes \()[]{}:=, and blanks in sweep values with a backslash
+HYDRA_SPECIAL = re.compile(r"([\\()\[\]{}:=, \t])")
 
 
 def redact_text(text: str) -> str:
@@ -30,10 +34,13 @@ def redact_text(text: str) -> str:
 
 
 def _redact_one(uri: str) -> str:
+    escaped = "\\" in uri
+    plain = HYDRA_ESCAPED.sub(r"\1", uri) if escaped else uri
     try:
-        return redact_uri(uri)
+        shown = redact_uri(plain)
     except ValueError:  # not parseable as a URI (e.g. a broken IPv6 host): hide it whole
-        return uri.split("://", 1)[0] + "://***"
+        shown = plain.split("://", 1)[0] + "://***"
+    return HYDRA_SPECIAL.sub(r"\\\1", shown) if escaped else shown
 
 
 def install_log_redaction() -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 SQLITE = "sqlite:///"
+# MLflow's own variables for a tracking server's credentials (basic auth), read by its HTTP client
+USERNAME, PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
 
 def resolve_uri(uri: str, base: Path | None = None) -> str:
@@ -20,10 +22,31 @@ def resolve_uri(uri: str, base: Path | None = None) -> str:
     return uri
 
 
+def store_folder(uri: str) -> Path | None:
+    """The local folder a store writes to (a SQLite database's, made absolute), or None (a server's)."""
+    path = sqlite_path(resolve_uri(uri))
+    return path.parent if path is not None else None
+
+
 def sqlite_path(uri: str) -> Path | None:
     if uri.startswith(SQLITE):
         return Path(uri[len(SQLITE):])
     return None
+
+
+def move_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """An HTTP(S) tracking URI without its `user:password@`, and the MLflow environment variables that carry
+    them instead: MLflow sends the same basic-auth header either way, and what is not in the URI cannot reach
+    Hydra's files, log lines or MLflow's own printed links. Other URIs (a user without a password included:
+    MLflow would send no header for it) come back as they are, and are only redacted wherever shown."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, {}
+    userinfo = parts.netloc.rsplit("@", 1)[0]
+    user, _, password = userinfo.partition(":")
+    if not user or not password:
+        return uri, {}
+    return uri.replace(userinfo + "@", "", 1), {USERNAME: unquote(user), PASSWORD: unquote(password)}
 
 
 def _health_url(uri: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import lightning
@@ -38,6 +39,12 @@ def device_environment(device: torch.device, seed: int) -> dict[str, str]:
     else:
         env["device_name"] = "cpu"
     return env
+
+
+def machine_load(when: str) -> dict[str, float]:
+    """The machine's 1-minute load average and the CPUs this process may run on, `when` = start or end of the
+    job: a load above the CPU count means jobs and other work queued for the CPUs (timings then spread)."""
+    return {f"load_1m_{when}": os.getloadavg()[0], f"cpus_{when}": float(len(os.sched_getaffinity(0)))}
 
 
 def _driver_version() -> str:
