@@ -5,7 +5,10 @@ not affine in depth the whole model is traced instead; predictions of a sweep sh
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +21,9 @@ from sweeps import SMALL, alive, run_sweep, runs_of, start_sweep, sweep_dirs
 import sweepbp.predict.autobatch as autobatch
 import sweepbp.predict.trace as trace
 from sweepbp.job import run_job
-from sweepbp.predict.depth import affine_at, depth_plan, pattern_period
+from sweepbp.result import JobResult, Status
+from sweepbp.sweep.predictor import PREFETCH, RUN, PredictionServer
+from sweepbp.predict.depth import NotAffine, affine_at, depth_plan, pattern_period
 from sweepbp.predict.trace import extrapolated, plan_depths, predict, trace_step
 from sweepbp.train.model import hf_config
 
@@ -88,6 +93,31 @@ def test_llama3_8b_extrapolated_equals_its_full_trace(overrides):
     fast = predict(cfg, "cuda")
     assert (fast.method, fast.traced_depths, fast.depth) == ("extrapolated", (2, 3, 4), 32)
     same_prediction(fast, trace_step(cfg, "cuda", 1, False))
+
+
+@pytest.mark.parametrize("overrides", [["memory=ckpt", "lora.r=64", "batch.seq_len=16"],
+                                       ["method=full", "optim=sgd", "optim.momentum=0", "memory=ckpt"]],
+                         ids=" ".join)
+def test_far_beyond_the_twins_the_prediction_is_still_the_full_trace(overrides):
+    """24 layers from twins of 2, 3 and 4: whatever moves between the twins and the model shows here."""
+    cfg = compose([*FAST, "mode=predict", "batch.size=1", "model.config.num_hidden_layers=24", *overrides]).cfg
+    fast = predict(cfg, "cuda")
+    assert fast.method == "extrapolated", fast.full_reason
+    same_prediction(fast, trace_step(cfg, "cuda", 1, False))
+
+
+def test_a_peak_that_would_move_within_its_phase_is_traced_whole():
+    """Full fine-tuning with SGD: at 2 to 4 layers the backward peaks where every layer's gradient exists (its
+    end), but the activations it starts with grow faster with depth and overtake that peak by 16 layers; the
+    twins cannot show it, their figures are affine. The plan sees the backward's entry outgrow its peak."""
+    cfg = compose([*FAST, "mode=predict", "batch.size=1", "batch.seq_len=128", "model.config.num_hidden_layers=16",
+                   "model.config.vocab_size=8192", "method=full", "optim=sgd"]).cfg
+    with pytest.raises(NotAffine, match="backward phase's peak grows by"):
+        extrapolated(cfg, "cuda", 1, plan_depths(cfg, cheaper_only=False))
+    fallback = predict(cfg, "cuda")
+    assert fallback.method == "full" and "may move in a deeper model" in fallback.full_reason
+    full = trace_step(cfg, "cuda", 1, False)
+    assert fallback.report.phases["backward"].peak_bytes == full.report.phases["backward"].peak_bytes
 
 
 def test_auto_batch_is_the_same_with_extrapolated_predictions(monkeypatch):
@@ -175,3 +205,40 @@ def test_sigterm_during_a_prediction_records_it_killed_and_ends_the_prediction_p
     assert parents[0].info.status == "KILLED"
     first = json.loads((sweep_dirs(tmp_path)[0] / "0" / "results.json").read_text())
     assert first["environment"]["job_pid"] == str(job_pid)  # the same process served both predictions
+
+
+class Stopped(BaseException):
+    pass
+
+
+def test_the_prediction_process_predicts_each_job_once_and_answers_as_asked():
+    """sweep/predictor.py with a stand-in for run_job: announced jobs predicted once, in order, whatever order
+    they are asked in; a job recorded elsewhere gets the shared prediction with its own tracking config; a job
+    asked in another environment is predicted anew."""
+    made: list[int] = []
+
+    def run_job(run, output_dir=None):
+        made.append(run.cfg.trainer.seed)
+        return JobResult.of(run, Status.OK, environment={"X": os.environ.get("X", "")})
+
+    runs = [compose([*FAST, "mode=predict", "tracking=none", f"trainer.seed={seed}"]) for seed in range(4)]
+    sweep_end, process_end = mp.Pipe(duplex=True)
+    serving = threading.Thread(target=PredictionServer(process_end, run_job, Stopped).serve, daemon=True)
+    serving.start()
+    environ = {k: v for k, v in os.environ.items() if k != "X"}
+    sweep_end.send((PREFETCH, runs, environ))
+
+    def ask(run, env=environ) -> JobResult:
+        sweep_end.send((RUN, run, env, None))
+        assert sweep_end.poll(30)
+        return JobResult.from_json(sweep_end.recv())
+
+    assert ask(runs[2]).config["trainer"]["seed"] == 2  # asked out of order, as after resume=true skips
+    elsewhere = compose([*FAST, "mode=predict", "tracking.experiment=other", "trainer.seed=0"])
+    assert ask(elsewhere).config["tracking"]["experiment"] == "other"  # the announced job's prediction, restamped
+    assert ask(runs[3]).environment["X"] == ""
+    assert ask(runs[1], {**environ, "X": "set"}).environment["X"] == "set"  # another environment: made again
+    sweep_end.close()
+    serving.join(10)
+    assert not serving.is_alive()
+    assert sorted(made) == [0, 1, 1, 2, 3]

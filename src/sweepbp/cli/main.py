@@ -58,11 +58,11 @@ def _main(args: list[str]) -> None:
         from hydra_plugins.sweepbp_sweeper import PRECHECKED  # Hydra's sweeper: only for a sweep that runs
 
         os.environ[PRECHECKED] = "1"  # every job composed and validated: the sweeper need not do it again
+    sys.argv = [sys.argv[0], *credentials_to_environment(args)]
     if _started_workers and len(runs) == jobs:
         from sweepbp.sweep.worker import prefetch_predictions  # as for start_workers: only for a sweep that runs
 
         prefetch_predictions(runs)  # the jobs run in this process: their predictions can start now
-    sys.argv = [sys.argv[0], *credentials_to_environment(args)]
     import hydra  # the whole of Hydra and the sweep's task: only once every job is valid (errors stay fast)
 
     from sweepbp.sweep.task import run_task

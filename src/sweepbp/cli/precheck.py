@@ -56,7 +56,7 @@ def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], N
         problems, _ = precheck([a for a in args if "glob(" not in a], on_first_valid)
         return problems, 0
     problems: list[str] = []
-    runs: list[RunConfig] = []
+    runs = [] if runs is None else runs
     here = runs_here(parsed.overrides)
     for combo in combos[:MAX_PRECHECKED_JOBS]:
         lines, run = check_job(combo, here)
@@ -67,8 +67,6 @@ def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], N
             runs.append(run)
         if run is not None and notes is not None:
             notes.extend(n for n in attention_notes(run) if n not in notes)
-        if run is not None and runs is not None:
-            runs.append(run)
         if run is not None and not problems and on_first_valid is not None:
             on_first_valid(run, parsed.overrides)
             on_first_valid = None

@@ -32,6 +32,8 @@ HOST = "host"  # memory an offloading strategy keeps off the device
 # The step's phases. LOSS is the output projection and the loss, from the forward's hidden states to the
 # loss and, at the start of the backward, back to their gradient: what it allocates is LOGITS.
 FORWARD, LOSS, BACKWARD, OPTIM = "forward", "loss", "backward", "optim"
+# Before the step (what is registered) and between its phases: the tracker's phase outside every `phase_of`.
+SETUP = "setup"
 
 _active: list["MemoryTracker"] = []
 
@@ -75,7 +77,7 @@ def enter_phase(name: str) -> None:
     (the loss's gradient comes first) until the loss switches to BACKWARD at the hidden states' gradient."""
     tracker = active_tracker()
     if tracker is not None:
-        tracker.phase = name
+        tracker.switch_phase(name)
         tracker._loss_open = name == LOSS
 
 
@@ -101,10 +103,17 @@ class PhasePeak:
     category_peaks: dict[str, int] = field(default_factory=dict)
     host_peak_bytes: int = 0
     first_event: int = 0  # the tracker's event count when the phase first reached its peak (breaks ties in time)
+    entry_bytes: int = 0  # live bytes when the phase was entered (the largest, if entered more than once)
+    exit_bytes: int = 0  # live bytes when it was left (likewise)
 
     def note_category(self, category: str, live: int) -> None:
         if live > self.category_peaks.get(category, 0):
             self.category_peaks[category] = live
+
+    def note(self, total: int, live: dict[str, int], event: int) -> None:
+        """A moment of the phase with `total` live bytes: its peak if the highest so far."""
+        if total > self.peak_bytes:
+            self.peak_bytes, self.at_peak, self.first_event = total, dict(live), event
 
 
 @dataclass
@@ -152,7 +161,7 @@ class MemoryTracker(TorchDispatchMode):
         self.device_type = self.device_types[0]
         self.budget_bytes = budget_bytes
         self.keep_timeline = keep_timeline
-        self.phase = "setup"
+        self.phase = SETUP
         self._sizes: dict[int, tuple[int, str]] = {}  # storage key -> (bytes, category)
         self._live = dict.fromkeys(CATEGORIES, 0)
         self._live[HOST] = 0
@@ -237,8 +246,7 @@ class MemoryTracker(TorchDispatchMode):
         self._total += size
         self._category_peaks[category] = max(self._category_peaks[category], self._live[category])
         phase.note_category(category, self._live[category])
-        if self._total > phase.peak_bytes:
-            phase.peak_bytes, phase.at_peak, phase.first_event = self._total, dict(self._live), self._events
+        phase.note(self._total, self._live, self._events)
         if self._total > self._peak:
             self._peak = self._total
             self._at_peak = dict(self._live)
@@ -275,11 +283,27 @@ class MemoryTracker(TorchDispatchMode):
     def phase_of(self, name: str) -> Iterator[None]:
         if name == BACKWARD and self._loss_open:
             name = LOSS  # the backward begins with the loss's own (see `enter_phase`)
-        previous, self.phase = self.phase, name
+        previous = self.phase
+        self.switch_phase(name)
         try:
             yield
         finally:
-            self.phase = previous
+            self.switch_phase(previous)
+
+    def switch_phase(self, name: str) -> None:
+        """Leave the current phase for `name`. The live bytes at that moment are the left phase's exit and the
+        entered phase's entry, a moment of it like any other (its peak when nothing is allocated in it). SETUP is
+        not a phase of the step: going back to it between phases is no moment of its own."""
+        if name == self.phase:
+            return
+        if self.phase != SETUP:
+            left = self._phase_peak()
+            left.exit_bytes = max(left.exit_bytes, self._total)
+        self.phase = name
+        if name != SETUP:
+            entered = self._phase_peak()
+            entered.entry_bytes = max(entered.entry_bytes, self._total)
+            entered.note(self._total, self._live, self._events)
 
     @property
     def live_bytes(self) -> int:
@@ -289,7 +313,8 @@ class MemoryTracker(TorchDispatchMode):
         at_peak = {c: self._at_peak[c] for c in CATEGORIES}
         peaks = {c: self._category_peaks[c] for c in CATEGORIES}
         phases = {name: PhasePeak(p.peak_bytes, {c: p.at_peak.get(c, 0) for c in CATEGORIES},
-                                  {c: p.category_peaks.get(c, 0) for c in CATEGORIES}, p.host_peak_bytes, p.first_event)
+                                  {c: p.category_peaks.get(c, 0) for c in CATEGORIES}, p.host_peak_bytes, p.first_event,
+                                  p.entry_bytes, p.exit_bytes)
                   for name, p in self._phases.items()}
         return MemoryReport(self._peak, at_peak, peaks, self._category_peaks[HOST], self._start, list(self.timeline),
                             phases)

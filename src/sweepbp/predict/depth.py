@@ -24,10 +24,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from sweepbp.measure.tracker import CATEGORIES, MemoryReport, PhasePeak
+from sweepbp.memory.checkpoint import decoder_layers
 from sweepbp.train.model import per_layer_lists
 
 POINTS = 3  # depths traced: three points give the second difference that proves the figures affine
+INDEX_FIELDS = ("layer_idx", "layer_id", "layer_index")  # a layer's own number: the one setting layers may differ in
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,32 @@ class NotAffine(ValueError):
     """A figure of the traces is not affine in depth: the model is traced whole instead."""
 
 
+def check_layers_repeat(model: torch.nn.Module, period: int) -> None:
+    """The model's decoder layers repeat with the plan's period: NotAffine where they do not.
+
+    Config fields that make layers differ without being a per-layer list (an index list of dense layers in a
+    mixture of experts, a count of leading dense layers) cannot be seen in the config; they show in the layers
+    built from it (on meta: no memory, about 0.1 s for 70B): their modules, parameter shapes and settings.
+    """
+    signatures = [layer_signature(layer) for layer in decoder_layers(model)]
+    for index, signature in enumerate(signatures):
+        if signature != signatures[index % period]:
+            raise NotAffine(f"decoder layer {index} differs from layer {index % period}: the layers do not repeat "
+                            f"every {period}")
+
+
+def layer_signature(layer: torch.nn.Module) -> tuple:
+    """What a decoder layer is made of, but for its index: each module's class and plain settings (sliding
+    window, attention type, ...) and each parameter's shape and dtype."""
+    modules = tuple((name, type(module).__name__,
+                     tuple(sorted((key, repr(value)) for key, value in vars(module).items()
+                                  if isinstance(value, (int, float, str, bool, type(None)))
+                                  and not key.startswith("_") and key not in INDEX_FIELDS)))
+                    for name, module in layer.named_modules())
+    parameters = tuple((name, tuple(param.shape), str(param.dtype)) for name, param in layer.named_parameters())
+    return modules, parameters
+
+
 def _extend(values: Sequence[float], plan: DepthPlan, what: str) -> Any:
     value = affine_at(values, plan.depths, plan.depth)
     if value is None:
@@ -114,11 +144,33 @@ def _extend_phase(samples: Sequence[PhasePeak], plan: DepthPlan, name: str) -> P
     def each(field: Callable[[PhasePeak], dict[str, int]], what: str) -> dict[str, int]:
         return {c: _extend([field(s)[c] for s in samples], plan, f"{name} {what} {c}") for c in CATEGORIES}
 
-    return PhasePeak(peak_bytes=_extend([s.peak_bytes for s in samples], plan, f"{name} peak"),
-                     at_peak=each(lambda s: s.at_peak, "at its peak"),
-                     category_peaks=each(lambda s: s.category_peaks, "peak of"),
-                     host_peak_bytes=_extend([s.host_peak_bytes for s in samples], plan, f"{name} host peak"),
-                     first_event=samples[-1].first_event)
+    def one(field: Callable[[PhasePeak], int], what: str) -> int:
+        return _extend([field(s) for s in samples], plan, f"{name} {what}")
+
+    extended = PhasePeak(peak_bytes=one(lambda s: s.peak_bytes, "peak"), at_peak=each(lambda s: s.at_peak, "at its peak"),
+                         category_peaks=each(lambda s: s.category_peaks, "peak of"),
+                         host_peak_bytes=one(lambda s: s.host_peak_bytes, "host peak"),
+                         first_event=samples[-1].first_event, entry_bytes=one(lambda s: s.entry_bytes, "entry"),
+                         exit_bytes=one(lambda s: s.exit_bytes, "exit"))
+    _stays_the_peak(samples, name)
+    return extended
+
+
+def _stays_the_peak(samples: Sequence[PhasePeak], name: str) -> None:
+    """The phase's peak keeps its place in the phase at every depth beyond the twins.
+
+    A phase's moments are of two kinds: those counted from its start (before and during its first layers: they
+    hold what the phase found, e.g. the backward's start holds every layer's activations) and those counted from
+    its end (its last layers and after: e.g. every layer's gradient). Within each kind, one more layer adds the
+    same bytes to every moment; the phase's entry is a moment of the first kind and its exit one of the second.
+    If the peak grows by less per period than the entry or the exit, a moment of the other kind can overtake it
+    beyond the twins (a full fine-tuning backward whose gradients outgrow its activations), unseen in them.
+    """
+    growth = {what: getattr(samples[1], what) - getattr(samples[0], what)
+              for what in ("peak_bytes", "entry_bytes", "exit_bytes")}
+    if growth["peak_bytes"] < max(growth["entry_bytes"], growth["exit_bytes"]):
+        raise NotAffine(f"the {name} phase's peak grows by {growth['peak_bytes']} bytes per period, its entry or exit "
+                        f"by more ({growth['entry_bytes']}, {growth['exit_bytes']}): its peak may move in a deeper model")
 
 
 def combine(phases: dict[str, PhasePeak], template: MemoryReport) -> MemoryReport:

@@ -37,7 +37,14 @@ from sweepbp.measure.tracker import MemoryReport, MemoryTracker
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.metrics import PREDICTED
 from sweepbp.predict.data import TracedBatch, padded_rows, traced_batch
-from sweepbp.predict.depth import DepthPlan, NotAffine, depth_plan, extend_figures, extend_report
+from sweepbp.predict.depth import (
+    DepthPlan,
+    NotAffine,
+    check_layers_repeat,
+    depth_plan,
+    extend_figures,
+    extend_report,
+)
 from sweepbp.predict.target import MetaTracker, precision_plugin, target_kernels
 from sweepbp.train.data import largest_micro_batch
 from sweepbp.train.environment import pick_device
@@ -125,6 +132,8 @@ def predict(cfg: SweepbpConfig, device: str, batch_size: int | None = None, keep
     full_reason = ""
     if plan is not None:
         try:
+            with torch.device("meta"):
+                check_layers_repeat(build_model(cfg.model, torch.device("meta"), cfg.trainer.seed), plan.period)
             return replace(extrapolated(cfg, device, size, plan, keep_timeline), seconds=time.perf_counter() - start)
         except NotAffine as why:
             full_reason = str(why)

@@ -44,8 +44,26 @@ def use_environment(environ: dict[str, str]) -> None:
 
 
 def config_key(run: RunConfig) -> str:
-    """What makes two jobs the same prediction: the whole resolved config and the options it came from."""
-    return json.dumps([config_as_dict(run.cfg), run.choices], sort_keys=True)
+    """What makes two jobs the same prediction: the resolved config and the options it came from, but where it
+    is recorded (the command line moves a URI's credentials to the environment after announcing the jobs)."""
+    config = {k: v for k, v in config_as_dict(run.cfg).items() if k not in ("tracking", "resume")}
+    return json.dumps([config, {k: v for k, v in run.choices.items() if k != "tracking"}], sort_keys=True)
+
+
+def job_environment(environ: dict[str, str]) -> dict[str, str]:
+    """What of the sweep's environment a prediction may depend on: not the tracking client's MLFLOW_ settings
+    (the sweep process sets some when it opens its store, after announcing the jobs)."""
+    return {k: v for k, v in environ.items() if not k.startswith("MLFLOW_")}
+
+
+def as_asked(answer: str, run: RunConfig) -> str:
+    """A result made for an announced job, as the job that asked for it records it (its tracking config)."""
+    result = JobResult.from_json(answer)
+    asked = JobResult.of(run, result.status)
+    if (result.config, result.choices) == (asked.config, asked.choices):
+        return answer
+    result.config, result.choices = asked.config, asked.choices
+    return result.to_json(indent=None)
 
 
 class PredictionServer:
@@ -58,7 +76,8 @@ class PredictionServer:
         self.changed = threading.Condition()  # guards everything below; notified on every message
         self.ahead: deque[Job] = deque()  # announced, not yet predicted
         self.wanted: dict[str, Job] = {}  # asked for, not yet answered
-        self.ready: dict[str, str] = {}  # predicted, not yet asked for: config key -> the result's JSON
+        self.ready: dict[str, tuple[str, dict[str, str]]] = {}  # predicted, not asked for: key -> (JSON, environment)
+        self.done: set[str] = set()  # answered: not predicted again when its announcement comes up
         self.closed = False  # the sweep closed its end
 
     def serve(self) -> None:
@@ -70,9 +89,9 @@ class PredictionServer:
                 use_environment(environ)
                 result = self.run_job(run, output_dir=folder)
                 with self.changed:
-                    self.ready[key] = result.to_json(indent=None)
+                    self.ready[key] = (result.to_json(indent=None), job_environment(environ))
                     self._answer(key)
-                    answered = key not in self.ready
+                    answered = key in self.done
                 if result.status == Status.KILLED:  # a stop reached it: the sweep is ending
                     if answered:
                         return  # the sweep waited for this one: the stop is answered
@@ -89,7 +108,7 @@ class PredictionServer:
                 while self.ahead:
                     job = self.ahead.popleft()
                     key = config_key(job[0])
-                    if key not in self.ready:
+                    if key not in self.ready and key not in self.done:
                         return key, job
                 self.changed.wait()
             return None
@@ -108,16 +127,23 @@ class PredictionServer:
                         self.wanted[key] = (run, environ, folder)
                         self._answer(key)
                     self.changed.notify()
-        except (EOFError, OSError):
+        except Exception:  # noqa: BLE001 (the end of input, or a message cut short: no more requests either way)
             with self.changed:
                 self.closed = True
                 self.changed.notify()
 
     def _answer(self, key: str) -> None:
-        """Send the result of a request once both the request and its result are there (holding the lock)."""
-        if key in self.wanted and key in self.ready:
-            del self.wanted[key]
-            self.connection.send(self.ready.pop(key))
+        """Send the result of a request once both the request and its result are there (holding the lock). A
+        result made in another environment than the request's is dropped: the request is then predicted anew."""
+        if key not in self.wanted or key not in self.ready:
+            return
+        run, environ, _ = self.wanted[key]
+        answer, made_in = self.ready.pop(key)
+        if made_in != job_environment(environ):
+            return
+        del self.wanted[key]
+        self.done.add(key)
+        self.connection.send(as_asked(answer, run))
 
     def _answer_after_stop(self) -> None:
         """The request the sweep waits for, if it comes within the grace period: its result if ready, else
@@ -127,10 +153,10 @@ class PredictionServer:
             with self.changed:
                 while not self.wanted and not self.closed and time.monotonic() < deadline:
                     self.changed.wait(timeout=max(0.0, deadline - time.monotonic()))
-                for key, (run, _, _) in list(self.wanted.items()):
-                    self.ready.setdefault(key, JobResult.of(
+                for key, (run, environ, _) in list(self.wanted.items()):
+                    self.ready.setdefault(key, (JobResult.of(
                         run, Status.KILLED, "interrupted (Ctrl-C or SIGTERM) before the prediction started"
-                    ).to_json(indent=None))
+                    ).to_json(indent=None), job_environment(environ)))
                     self._answer(key)
         except (self.interrupted, OSError):  # a second signal, or the sweep gone: nothing left to answer
             return

@@ -146,6 +146,8 @@ def run_isolated(run: RunConfig, label: str, output_dir: Path | None = None) -> 
             for rank in ranks:
                 if rank.serves_more and rank.result is not None and rank.result.status != Status.KILLED:
                     continue  # the prediction process waits for the next prediction
+                if rank.serves_more:
+                    _PREDICTOR.stop()  # it ends as soon as it has nothing left to answer
                 rank.process.join(timeout=GRACE_S)
                 if rank.process.is_alive():
                     rank.process.kill()
@@ -200,13 +202,29 @@ class _Predictor:
         if self.starting is not None:
             self.starting.join()
             self.starting = None
-        rank = self._started()
+        message = (RUN, run, dict(os.environ), output_dir)
+        try:
+            rank = self._started()
+            rank.receiver.send(message)
+        except OSError:  # it ended since it was last asked (a crash): a new one
+            self.stop()
+            rank = self._started()
+            rank.receiver.send(message)
         rank.result = None
-        rank.receiver.send((RUN, run, dict(os.environ), output_dir))
         return rank
 
+    def stop(self) -> None:
+        """The sweep is stopping: the process is told there is nothing more to predict, and forgotten."""
+        if self.rank is not None:
+            self.rank.receiver.close()
+            self.rank = None
+
     def _started(self) -> _Rank:
-        if self.rank is None or not self.rank.process.is_alive():
+        if self.rank is not None and not self.rank.process.is_alive():  # it ended (a crash, a stop)
+            self.rank.receiver.close()
+            self.rank.process.join()
+            self.rank = None
+        if self.rank is None:
             context = mp.get_context(start_method())
             parent_end, child_end = context.Pipe(duplex=True)
             # daemon: multiprocessing ends it at exit instead of waiting for it
@@ -223,11 +241,11 @@ _PREDICTOR = _Predictor()
 
 
 def prefetch_predictions(runs: list[RunConfig]) -> None:
-    """The command line knows the sweep's jobs: the predictions among them start now, in the sweep's order
-    (not those that write files into their folder, which Hydra has not made yet: snapshot=true)."""
-    predictions = [run for run in runs if _in_predictor(run) and not run.cfg.snapshot]
-    if predictions:
-        _PREDICTOR.prefetch(predictions)
+    """The command line knows the sweep's jobs: if they are all predictions, they start now, in the sweep's order.
+    Not when measured jobs share the machine (their timed steps would), nor with resume=true (the jobs it skips
+    would be predicted for nothing), nor with snapshot=true (the job writes into its folder, not made yet)."""
+    if runs and all(_in_predictor(run) and not run.cfg.resume and not run.cfg.snapshot for run in runs):
+        _PREDICTOR.prefetch(runs)
 
 
 def _start_ranks(run: RunConfig, label: str, ranks: list[_Rank], output_dir: Path | None) -> None:
@@ -274,7 +292,7 @@ def _receive(rank: _Rank, run: RunConfig, timeout: float | None = None) -> JobRe
     except EOFError:
         rank.process.join(timeout=5)
         code = rank.process.exitcode
-        if code == -signal.SIGKILL:
+        if code == -signal.SIGKILL and not rank.serves_more:  # a prediction needs no host memory to speak of
             # The kernel's out-of-memory killer sends SIGKILL: the host ran out of memory.
             result = _lost(run, "the job process was killed (SIGKILL), most likely by the host's out-of-memory killer")
             result.status = Status.OOM
