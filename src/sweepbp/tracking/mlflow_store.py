@@ -9,6 +9,9 @@ runs: each job's results.json artifact, or its params, metrics and tags when the
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,13 +19,23 @@ from pathlib import Path
 from typing import TypeVar
 
 import mlflow.environment_variables
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sweepbp.config import GROUPS, RunConfig, TrackingConfig, leaf_params, nested, redact_uri
 from sweepbp.result import JobResult, Status
-from sweepbp.tracking import RUN_ID, RecordedRun, StoredJob, StoreError
+from sweepbp.tracking import (
+    RUN_ID,
+    SWEEP_GROUP,
+    Figure,
+    RecordedRun,
+    StoredJob,
+    StoreError,
+    SweepAbout,
+    sweep_group,
+)
+from sweepbp.tracking import mlflow_view as view
 from sweepbp.tracking.uris import resolve_uri, sqlite_path
 
 T = TypeVar("T")
@@ -30,6 +43,7 @@ RUN_STATUS = {Status.OK: "FINISHED", Status.OOM: "FINISHED", Status.DIVERGED: "F
               Status.FAILED: "FAILED", Status.KILLED: "KILLED"}
 TAG_STATUS, TAG_SWEEP, TAG_ROLE, TAG_HASH, TAG_MODE, TAG_JOB = (
     "sweepbp.status", "sweepbp.sweep_id", "sweepbp.role", "sweepbp.config_hash", "sweepbp.mode", "sweepbp.job_num")
+TAG_COMMAND, NOTE, NOTE_LONGEST = "sweepbp.command", "mlflow.note.content", 8000  # a run's description: a tag
 BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 
 
@@ -69,6 +83,8 @@ class MlflowStore:
         self.uri = resolve_uri(tracking.uri)
         self.experiment = tracking.experiment
         mlflow.environment_variables.MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)  # no bars on the terminal
+        for chatty in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables...": noise
+            logging.getLogger(chatty).setLevel(logging.WARNING)
         # MlflowClient opens the store at once, and opening a new SQLite file creates its schema:
         # parallel jobs must take turns (mlflow PR #6490), or one fails with "table already exists".
         with _store_lock(self.uri):
@@ -87,7 +103,9 @@ class MlflowStore:
                     db = sqlite_path(self.uri)
                     location = (db.parent / "mlartifacts").as_uri() if db is not None else None
                     try:
-                        with_retry(lambda: self.client.create_experiment(self.experiment, artifact_location=location))
+                        with_retry(lambda: self.client.create_experiment(
+                            self.experiment, artifact_location=location,
+                            tags={view.KIND_TAG: view.KIND, view.DESCRIPTION_TAG: view.DESCRIPTION}))
                     except MlflowException as err:
                         if err.error_code != "RESOURCE_ALREADY_EXISTS":
                             raise
@@ -95,23 +113,57 @@ class MlflowStore:
                 self._experiment_id = found.experiment_id
         return self._experiment_id
 
-    def open_sweep(self, sweep_id: str, sweep_dir: Path, description: str = "sweepbp sweep") -> str:
+    def open_sweep(self, sweep_id: str, sweep_dir: Path, about: SweepAbout | None = None) -> str:
         if sweep_id not in self._parents:
-            self._parents[sweep_id] = self._find_or_create_parent(sweep_id, sweep_dir, description)
+            self._parents[sweep_id] = self._find_or_create_parent(sweep_id, sweep_dir, about)
         return self._parents[sweep_id]
 
-    def _find_or_create_parent(self, sweep_id: str, sweep_dir: Path, description: str) -> str:
+    def _find_or_create_parent(self, sweep_id: str, sweep_dir: Path, about: SweepAbout | None) -> str:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         with open(sweep_dir / ".sweepbp-parent.lock", "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             runs = self._parent_runs(sweep_id)
             if runs:
                 return runs[0].info.run_id
+            group = sweep_group(about, sweep_id)
+            about = about or SweepAbout(f"sweep {sweep_id}", "sweepbp sweep", {})
             run = with_retry(lambda: self.client.create_run(
-                self.experiment_id(), run_name=f"sweep {sweep_id}",
-                tags={TAG_SWEEP: sweep_id, TAG_ROLE: "sweep", "sweepbp.sweep_dir": str(sweep_dir),
-                      "mlflow.note.content": description}))
+                self.experiment_id(), run_name=about.name,
+                tags={TAG_SWEEP: sweep_id, TAG_ROLE: "sweep", "sweepbp.sweep_dir": str(sweep_dir), SWEEP_GROUP: group,
+                      TAG_COMMAND: about.command, NOTE: f"`{about.command}`"}))
+            params = [Param(k, v) for k, v in sorted(about.params.items())]
+            for i in range(0, len(params), BATCH):
+                with_retry(lambda chunk=params[i:i + BATCH]: self.client.log_batch(run.info.run_id, params=chunk))
             return run.info.run_id
+
+    def find_sweep(self, sweep_id: str) -> str | None:
+        if sweep_id not in self._parents:
+            runs = self._parent_runs(sweep_id)
+            if not runs:
+                return None
+            self._parents[sweep_id] = runs[0].info.run_id
+        return self._parents[sweep_id]
+
+    def answer_sweep(self, parent_id: str, figures: list[Figure], answer: str) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, float(value), now, step) for name, value, step in figures if _finite(float(value))]
+        command = with_retry(lambda: self.client.get_run(parent_id)).data.tags.get(TAG_COMMAND, "sweepbp sweep")
+        with_retry(lambda: self.client.log_batch(parent_id, metrics=metrics))
+        note = f"`{command}`\n\n{answer}"
+        with_retry(lambda: self.client.set_tag(parent_id, NOTE, note if len(note) <= NOTE_LONGEST else
+                                               note[:NOTE_LONGEST - 40] + "\n\n(the rest: summary.md)"))
+
+    def present(self, parent_id: str | None, keys: list[str]) -> list[str]:
+        """The experiment's shared view (mlflow_view.py) with this sweep's params added; the URL that opens it."""
+        experiment_id = self.experiment_id()
+        tags = self.client.get_experiment(experiment_id).tags
+        state = view.view_state(view.merged_params(tags.get(view.VIEW_TAG), keys), SWEEP_GROUP, TAG_STATUS)
+        # an experiment made before sweepbp described it gets its description and kind too
+        wanted = {view.KIND_TAG: view.KIND, view.DESCRIPTION_TAG: view.DESCRIPTION, view.VIEW_TAG: json.dumps(state)}
+        for key, value in wanted.items():
+            if key == view.VIEW_TAG or key not in tags:
+                with_retry(lambda k=key, v=value: self.client.set_experiment_tag(experiment_id, k, v))
+        return view.ui_lines(self.uri, experiment_id, parent_id, Path.cwd())
 
     def _parent_runs(self, sweep_id: str) -> list:
         return self._search(f"tags.`{TAG_SWEEP}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'sweep'",
@@ -137,6 +189,12 @@ class MlflowStore:
         items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), BATCH):
             with_retry(lambda chunk=items[i:i + BATCH]: self.client.log_batch(run_id, params=chunk))
+        if run.cfg.data.name == "text" and run.cfg.data.path:  # a corpus: the UI's Datasets filter and column
+            path = Path(run.cfg.data.path).expanduser().resolve()
+            dataset = Dataset(path.name, hashlib.sha256(path.read_bytes()).hexdigest()[:16], "local",
+                              json.dumps({"uri": str(path)}))
+            inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
+            with_retry(lambda: self.client.log_inputs(run_id, datasets=inputs))
         return run_id
 
     def finish_job(self, run_id: str, result: JobResult, files: list[Path]) -> None:
