@@ -125,13 +125,13 @@ class MlflowStore:
             runs = self._parent_runs(sweep_id)
             if runs:
                 return runs[0].info.run_id
-            group = sweep_group(about, sweep_id)
-            about = about or SweepAbout(f"sweep {sweep_id}", "sweepbp sweep", {})
+            tags = {TAG_SWEEP: sweep_id, TAG_ROLE: "sweep", "sweepbp.sweep_dir": str(sweep_dir),
+                    SWEEP_GROUP: sweep_group(about, sweep_id), NOTE: "sweepbp sweep"}
+            if about is not None:  # the sweep's command line (a sweep not started by `python -m sweepbp` has none)
+                tags.update({TAG_COMMAND: about.command, NOTE: f"`{about.command}`"})
             run = with_retry(lambda: self.client.create_run(
-                self.experiment_id(), run_name=about.name,
-                tags={TAG_SWEEP: sweep_id, TAG_ROLE: "sweep", "sweepbp.sweep_dir": str(sweep_dir), SWEEP_GROUP: group,
-                      TAG_COMMAND: about.command, NOTE: f"`{about.command}`"}))
-            params = [Param(k, v) for k, v in sorted(about.params.items())]
+                self.experiment_id(), run_name=about.name if about else f"sweep {sweep_id}", tags=tags))
+            params = [Param(k, v) for k, v in sorted(about.params.items())] if about else []
             for i in range(0, len(params), BATCH):
                 with_retry(lambda chunk=params[i:i + BATCH]: self.client.log_batch(run.info.run_id, params=chunk))
             return run.info.run_id
@@ -147,9 +147,9 @@ class MlflowStore:
     def answer_sweep(self, parent_id: str, figures: list[Figure], answer: str) -> None:
         now = int(time.time() * 1000)
         metrics = [Metric(name, float(value), now, step) for name, value, step in figures if _finite(float(value))]
-        command = with_retry(lambda: self.client.get_run(parent_id)).data.tags.get(TAG_COMMAND, "sweepbp sweep")
+        command = with_retry(lambda: self.client.get_run(parent_id)).data.tags.get(TAG_COMMAND)
         with_retry(lambda: self.client.log_batch(parent_id, metrics=metrics))
-        note = f"`{command}`\n\n{answer}"
+        note = (f"`{command}`\n\n" if command else "") + answer
         with_retry(lambda: self.client.set_tag(parent_id, NOTE, note if len(note) <= NOTE_LONGEST else
                                                note[:NOTE_LONGEST - 40] + "\n\n(the rest: summary.md)"))
 
