@@ -254,17 +254,20 @@ def import_results(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO / "src"))
     from sweepbp.config import TrackingConfig
     from sweepbp.result import JobResult
-    from sweepbp.tracking import open_store
+    from sweepbp.tracking import SWEEP_GROUP, SweepAbout, open_store, sweep_group
 
     results = [JobResult(**r) for r in json.loads(Path(args.results).read_text())]
     recorder = open_store(TrackingConfig(uri=args.tracking_uri, experiment=args.experiment))
     source = Path(args.results).resolve().parent
-    parent = recorder.open_sweep(args.sweep_id or source.name, source, "GPU ground truth (imported)")
+    sweep_id = args.sweep_id or source.name
+    about = SweepAbout(f"GPU ground truth (imported, {len(results)} jobs)",
+                       f"python benchmarks/gpu_ground_truth.py import {args.results}", {})
+    parent = recorder.open_sweep(sweep_id, source, about)
     for number, result in enumerate(results):
         name = (f"{result.mode} {result.choices.get('model', '')} {result.config['memory']['name']} "
                 f"b={result.config['batch']['size']}")
-        run_id = recorder.open_job(result, name, parent, {"sweepbp.sweep_id": args.sweep_id or source.name,
-                                                            "sweepbp.job_num": str(number)})
+        run_id = recorder.open_job(result, name, parent, {"sweepbp.sweep_id": sweep_id, "sweepbp.job_num": str(number),
+                                                            SWEEP_GROUP: sweep_group(about, sweep_id)})
         with tempfile.TemporaryDirectory() as folder:
             recorder.finish_job(run_id, result, [result.write(Path(folder))])
     print(f"imported {len(results)} runs into {args.tracking_uri} (experiment {args.experiment})")

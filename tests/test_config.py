@@ -85,6 +85,10 @@ BAD_INPUT = [
     (["lora.r=abc"], "lora.r must be an integer", "'abc'"),
     (["trainer.lr=fast"], "trainer.lr must be a number", "'fast'"),
     (["nokey=3"], "nokey must be a key of the config", "'nokey=3'"),
+    (["memory=chkpt"], "memory must be one of ckpt, ckpt_offload, none, offload, selective, got 'chkpt'",
+     "; did you mean 'ckpt'?"),
+    (["lora.rr=3"], "lora.rr must be a key of the config", "; did you mean 'lora.r'?"),
+    (["memroy=ckpt"], "memroy must be a key of the config", "; did you mean 'memory'?"),
     (["lora.r=8,16"], "lora.r=8,16 is a sweep: add -m", "8,16"),
     (["-m", "lora.r=8,0"], "lora.r must be a positive integer", "0"),
     (["memory=none", "memory.name=ckpt"], "memory.name must be none, the chosen option's own name", "'ckpt'"),
@@ -131,6 +135,10 @@ CLI_BAD_INPUT = [
     (["lora.r=0"], "lora.r must be a positive integer, got 0"),
     (["-m", "batch.size=1,0"], "batch.size must be a positive integer or 'auto', got 0"),
     (["lora.r=[8"], "malformed override 'lora.r=[8'"),
+    (["memory=chkpt"], "memory must be one of ckpt, ckpt_offload, none, offload, selective, got 'chkpt'; "
+                       "did you mean 'ckpt'?"),
+    (["--multirn", "lora.r=8,16"], "--multirn must be one of sweepbp's flags (python -m sweepbp --help); "
+                                   "did you mean '--multirun'?"),
     (["tracking.uri=http://alice:s3cret@127.0.0.1:1"], "tracking.uri must be a reachable MLflow store, got "
                                                        "'http://***@127.0.0.1:1'"),
     (["memory=none", "memory.name=ckpt"], "memory.name must be none, the chosen option's own name"),

@@ -47,6 +47,7 @@ def test_ctrl_c_records_the_job_as_killed_and_resume_records_each_config_once(tm
 
     assert sweep.finish(STOP_S) == 130
     assert "Traceback" not in sweep.stderr and "resume=true" in sweep.stderr
+    assert "database tables" not in sweep.stderr  # MLflow's chatter on creating the store: not sweepbp's to say
     assert not alive(job_pid)
     jobs, parents = runs_of(tmp_path)
     assert outcomes(jobs) == [("0", "ok", "FINISHED"), ("1", "killed", "KILLED")]  # job 2 never started
@@ -73,6 +74,13 @@ def test_ctrl_c_records_the_job_as_killed_and_resume_records_each_config_once(tm
     assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]
     reused = json.loads((sweep_dirs(tmp_path)[1] / "0" / "results.json").read_text())
     assert reused["status"] == "ok" and reused["environment"]["resumed_from_run_id"] == jobs[0].info.run_id
+
+    code, stderr = run_sweep([*args, "resume=true"], tmp_path)  # nothing left to run
+
+    assert code == 0 and "3 job(s) not run again" in stderr, stderr
+    assert "Downloading artifacts" not in stderr  # reading the three recorded results back draws no progress bars
+    assert len(runs_of(tmp_path)[1]) == 2  # no parent run of its own: it would hold no job
+    assert "this sweep opened no run of its own" in (tmp_path / "stdout.txt").read_text()
 
 
 def test_sigterm_to_the_sweep_reaches_the_job_and_records_it_as_killed(tmp_path: Path):

@@ -161,6 +161,33 @@ def test_server_serves_runs_params_metrics_and_chart(sweep, server):
     assert http_get(f"{server}/get-artifact?{query}").startswith(PNG)
 
 
+@pytest.mark.slow
+def test_the_sweep_and_its_jobs_are_named_and_the_end_says_where_to_look(sweep, server):
+    """Issue #18 on a real sweep: the parent run says what was swept and holds the answer, each job is named after
+    its swept values, and the sweep's last lines name the parent run and the URL of its view."""
+    done, _ = sweep
+    experiment_id = _api(server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=" + EXPERIMENT)[
+        "experiment"]["experiment_id"]
+    runs = _api(server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id], "max_results": 100})["runs"]
+    parent = next(r for r in runs if {"key": "sweepbp.role", "value": "sweep"} in r["data"]["tags"])
+    jobs = [r for r in runs if {"key": "mlflow.parentRunId", "value": parent["info"]["run_id"]} in r["data"]["tags"]]
+    assert parent["info"]["run_name"].startswith("memory=none,ckpt x model.config.vocab_size=512,128 (4 jobs); data=text")
+    assert {p["key"]: p["value"] for p in parent["data"]["params"]}["model.config.vocab_size"] == "512,128"
+    assert sorted(r["info"]["run_name"] for r in jobs) == [
+        "memory=ckpt vocab_size=128", "memory=ckpt vocab_size=512", "memory=none vocab_size=128",
+        "memory=none vocab_size=512"]
+    datasets = [i["dataset"]["name"] for r in jobs for i in r.get("inputs", {}).get("dataset_inputs", [])]
+    assert datasets == ["corpus.txt"] * 4  # data=text: the corpus is each job's logged dataset
+    answer = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    speeds = [m["value"] for r in jobs for m in r["data"].get("metrics", []) if m["key"] == "tokens_per_s"]
+    assert (answer["jobs_total"], answer["jobs_ok"], answer["jobs_oom"]) == (4, 2, 0)
+    assert answer["best_tokens_per_s"] == max(speeds) and len(speeds) == 2
+    parent_line, url_line = done.stdout.strip().splitlines()[-2:]
+    assert parent_line == f"[sweepbp] MLflow: the sweep's run is {parent['info']['run_id']} (experiment {experiment_id})"
+    assert url_line == (f"[sweepbp] browse it: {server}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+                        "&viewStateShareKey=sweepbp")
+
+
 def _artifact_names(server: str, run_id: str) -> set[str]:
     listing = _api(server, "/api/2.0/mlflow/artifacts/list?run_id=" + run_id)
     return {Path(f["path"]).name for f in listing.get("files", [])}

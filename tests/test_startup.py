@@ -49,6 +49,17 @@ def test_help_imports_nothing_heavy_and_lists_the_groups(tmp_path):
     assert "seq_len: 128" in output  # the composed default config
 
 
+def test_version_names_sweepbp_and_its_stack_without_importing_it(tmp_path):
+    from sweepbp import __version__
+
+    report, output = probe(["--version"], tmp_path)
+    assert report == {"code": 0, "heavy": []}, output
+    first, stack = output.splitlines()[:2]
+    assert first == f"sweepbp {__version__}"  # not Hydra's version, which Hydra's own --version prints
+    for name in ("torch", "transformers", "peft", "lightning", "hydra-core", "mlflow"):
+        assert f"{name} " in stack and f"{name} not installed" not in stack
+
+
 def test_help_shows_the_config_the_overrides_compose_to(tmp_path):
     report, output = probe(["memory=ckpt", "lora.r=32", "--help"], tmp_path)
     assert report["code"] == 0

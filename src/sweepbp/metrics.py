@@ -57,8 +57,8 @@ class Metric:
 # a job alone and under load); a spread this large means something else took the CPU or GPU.
 NOISY_IQR_FRACTION = 0.25
 
-MEMORY, TIME, MACHINE, MODEL, DATA, PREDICTION, FORMULA, GPU = (
-    "memory", "time", "machine", "model", "data", "prediction", "formula", "gpu")
+MEMORY, TIME, MACHINE, MODEL, DATA, PREDICTION, FORMULA, GPU, SWEEP = (
+    "memory", "time", "machine", "model", "data", "prediction", "formula", "gpu", "sweep")
 
 CATALOGUE: tuple[Metric, ...] = (
     # -- the timed steps ----------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ CATALOGUE: tuple[Metric, ...] = (
            "but the output head; 0 with quant=none)", MODEL),
     Metric("loss", "-", "loss", "training loss; MLflow holds every step's, results.json the last", MODEL),
     Metric("first_loss", "-", "first loss", "loss of the first step", MODEL),
-    Metric("auto_batch_size", "count", "auto batch", "the batch `batch.size=auto` chose", MODEL),
+    Metric("auto_batch_size", "count", "auto batch", "the batch `batch.size=auto` chose", MODEL, shown=Shown.TABLE),
     Metric("auto_batch_predictions", "count", "auto predictions", "predictions the `batch.size=auto` search made",
            MODEL),
     Metric("auto_accumulate", "count", "auto accumulation", "the `batch.accumulate` that `batch.size=auto` with "
@@ -200,13 +200,27 @@ CATALOGUE: tuple[Metric, ...] = (
            "peak_allocated_bytes`", GPU, gpu_only=True),
     Metric("mfu", "ratio", "MFU", "model FLOPs utilisation: `tokens_per_s * flops_per_token / peak FLOP/s`", GPU,
            gpu_only=True),
+    # -- a sweep's answer, on its parent run (report/headline.py) -------------------------------------------
+    Metric("jobs_total", "count", "jobs", "jobs of the sweep, reused ones (resume=true) included", SWEEP),
+    Metric("jobs_ok", "count", "jobs ok", "jobs that finished `ok`", SWEEP),
+    Metric("jobs_oom", "count", "jobs oom", "jobs that ran out of memory (`oom`)", SWEEP),
+    Metric("best_tokens_per_s", "tokens/s", "best tokens/s", "the highest `tokens_per_s` of an ok job", SWEEP),
+    Metric("lowest_peak_memory_bytes", "bytes", "lowest peak", "the lowest `peak_memory_bytes` of an ok job", SWEEP),
+    Metric("lowest_predicted_peak_memory_bytes", "bytes", "lowest predicted peak", "the lowest "
+           "`predicted_peak_memory_bytes` of an ok job (a sweep of predictions)", SWEEP),
+    Metric("budget_gb", "GB", "budget", "a memory budget of the sweep (`budget_gb`; one step per budget, smallest "
+           "first, for this and the budget_ figures below)", SWEEP),
+    Metric("budget_jobs_fit", "count", "jobs that fit", "ok jobs whose (predicted) peak fits the budget", SWEEP),
+    Metric("budget_best_tokens_per_s", "tokens/s", "fastest within budget", "`tokens_per_s` of the fastest job "
+           "that fits the budget", SWEEP),
+    Metric("budget_best_peak_memory_bytes", "bytes", "its peak", "`peak_memory_bytes` of that job", SWEEP),
 )
 
 METRICS: dict[str, Metric] = {m.name: m for m in CATALOGUE}
 GROUP_TITLES = {MEMORY: "Memory of the traced step", TIME: "Time of the timed steps",
                 MACHINE: "The machine while the job ran", MODEL: "The model and the run",
                 DATA: "The data (data=jsonl, parquet)", PREDICTION: "The prediction",
-                FORMULA: "The closed-form cross-check", GPU: "CUDA only"}
+                FORMULA: "The closed-form cross-check", GPU: "CUDA only", SWEEP: "The sweep (its parent run)"}
 
 
 def metric(name: str) -> Metric:

@@ -15,7 +15,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from sweepbp.cli.paths import config_dir
 from sweepbp.cli.precheck import MAX_PRECHECKED_JOBS, launcher_of, notes, precheck
+from sweepbp.cli.suggest import unknown_flags
 from sweepbp.config import RunConfig, register_schemas
+from sweepbp.sweep.naming import PLAN_ENV, SweepPlan
 from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
 from sweepbp.tracking.redaction import install_log_redaction
 from sweepbp.tracking.uris import move_credentials
@@ -37,6 +39,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(args: list[str]) -> None:
+    if "--version" in args:  # before Hydra's parser, whose --version is Hydra's own
+        from sweepbp.cli.usage import version_text
+
+        print(version_text())
+        return
     register_schemas()
     if _wants_help(args):
         from sweepbp.cli.usage import help_text  # --help only: one composition, no launch
@@ -45,15 +52,20 @@ def _main(args: list[str]) -> None:
         return
     said: list[str] = []
     runs: list[RunConfig] = []
-    problems, jobs = precheck(args, on_first_valid=_start_workers_early, notes=said, runs=runs)
+    problems, jobs = unknown_flags(args), 0
+    if not problems:
+        problems, jobs = precheck(args, on_first_valid=_start_workers_early, notes=said, runs=runs)
     if problems:
         _stop_workers_if_started()
         for line in problems:
             print(f"sweepbp: error: {line}", file=sys.stderr)
         raise SystemExit(2)
-    for line in [*notes(get_args_parser().parse_args(args).overrides), *said]:
+    parsed = get_args_parser().parse_args(args)
+    for line in [*notes(parsed.overrides), *said]:
         print(f"sweepbp: note: {line}", file=sys.stderr)
     os.environ["SWEEPBP_SWEEP_SIZE"] = str(jobs)
+    if parsed.multirun:  # the parent run's name and params, for whichever job opens it (sweep/naming.py)
+        os.environ[PLAN_ENV] = SweepPlan.of(parsed.overrides, jobs).to_env()
     if 0 < jobs <= MAX_PRECHECKED_JOBS:
         from hydra_plugins.sweepbp_sweeper import PRECHECKED  # Hydra's sweeper: only for a sweep that runs
 

@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from sweepbp.cli.folders import folder_problems
 from sweepbp.cli.launchers import PRESETS, REMOTE_LAUNCHERS, launcher_options
 from sweepbp.cli.paths import config_dir, user_config_dir
+from sweepbp.cli.suggest import did_you_mean, similar_key
 from sweepbp.config import GROUPS, ConfigError, RunConfig, read_config_file, redact_uri, to_run_config
 from sweepbp.tracking import NONE, backend
 
@@ -264,7 +265,9 @@ def _hydra_message(err: Exception, overrides: list[str]) -> str:
         for group in (*GROUPS, "hydra/launcher"):
             chosen = chosen_option(overrides, group)
             if chosen is not None and f"'{group}/{chosen}'" in first:
-                return f"{group} must be one of {', '.join(_options(group))}, got {chosen!r}{_install_hint(chosen)}"
+                options = _options(group)
+                return (f"{group} must be one of {', '.join(options)}, got {chosen!r}{_install_hint(chosen)}"
+                        f"{did_you_mean(chosen, options)}")
     cause = err.__cause__
     key = getattr(cause, "full_key", None)
     if cause is not None and key:  # OmegaConf's reason, which names the key
@@ -277,7 +280,8 @@ def _hydra_message(err: Exception, overrides: list[str]) -> str:
         if reason.startswith("Key "):
             line = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), key)
             listing = "hydra" if key.startswith("hydra.") else "job"
-            return f"{key} must be a key of the config (list them: python -m sweepbp --cfg {listing}), got {line!r}"
+            return (f"{key} must be a key of the config (list them: python -m sweepbp --cfg {listing}), got {line!r}"
+                    f"{similar_key(key, getattr(cause, 'parent_node', None))}")
         return f"{key}: {reason}"
     if "full_key" in text:
         key = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if "full_key" in ln), "")

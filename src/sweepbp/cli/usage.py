@@ -7,6 +7,10 @@ the option files and one composition. `--hydra-help` still goes to Hydra.
 
 from __future__ import annotations
 
+import platform
+from importlib import metadata
+
+from sweepbp import __version__
 from sweepbp.cli.launchers import launcher_options
 from sweepbp.cli.precheck import available_options, check_job_config
 from sweepbp.config import GROUPS, config_yaml
@@ -21,7 +25,10 @@ EXAMPLES = """\
 FLAGS = """\
   -m, --multirun     run every combination of the comma-separated values (a sweep)
   -c, --cfg job      print the composed config instead of running
-  --hydra-help       Hydra's own help (its flags and config groups)"""
+  --hydra-help       Hydra's own help (its flags and config groups)
+  --version          sweepbp's version and its stack's"""
+# The libraries a measurement depends on, by their distribution names (`--version`).
+STACK = ("torch", "transformers", "peft", "lightning", "hydra-core", "mlflow", "bitsandbytes")
 
 
 def help_text(overrides: list[str]) -> str:
@@ -46,3 +53,19 @@ def help_text(overrides: list[str]) -> str:
 def _indent(text: str) -> str:
     return "\n".join(f"  {line}" if line else line for line in text.splitlines())
 
+
+
+def version_text() -> str:
+    """`--version`: sweepbp's version, then the stack's, read from the installed packages' metadata (nothing is
+    imported: answering takes no longer than --help)."""
+    return f"sweepbp {__version__}\n" + ", ".join(f"{name} {_installed(name)}" for name in STACK) + (
+        f" (Python {platform.python_version()})")
+
+
+def _installed(name: str) -> str:
+    for distribution in (name, f"{name}-skinny"):  # mlflow may be installed as mlflow-skinny alone
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return "not installed"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from sweepbp.config import TrackingConfig, redact_uri
+from sweepbp.report.headline import headline
 from sweepbp.report.summary import Record, Summary, summarize
 from sweepbp.report.tables import answers, csv_text, markdown, table
 from sweepbp.result import JobResult, one_line
@@ -54,8 +55,22 @@ def report_sweep_folder(sweep_dir: Path, sweep_id: str, tracking: TrackingConfig
     print(f"\n{table(summary)}\n\n" + "\n".join(answers(summary)) + f"\n\n[sweepbp] report: {sweep_dir}/summary.md",
           flush=True)
     if store is not None:
-        store.finish_sweep(sweep_id, sweep_dir.resolve(), files, failed=any(r.status.is_error for r in records))
+        print("\n".join(_record_answer(store, summary, sweep_id, sweep_dir, files)), flush=True)
     return records
+
+
+def _record_answer(store: Store, summary: Summary, sweep_id: str, sweep_dir: Path, files: list[Path]) -> list[str]:
+    """The sweep's answer to its parent run, which then ends; lines saying where to look. A sweep whose every
+    job was reused (resume=true) opened no parent run, and none is made for it here."""
+    parent = store.find_sweep(sweep_id)
+    if parent is not None:
+        store.answer_sweep(parent, headline(summary), "\n".join(answers(summary)))
+        store.finish_sweep(sweep_id, sweep_dir.resolve(), files,
+                           failed=any(r.status.is_error for r in summary.records))
+    try:
+        return store.present(parent, summary.keys)
+    except Exception as err:  # noqa: BLE001 (a view is a convenience: the sweep and its report are recorded)
+        return [f"[sweepbp] warning: the store's view of the sweep was not set up: {one_line(err)}"]
 
 
 def _store_only_records(tracking: TrackingConfig, sweep_id: str, have: list[Record],

@@ -194,9 +194,14 @@ def _varies_within(records: list[Record], group: str, leaf: str) -> bool:
 def label(record: Record, keys: list[str], skip: tuple[str, ...] = (STRATEGY,)) -> str:
     """Short text naming a job by what the sweep varied, e.g. `r=8 size=2`."""
     shown = [k for k in keys if k not in skip]
-    short = [k.rsplit(".", 1)[-1] for k in shown]
-    parts = [f"{s if short.count(s) == 1 else k}={record.value(k)}" for k, s in zip(shown, short)]
+    parts = [f"{s}={record.value(k)}" for k, s in zip(shown, short_keys(shown))]
     return " ".join(parts) if parts else record.strategy or f"job {record.job}"
+
+
+def short_keys(keys: list[str]) -> list[str]:
+    """Each dotted key by its last part (`lora.r` -> `r`) where no other key shares that part, else in full."""
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    return [s if short.count(s) == 1 else k for k, s in zip(keys, short)]
 
 
 # -- the answers ---------------------------------------------------------------------------------

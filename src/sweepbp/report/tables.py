@@ -13,6 +13,8 @@ from sweepbp.report.summary import Record, Summary, compared_axes, fastest_withi
 from sweepbp.result import Status
 
 TABLE_METRICS = shown(Shown.TABLE)
+NO_BUDGET = ("- No memory budget given: pass budget_gb=N to the sweep (or --budget-gb N to python -m sweepbp.report) "
+             "to see which jobs fit N GB.")
 
 
 def csv_text(summary: Summary) -> str:
@@ -69,6 +71,8 @@ def answers(summary: Summary) -> list[str]:
                   f"{metric_label(y)}" for r in summary.frontier]
     elif ranked:
         lines.append(f"- No job finished ok with both {x} and {y}.")
+    if not summary.budgets and not (ranked and summary.frontier):
+        lines.append(NO_BUDGET)
     for axis in compared_axes(summary.records):
         lines += ["", f"## What each {axis.title} costs against {axis.group}={axis.baseline} at the same other "
                   "settings", ""]

@@ -22,9 +22,21 @@ from sweepbp import metrics
 from sweepbp.config import ConfigError, RunConfig, config_yaml, redact_uri, to_run_config
 from sweepbp.metrics import NOISY_IQR_FRACTION, Shown
 from sweepbp.result import JobResult, Status, sweep_id_of
+from sweepbp.sweep.naming import SweepPlan, single_run_name
 from sweepbp.sweep.signals import Stopped, held, ignore_signals
 from sweepbp.sweep.worker import JobInterrupted, run_isolated
-from sweepbp.tracking import NONE, RUN_ID, TAG_DIR, TAG_HASH, TAG_JOB, TAG_SWEEP, open_store
+from sweepbp.tracking import (
+    NONE,
+    RUN_ID,
+    SWEEP_GROUP,
+    TAG_DIR,
+    TAG_HASH,
+    TAG_JOB,
+    TAG_SWEEP,
+    SweepAbout,
+    open_store,
+    sweep_group,
+)
 from sweepbp.tracking.guard import STOPPED, Guarded, StoreDown, mark_not_in_store, missing_runs_line, sync_command
 from sweepbp.tracking.redaction import install_log_redaction, redact_result
 
@@ -39,6 +51,7 @@ class JobContext:
     number: int
     total: int
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags of the job's run (rerun: rerun_of)
+    overrides: tuple[str, ...] = ()  # the job's own overrides (Hydra's hydra.overrides.task): its run's name
 
     @property
     def label(self) -> str:
@@ -48,11 +61,12 @@ class JobContext:
 def job_context() -> JobContext:
     hydra = HydraConfig.get()
     output_dir = Path(hydra.runtime.output_dir)
+    overrides = tuple(hydra.overrides.task)
     if hydra.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hydra.sweep.dir).resolve()
         total = int(os.environ.get("SWEEPBP_SWEEP_SIZE", "0")) or 1
-        return JobContext(output_dir, sweep_dir, sweep_id_of(sweep_dir), hydra.job.num, total)
-    return JobContext(output_dir, None, None, 0, 1)
+        return JobContext(output_dir, sweep_dir, sweep_id_of(sweep_dir), hydra.job.num, total, overrides=overrides)
+    return JobContext(output_dir, None, None, 0, 1, overrides=overrides)
 
 
 def run_task(cfg: DictConfig) -> str:
@@ -129,15 +143,30 @@ def _open_run(run: RunConfig, context: JobContext, store: Guarded | None, opened
     if store is None:
         return None
     tags = {TAG_HASH: opened.config_hash, TAG_DIR: str(context.output_dir), **context.tags}
+    plan = SweepPlan.from_env() if context.sweep_id is not None else None
+    about = sweep_about(plan)
     if context.sweep_id is not None:
-        tags[TAG_SWEEP] = context.sweep_id
-        tags[TAG_JOB] = str(context.number)
+        tags.update({TAG_SWEEP: context.sweep_id, TAG_JOB: str(context.number),
+                     SWEEP_GROUP: sweep_group(about, context.sweep_id)})
 
     def open_run() -> str:
-        parent = store.open_sweep(context.sweep_id, context.sweep_dir) if context.sweep_id is not None else None
-        return store.open_job(opened, opened.run_name, parent, tags)
+        parent = store.open_sweep(context.sweep_id, context.sweep_dir, about) if context.sweep_id is not None else None
+        return store.open_job(opened, job_name(opened, context, plan), parent, tags)
 
     return _unless_down(open_run, run, context)
+
+
+def sweep_about(plan: SweepPlan | None) -> SweepAbout | None:
+    """The parent run's name, description and params, from the command line's plan (None without one)."""
+    return SweepAbout(plan.name, plan.command, plan.params()) if plan is not None else None
+
+
+def job_name(opened: JobResult, context: JobContext, plan: SweepPlan | None) -> str:
+    """A job's run name: its values of the swept keys in a sweep, its overrides in a single run, else a
+    description of its config (a rerun, a single run of the defaults)."""
+    if plan is not None:
+        return plan.job_name(list(context.overrides), context.number)
+    return single_run_name(list(context.overrides)) or opened.run_name
 
 
 def _finish(run: RunConfig, context: JobContext, store: Guarded | None, run_id: str | None,
@@ -265,5 +294,6 @@ def _print_outcome(result: JobResult, context: JobContext) -> None:
 
 
 def _terminal(name: str, value: float) -> str:
-    """A figure as the terminal line shows it: whole bytes and rates with separators, the rest to 4 decimals."""
-    return f"{value:,.0f}" if metrics.unit(name) in ("bytes", "tokens/s", "sequences/s") else f"{value:.4f}"
+    """A figure as the terminal line shows it: whole bytes, rates and counts with separators, the rest to 4
+    decimals."""
+    return f"{value:,.0f}" if metrics.unit(name) in ("bytes", "tokens/s", "sequences/s", "count") else f"{value:.4f}"

@@ -76,11 +76,42 @@ class RecordedRun:
     losses: list[float] | None  # the loss curve of its results.json, if recorded
 
 
+@dataclass(frozen=True)
+class SweepAbout:
+    """What a sweep's parent run says of it, from its command line (sweep/naming.py)."""
+
+    name: str  # the run's name: what was swept and how many jobs (`lora.r=8,16 x memory=ckpt,none (4 jobs)`)
+    command: str  # the command line, credentials hidden: the run's description
+    params: dict[str, str]  # the sweep's overrides under the jobs' param names (`lora.r` = `8,16`)
+
+
+# A figure of a sweep's answer for its parent run: (catalogue name, value, step); budgets are steps 0, 1, ...
+Figure = tuple[str, float, int]
+# A tag that every run of a sweep carries, parent and jobs, unique per sweep: what the UI groups runs by.
+SWEEP_GROUP = "sweepbp.sweep"
+
+
+def sweep_group(about: SweepAbout | None, sweep_id: str) -> str:
+    """The `SWEEP_GROUP` tag of a sweep's runs: its name and id (two sweeps of one command line differ)."""
+    return f"{about.name} · {sweep_id}" if about is not None else sweep_id
+
+
 class Store(Protocol):
     """A tracking store: one run per job, under one parent run per sweep."""
 
-    def open_sweep(self, sweep_id: str, sweep_dir: Path, description: str = "sweepbp sweep") -> str:
-        """The sweep's parent run (created by whichever job gets there first); its id."""
+    def open_sweep(self, sweep_id: str, sweep_dir: Path, about: SweepAbout | None = None) -> str:
+        """The sweep's parent run (created by whichever job gets there first, named and described by `about`);
+        its id."""
+
+    def find_sweep(self, sweep_id: str) -> str | None:
+        """The sweep's parent run if a job opened it (a resume=true sweep that reused every job has none)."""
+
+    def answer_sweep(self, parent_id: str, figures: list[Figure], answer: str) -> None:
+        """The sweep's answer on its parent run: its headline figures as metrics, summary.md as its description."""
+
+    def present(self, parent_id: str | None, keys: list[str]) -> list[str]:
+        """Make the store's UI show the sweep's runs usefully on first open, where the backend can (`keys`: the
+        params the sweep varied); lines for the terminal saying where to look."""
 
     def open_job(self, result: JobResult, name: str, parent_id: str | None, tags: dict[str, str]) -> str:
         """A new run for a job, with its tags and params (the result's choices and config), status running; its id."""

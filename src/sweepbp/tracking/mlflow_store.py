@@ -9,6 +9,9 @@ runs: each job's results.json artifact, or its params, metrics and tags when the
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -17,30 +20,37 @@ from pathlib import Path
 from typing import TypeVar
 
 import mlflow.environment_variables
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sweepbp.config import GROUPS, TrackingConfig, dotted_leaves, nested, redact_uri
+from sweepbp.config import DATASETS, GROUPS, TrackingConfig, dotted_leaves, nested, redact_uri
 from sweepbp.result import JobResult, Status
 from sweepbp.tracking import (
     RUN_ID,
+    SWEEP_GROUP,
     TAG_HASH,
     TAG_JOB,
     TAG_MODE,
     TAG_ROLE,
     TAG_STATUS,
     TAG_SWEEP,
+    Figure,
     JobRun,
     RecordedRun,
     StoredJob,
     StoreError,
+    SweepAbout,
+    sweep_group,
 )
+from sweepbp.tracking import mlflow_view as view
 from sweepbp.tracking.uris import resolve_uri, sqlite_path
 
 T = TypeVar("T")
 RUN_STATUS = {Status.OK: "FINISHED", Status.OOM: "FINISHED", Status.DIVERGED: "FINISHED",
               Status.FAILED: "FAILED", Status.KILLED: "KILLED"}
+TAG_COMMAND, NOTE, NOTE_LONGEST = "sweepbp.command", "mlflow.note.content", 8000  # a run's description: a tag
+DATA_FILES = ("text", *DATASETS)  # data options that read a local file: logged as the run's dataset
 BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 # MLflow's HTTP client by default retries a lost server 7 times with exponential backoff (minutes) and waits
 # 120 s for an answer. A sweep must not stop measuring for that: each call gets one retry after a 5 s timeout,
@@ -89,6 +99,8 @@ class MlflowStore:
         for name, value in HTTP_BOUNDS.items():  # read by MLflow at every request
             os.environ.setdefault(name, value)
         mlflow.environment_variables.MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)  # no bars on the terminal
+        for chatty in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables...": noise
+            logging.getLogger(chatty).setLevel(logging.WARNING)
         # MlflowClient opens the store at once, and opening a new SQLite file creates its schema:
         # parallel jobs must take turns (mlflow PR #6490), or one fails with "table already exists".
         with _store_lock(self.uri):
@@ -107,7 +119,9 @@ class MlflowStore:
                     db = sqlite_path(self.uri)
                     location = (db.parent / "mlartifacts").as_uri() if db is not None else None
                     try:
-                        with_retry(lambda: self.client.create_experiment(self.experiment, artifact_location=location))
+                        with_retry(lambda: self.client.create_experiment(
+                            self.experiment, artifact_location=location,
+                            tags={view.KIND_TAG: view.KIND, view.DESCRIPTION_TAG: view.DESCRIPTION}))
                     except MlflowException as err:
                         if err.error_code != "RESOURCE_ALREADY_EXISTS":
                             raise
@@ -115,23 +129,57 @@ class MlflowStore:
                 self._experiment_id = found.experiment_id
         return self._experiment_id
 
-    def open_sweep(self, sweep_id: str, sweep_dir: Path, description: str = "sweepbp sweep") -> str:
+    def open_sweep(self, sweep_id: str, sweep_dir: Path, about: SweepAbout | None = None) -> str:
         if sweep_id not in self._parents:
-            self._parents[sweep_id] = self._find_or_create_parent(sweep_id, sweep_dir, description)
+            self._parents[sweep_id] = self._find_or_create_parent(sweep_id, sweep_dir, about)
         return self._parents[sweep_id]
 
-    def _find_or_create_parent(self, sweep_id: str, sweep_dir: Path, description: str) -> str:
+    def _find_or_create_parent(self, sweep_id: str, sweep_dir: Path, about: SweepAbout | None) -> str:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         with open(sweep_dir / ".sweepbp-parent.lock", "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             runs = self._parent_runs(sweep_id)
             if runs:
                 return runs[0].info.run_id
+            tags = {TAG_SWEEP: sweep_id, TAG_ROLE: "sweep", "sweepbp.sweep_dir": str(sweep_dir),
+                    SWEEP_GROUP: sweep_group(about, sweep_id), NOTE: "sweepbp sweep"}
+            if about is not None:  # the sweep's command line (a sweep not started by `python -m sweepbp` has none)
+                tags.update({TAG_COMMAND: about.command, NOTE: f"`{about.command}`"})
             run = with_retry(lambda: self.client.create_run(
-                self.experiment_id(), run_name=f"sweep {sweep_id}",
-                tags={TAG_SWEEP: sweep_id, TAG_ROLE: "sweep", "sweepbp.sweep_dir": str(sweep_dir),
-                      "mlflow.note.content": description}))
+                self.experiment_id(), run_name=about.name if about else f"sweep {sweep_id}", tags=tags))
+            params = [Param(k, v) for k, v in sorted(about.params.items())] if about else []
+            for i in range(0, len(params), BATCH):
+                with_retry(lambda chunk=params[i:i + BATCH]: self.client.log_batch(run.info.run_id, params=chunk))
             return run.info.run_id
+
+    def find_sweep(self, sweep_id: str) -> str | None:
+        if sweep_id not in self._parents:
+            runs = self._parent_runs(sweep_id)
+            if not runs:
+                return None
+            self._parents[sweep_id] = runs[0].info.run_id
+        return self._parents[sweep_id]
+
+    def answer_sweep(self, parent_id: str, figures: list[Figure], answer: str) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, float(value), now, step) for name, value, step in figures if _finite(float(value))]
+        command = with_retry(lambda: self.client.get_run(parent_id)).data.tags.get(TAG_COMMAND)
+        with_retry(lambda: self.client.log_batch(parent_id, metrics=metrics))
+        note = (f"`{command}`\n\n" if command else "") + answer
+        with_retry(lambda: self.client.set_tag(parent_id, NOTE, note if len(note) <= NOTE_LONGEST else
+                                               note[:NOTE_LONGEST - 40] + "\n\n(the rest: summary.md)"))
+
+    def present(self, parent_id: str | None, keys: list[str]) -> list[str]:
+        """The experiment's shared view (mlflow_view.py) with this sweep's params added; the URL that opens it."""
+        experiment_id = self.experiment_id()
+        tags = self.client.get_experiment(experiment_id).tags
+        state = view.view_state(view.merged_params(tags.get(view.VIEW_TAG), keys), SWEEP_GROUP, TAG_STATUS)
+        # an experiment made before sweepbp described it gets its description and kind too
+        wanted = {view.KIND_TAG: view.KIND, view.DESCRIPTION_TAG: view.DESCRIPTION, view.VIEW_TAG: json.dumps(state)}
+        for key, value in wanted.items():
+            if key == view.VIEW_TAG or key not in tags:
+                with_retry(lambda k=key, v=value: self.client.set_experiment_tag(experiment_id, k, v))
+        return view.ui_lines(self.uri, experiment_id, parent_id, Path.cwd())
 
     def _parent_runs(self, sweep_id: str) -> list:
         return self._search(f"tags.`{TAG_SWEEP}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'sweep'",
@@ -152,7 +200,21 @@ class MlflowStore:
             all_tags["mlflow.parentRunId"] = parent_id
         created = with_retry(lambda: self.client.create_run(self.experiment_id(), run_name=name, tags=all_tags))
         self._log_params(created.info.run_id, result)
+        self._log_dataset(created.info.run_id, result.config.get("data", {}))
         return created.info.run_id
+
+    def _log_dataset(self, run_id: str, data: dict) -> None:
+        """A local data file (data=text, jsonl, parquet) as the run's dataset: the UI's Datasets filter and column.
+        Its digest is the file's path, size and modification time (reading a large dataset again per job would
+        cost more than the run)."""
+        if data.get("name") not in DATA_FILES or not data.get("path"):
+            return
+        path = Path(str(data["path"])).expanduser().resolve()
+        stat = path.stat()
+        digest = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        dataset = Dataset(path.name, digest, "local", json.dumps({"uri": str(path)}))
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
+        with_retry(lambda: self.client.log_inputs(run_id, datasets=inputs))
 
     def _log_params(self, run_id: str, result: JobResult) -> None:
         """The option of every group and every leaf of the resolved config (logging the same values again is
