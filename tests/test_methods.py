@@ -117,7 +117,9 @@ def test_lora_overrides_with_full_fine_tuning_are_a_note_not_an_error(tmp_path):
     assert notes(["method=full", "lora.r=16"]) == ["lora.r=16 has no effect with method=full (every weight trains; "
                                                    "there is no adapter)"]
     assert notes(["method=lora", "lora.r=16"]) == []
-    done = run_cli(["method=full", "lora.r=16", "tracking=none", "trainer.steps=3", "trainer.warmup_steps=1",
-                    "batch.seq_len=16", "batch.size=1"], cwd=tmp_path)
+    # the command line says it before composing (--cfg job: no job, no heavy import); the job itself runs as any
+    # method=full job (test_full_fine_tuning_trains_every_weight)
+    done = run_cli(["method=full", "lora.r=16", "--cfg", "job"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "sweepbp: note: lora.r=16 has no effect with method=full" in done.stderr
+    assert "name: full" in done.stdout

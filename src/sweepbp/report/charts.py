@@ -6,6 +6,7 @@ and no display backend in a long-running sweep process). Imported lazily, only w
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -136,7 +137,10 @@ def memory_timeline_chart(timeline: list[dict], path: Path, title: str, twin_lay
     top = max(sum(s["by_category"].values()) for s in samples)
     host = [s.get("host", 0) for s in samples]
     unit, size = byte_unit(max(top, max(host)))
-    fig = Figure(figsize=(9.0, 4.6), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(9.0, 4.6), dpi=DPI)
+    # fixed margins for the legend's fixed labels: a constrained layout costs a third of the drawing (one chart
+    # per job, drawn by the sweep process between jobs)
+    fig.subplots_adjust(left=0.07, right=0.64, top=0.82, bottom=0.11)
     ax = fig.add_subplot()
     steps = list(range(len(samples)))
     _shade_phases(ax, samples)
@@ -150,10 +154,11 @@ def memory_timeline_chart(timeline: list[dict], path: Path, title: str, twin_lay
     ax.set_ylim(bottom=0)
     ax.set_xlabel("allocation events through one training step (traced step, untimed)")
     ax.set_ylabel(f"live memory ({unit})")
-    twin = f" (timeline of its {twin_layers}-layer twin; the model's figures are extrapolated)" if twin_layers else ""
-    ax.set_title(f"{title}{twin}: peak {fmt_bytes(top)}", fontsize=10, pad=16)
+    twin = f"\n(the timeline of its {twin_layers}-layer twin; the model's figures are extrapolated)" if twin_layers else ""
+    ax.set_title("\n".join(textwrap.wrap(f"{title}: peak {fmt_bytes(top)}", 90)) + twin, fontsize=10, pad=16,
+                 loc="left")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.savefig(path)  # the constrained layout fits the legend; a tight bounding box would draw it all twice
+    fig.savefig(path)  # a tight bounding box would draw it all twice
     return path
 
 
