@@ -18,8 +18,7 @@ from sweepbp.metrics import known
 from sweepbp.report.headline import headline
 from sweepbp.report.summary import summarize
 from sweepbp.report.tables import NO_BUDGET, answers, csv_text, table
-from sweepbp.sweep.naming import SweepPlan, single_run_name
-from sweepbp.sweep.task import sweep_about
+from sweepbp.report.naming import SweepPlan, single_run_name
 from sweepbp.tracking import SWEEP_GROUP, open_store
 from sweepbp.tracking.mlflow_view import VIEW_TAG
 
@@ -57,7 +56,7 @@ def test_the_parent_run_is_named_described_and_answers_at_the_end(tmp_path: Path
     store = open_store(tracking)
     assert store.find_sweep("s1") is None  # a sweep that reused every job (resume=true) has no parent
     plan = SweepPlan.of(*SWEEPS["lora.r=8,16 memory=ckpt,none"])
-    parent = store.open_sweep("s1", tmp_path / "s1", sweep_about(plan))
+    parent = store.open_sweep("s1", tmp_path / "s1", plan.about())
     assert store.find_sweep("s1") == parent
 
     records = [_record("0", "ckpt", 8, peak_memory_bytes=6e9, tokens_per_s=80.0),

@@ -6,7 +6,7 @@ import torch
 from conftest import FAST, compose
 
 from sweepbp.job import run_job
-from sweepbp.measure.stats import TimingSummary, is_noisy
+from sweepbp.measure.stats import TimingSummary, is_noisy, varied_throughput
 from sweepbp.measure.tracker import ACTIVATION, GRAD, OTHER, PARAM, TRAINABLE, MemoryTracker
 
 F32 = 4
@@ -127,3 +127,16 @@ def test_steps_that_spread_by_more_than_a_quarter_of_their_median_are_noisy():
     assert not is_noisy([0.3])  # one timed step has no spread
     assert TimingSummary(busy, busy, busy, busy).metrics(64, 2)["timing_noisy"] == 1.0
     assert TimingSummary(quiet, quiet, quiet, quiet).metrics(64, 2)["timing_noisy"] == 0.0
+
+
+def test_a_datasets_steps_of_varied_size_are_judged_by_their_time_per_position():
+    """Padded batches of 64 to 512 positions take 1 to 8 times as long, as they should: not noise."""
+    positions = [64, 512, 128, 256, 96]
+    steady = [p * 1e-4 for p in positions]  # the same time per position
+    counts = [(int(p * 0.8), p, 2) for p in positions]
+    assert is_noisy(steady)  # as plain step times they spread far
+    figures = varied_throughput(steady, counts)
+    assert figures["timing_noisy"] == 0.0 and figures["timing_spread"] < 1e-9
+    stalled = [*steady[:4], steady[4] * 3]
+    stalled[1] *= 3
+    assert varied_throughput(stalled, counts)["timing_noisy"] == 1.0

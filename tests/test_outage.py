@@ -147,6 +147,8 @@ def test_sync_brings_the_store_to_every_job_once(outage, monkeypatch, capsys):
     assert sorted(r.data.tags["sweepbp.job_num"] for r in jobs) == ["0", "1", "2", "3"]
     assert all(r.info.status == "FINISHED" and r.data.tags["sweepbp.status"] == "ok" for r in jobs)
     assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parents[0].info.run_id}
+    assert sorted(r.info.run_name for r in jobs) == ["seed=0", "seed=1", "seed=2", "seed=3"]  # named as the sweep names
+    assert len({r.data.tags["sweepbp.sweep"] for r in jobs}) == 1  # one group in the UI's first view
     for run in jobs:  # the folder's results.json names the run, whose artifact is the same record
         on_disk = json.loads((outage.sweep_dir / run.data.tags["sweepbp.job_num"] / "results.json").read_text())
         assert on_disk["environment"]["mlflow_run_id"] == run.info.run_id
@@ -163,3 +165,23 @@ def test_sync_brings_the_store_to_every_job_once(outage, monkeypatch, capsys):
     assert "0 run(s) added, 0 completed, 4 already in the store" in again
     assert [r.info.run_id for r in runs()[1]] == [r.info.run_id for r in jobs]
     assert TOKEN not in first + again
+
+
+def test_sync_adds_no_run_for_a_job_resume_reused(tmp_path: Path):
+    """A job resume=true did not run again has its run in the earlier sweep: no second run, no empty parent."""
+    from conftest import compose
+    from mlflow.tracking import MlflowClient
+
+    from sweepbp.config import TrackingConfig
+    from sweepbp.report.sync import sync_folder
+    from sweepbp.result import JobResult, Status
+
+    sweep_dir = tmp_path / "multirun" / "2026-12-02" / "10-00-00"
+    reused = JobResult.of(compose([*FAST, "tracking=none"]), Status.OK, environment={"resumed_from_run_id": "abc"})
+    reused.write(sweep_dir / "0")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    counts = sync_folder(sweep_dir, TrackingConfig(uri=store, experiment=EXPERIMENT))
+    assert dict(counts) == {"present": 1}
+    experiment = MlflowClient(tracking_uri=store).get_experiment_by_name(EXPERIMENT)
+    assert experiment is None or not MlflowClient(tracking_uri=store).search_runs([experiment.experiment_id])
+    assert (sweep_dir / "summary.csv").is_file()  # the folder's report, as the sweep would have written it

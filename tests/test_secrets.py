@@ -129,3 +129,14 @@ def test_the_environment_record_holds_no_secret_variable(monkeypatch):
     for name in ("HF_TOKEN", "MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN"):
         monkeypatch.setenv(name, "t0k3n")
     assert "t0k3n" not in json.dumps(host_environment())
+
+
+@pytest.mark.parametrize("uri", ["'http://alice:s3cret@host:5000'", "http://a:s3cret@h1,http://a:s3cret@h2"],
+                         ids=["quoted", "swept"])
+def test_the_sweeps_command_line_on_its_parent_run_hides_credentials(uri):
+    """The parent run's name, params and command come from the command line as typed (report/naming.py)."""
+    from sweepbp.report.naming import SweepPlan
+
+    plan = SweepPlan.of([f"tracking.uri={uri}", "lora.r=8,16"], 4)
+    assert "s3cret" not in plan.command + plan.to_env() + plan.name + json.dumps(plan.params())
+    assert "***@" in plan.command

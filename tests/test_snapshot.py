@@ -185,6 +185,20 @@ def test_llama3_8b_prediction_snapshot_replays_to_the_predicted_peak(tmp_path):
     assert {f["phase"] for f in frames_of(snapshot)} == {"forward", "loss", "backward", "optim"}
 
 
+def test_a_datasets_accumulated_worst_step_snapshots_to_the_measured_peak(tmp_path, data_files):
+    """A dataset under batch.accumulate: the step's batch is a list of padded micro-batches, each named."""
+    from test_predict import data_overrides
+
+    run = compose([*FAST, "tracking=none", "data=jsonl", *data_overrides("jsonl", data_files), "snapshot=true"])
+    result = run_job(run, output_dir=tmp_path)
+    assert result.status == "ok", result.error
+    snapshot = check_viewer_reads(tmp_path)
+    assert viewer_peak(snapshot) == result.metrics["peak_memory_bytes"] == result.metrics["predicted_peak_memory_bytes"]
+    blocks = [b for segment in snapshot["segments"] for b in segment["blocks"]]
+    states = {f["name"] for b in blocks for f in b["frames"] if f["filename"] == "state"}
+    assert {"batch.0.input_ids", "batch.1.input_ids"} <= states
+
+
 def allocations(snapshot: dict) -> int:
     return sum(e["action"] == "alloc" for trace in snapshot["device_traces"] for e in trace)
 

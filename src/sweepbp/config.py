@@ -349,10 +349,6 @@ class RunConfig:
     cfg: SweepbpConfig
     choices: dict[str, str]  # group -> option name, e.g. memory -> ckpt
 
-    @property
-    def memory_name(self) -> str:
-        return self.cfg.memory.name
-
 
 SCHEMAS: dict[str, list[tuple[str, type]]] = {
     "model": [("model", ModelConfig)],

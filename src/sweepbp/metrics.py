@@ -52,8 +52,8 @@ class Metric:
     gpu_only: bool = False  # recorded on CUDA devices only
 
 
-# `timing_noisy`: the step times' interquartile range above this fraction of their median. Steps of one job
-# do identical work, so on a quiet machine they spread by a few percent (benchmarks/timing_noise.py measures
+# `timing_noisy`: the step times' interquartile range above this fraction of their median (a dataset's: of its
+# steps' time per position, since its batches differ in size on purpose). Steps of one job do identical work, so on a quiet machine they spread by a few percent (benchmarks/timing_noise.py measures
 # a job alone and under load); a spread this large means something else took the CPU or GPU.
 NOISY_IQR_FRACTION = 0.25
 
@@ -88,9 +88,11 @@ CATALOGUE: tuple[Metric, ...] = (
            shown=Shown.CSV),
     Metric("bwd_fwd_ratio", "ratio", "bwd / fwd", "`bwd_time_s / fwd_time_s`", TIME),
     Metric("timed_steps", "count", "timed steps", "how many steps the medians are over", TIME),
-    Metric("timing_noisy", "flag", "noisy timing", f"1 when `step_time_iqr_s` exceeds {NOISY_IQR_FRACTION} x "
-           "`step_time_s`: the timed steps spread too much for their median to be trusted (a busy machine); "
-           "else 0", TIME, Merge.MAX, shown=Shown.CSV),
+    Metric("timing_spread", "ratio", "timing spread", "interquartile range of the timed steps' times over their median "
+           "(with a dataset, of their time per position: its batches differ in size on purpose)", TIME, Merge.MAX),
+    Metric("timing_noisy", "flag", "noisy timing", f"1 when `timing_spread` exceeds {NOISY_IQR_FRACTION}: the timed "
+           "steps spread too much for their median to be trusted (a busy machine); else 0", TIME, Merge.MAX,
+           shown=Shown.CSV),
     Metric("train_time_s", "s", "timed", "sum of the timed steps", TIME),
     Metric("steps_time_s", "s", "all steps", "wall time inside every training step (warm-up, traced, timed)", TIME),
     Metric("setup_time_s", "s", "setup", "job start to a built, adapted model with its memory strategy "

@@ -82,8 +82,8 @@ class JobResult:
 
     @property
     def run_name(self) -> str:
-        """The job's name in MLflow and on its memory timeline: model, memory strategy (and loss, unless
-        standard), rank, batch."""
+        """A description of the job's config: model, memory strategy (and loss, unless standard), rank, batch. The
+        title of its memory timeline, and its run's name where no command line names it (report/naming.py)."""
         loss = self.config.get("loss", {}).get("name", "standard")
         shown_loss = f" {loss}" if loss != "standard" else ""
         return (f"{self.choices.get('model', 'model')} {self.config['memory']['name']}{shown_loss} "

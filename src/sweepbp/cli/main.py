@@ -17,7 +17,7 @@ from sweepbp.cli.paths import config_dir
 from sweepbp.cli.precheck import MAX_PRECHECKED_JOBS, launcher_of, notes, precheck
 from sweepbp.cli.suggest import unknown_flags
 from sweepbp.config import RunConfig, register_schemas
-from sweepbp.sweep.naming import PLAN_ENV, SweepPlan
+from sweepbp.report.naming import PLAN_ENV, SweepPlan
 from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
 from sweepbp.tracking.redaction import install_log_redaction
 from sweepbp.tracking.uris import move_credentials
@@ -64,7 +64,7 @@ def _main(args: list[str]) -> None:
     for line in [*notes(parsed.overrides), *said]:
         print(f"sweepbp: note: {line}", file=sys.stderr)
     os.environ["SWEEPBP_SWEEP_SIZE"] = str(jobs)
-    if parsed.multirun:  # the parent run's name and params, for whichever job opens it (sweep/naming.py)
+    if parsed.multirun:  # the parent run's name and params, for whichever job opens it (report/naming.py)
         os.environ[PLAN_ENV] = SweepPlan.of(parsed.overrides, jobs).to_env()
     if 0 < jobs <= MAX_PRECHECKED_JOBS:
         from hydra_plugins.sweepbp_sweeper import PRECHECKED  # Hydra's sweeper: only for a sweep that runs

@@ -15,10 +15,16 @@ def throughput(units_per_step: float, step_times: list[float]) -> float:
     return units_per_step / statistics.median(step_times)
 
 
-def is_noisy(step_times: list[float]) -> bool:
-    """Whether the spread of the step times makes their median untrustworthy (metrics.NOISY_IQR_FRACTION)."""
-    q1, q3 = quartiles(step_times)
-    return q3 - q1 > NOISY_IQR_FRACTION * statistics.median(step_times)
+def spread(times: list[float]) -> float:
+    """The interquartile range of times that should be equal, as a fraction of their median (`timing_spread`)."""
+    q1, q3 = quartiles(times)
+    return (q3 - q1) / statistics.median(times)
+
+
+def is_noisy(times: list[float]) -> bool:
+    """Whether the spread of times that should be equal makes their median untrustworthy
+    (metrics.NOISY_IQR_FRACTION)."""
+    return spread(times) > NOISY_IQR_FRACTION
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:
@@ -54,6 +60,7 @@ class TimingSummary:
             "samples_per_s": throughput(samples_per_step, self.step_times),
             "timed_steps": len(self.step_times),
             "train_time_s": sum(self.step_times),
+            "timing_spread": spread(self.step_times),
             "timing_noisy": float(is_noisy(self.step_times)),
         }
 
@@ -64,5 +71,8 @@ def varied_throughput(step_times: list[float], counts: list[tuple[int, int, int]
     non-padding ones; `padded_tokens_per_s` counts every position the step computed."""
     seconds = sum(step_times)
     real, positions, rows = (sum(c[i] for c in counts) for i in range(3))
+    # a dataset's steps differ in size on purpose: the noise is judged on their time per position
+    per_position = [t / c[1] for t, c in zip(step_times, counts)]
     return {"tokens_per_s": real / seconds, "padded_tokens_per_s": positions / seconds, "samples_per_s": rows / seconds,
-            "padding_fraction": 1.0 - real / positions}
+            "padding_fraction": 1.0 - real / positions, "timing_spread": spread(per_position),
+            "timing_noisy": float(is_noisy(per_position))}

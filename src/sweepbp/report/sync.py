@@ -17,12 +17,25 @@ from pathlib import Path
 
 from sweepbp.config import TrackingConfig
 from sweepbp.report.files import report_sweep_folder
+from sweepbp.report.naming import SweepPlan, job_overrides, plan_of_folder, run_name
 from sweepbp.result import JobResult, sweep_id_of
-from sweepbp.tracking import RUN_ID, TAG_DIR, TAG_HASH, TAG_JOB, TAG_SWEEP, JobRun, Store, open_store
+from sweepbp.tracking import (
+    RUN_ID,
+    SWEEP_GROUP,
+    TAG_DIR,
+    TAG_HASH,
+    TAG_JOB,
+    TAG_SWEEP,
+    JobRun,
+    Store,
+    open_store,
+    sweep_group,
+)
 from sweepbp.tracking.guard import NOT_IN_STORE
 
 RESULTS = "results.json"
-JOB_FILES = (RESULTS, "config.yaml", "memory_timeline.png")  # what a job logs as artifacts (sweep/task.py)
+JOB_FILES = (RESULTS, "config.yaml", "memory_timeline.png")  # what the sweep logs of every job (sweep/task.py)
+RESUMED = "resumed_from_run_id"  # a job resume=true did not run again: its run is the earlier sweep's
 
 
 class SyncError(ValueError):
@@ -40,38 +53,55 @@ def job_folders(folder: Path) -> list[Path]:
 
 
 def sync_folder(folder: Path, tracking: TrackingConfig) -> Counter:
-    """Record the folder's jobs the store lacks; counts of runs `added`, `completed` and `present`."""
+    """Record the folder's jobs the store lacks; counts of runs `added`, `completed` and `present`. The sweep's
+    parent run and its jobs' runs are named as the sweep names them (report/naming.py), from the command line
+    Hydra saved in the folder."""
     jobs = job_folders(folder)
     store = open_store(tracking)
-    sweep_id = None if jobs == [folder] else sweep_id_of(folder.resolve())
-    if sweep_id is not None:
-        parent = store.open_sweep(sweep_id, folder.resolve())
-        runs = store.job_runs({TAG_SWEEP: sweep_id})
-    else:
-        parent, runs = None, store.job_runs({TAG_DIR: os.path.abspath(folder)})
+    sweep = None if jobs == [folder] else _Sweep(sweep_id_of(folder.resolve()), folder.resolve(), plan_of_folder(folder))
+    runs = store.job_runs({TAG_SWEEP: sweep.id} if sweep else {TAG_DIR: os.path.abspath(folder)})
     counts: Counter = Counter()
     for job_dir in jobs:
-        counts[_sync_job(store, job_dir, sweep_id, parent, runs)] += 1
-    if sweep_id is not None:
-        report_sweep_folder(folder, sweep_id, tracking)  # the summary into the folder and the parent, which ends
+        counts[_sync_job(store, job_dir, sweep, runs)] += 1
+    if sweep is not None and (sweep.parent is not None or store.find_sweep(sweep.id) is not None):
+        report_sweep_folder(folder, sweep.id, tracking)  # the summary into the folder and the parent, which ends
+    elif sweep is not None:  # every job was reused from earlier sweeps (resume=true): no empty parent run
+        report_sweep_folder(folder, sweep.id, None)
     return counts
 
 
-def _sync_job(store: Store, job_dir: Path, sweep_id: str | None, parent: str | None, runs: list[JobRun]) -> str:
+class _Sweep:
+    """The sweep being synced: its id, folder, command line, and its parent run once opened."""
+
+    def __init__(self, sweep_id: str, folder: Path, plan: SweepPlan | None):
+        self.id, self.folder, self.plan = sweep_id, folder, plan
+        self.parent: str | None = None
+
+    def parent_of(self, store: Store) -> str:
+        if self.parent is None:
+            self.parent = store.open_sweep(self.id, self.folder, self.plan.about() if self.plan else None)
+        return self.parent
+
+    def tags(self, number: str) -> dict[str, str]:
+        about = self.plan.about() if self.plan else None
+        return {TAG_SWEEP: self.id, TAG_JOB: number, SWEEP_GROUP: sweep_group(about, self.id)}
+
+
+def _sync_job(store: Store, job_dir: Path, sweep: _Sweep | None, runs: list[JobRun]) -> str:
     """Record one job folder's result unless its run ended; which of added, completed, present it was."""
     result = JobResult.from_json((job_dir / RESULTS).read_text())
-    number = job_dir.name if sweep_id is not None else None
+    number = job_dir.name if sweep is not None else None
     found = _match(result, number, runs)
-    if found is not None and found.complete:
+    if result.environment.get(RESUMED) or (found is not None and found.complete):
         outcome = "present"
     else:
-        tags = {TAG_HASH: result.config_hash, TAG_DIR: os.path.abspath(job_dir)}
-        if sweep_id is not None:
-            tags.update({TAG_SWEEP: sweep_id, TAG_JOB: str(number)})
-        run_id = found.run_id if found is not None else store.open_job(result, result.run_name, parent, tags)
+        tags = {TAG_HASH: result.config_hash, TAG_DIR: os.path.abspath(job_dir), **(sweep.tags(number) if sweep else {})}
+        name = run_name(sweep.plan if sweep else None, job_overrides(job_dir), int(number or 0), result.run_name)
+        run_id = found.run_id if found is not None else store.open_job(
+            result, name, sweep.parent_of(store) if sweep else None, tags)
         result.environment[RUN_ID] = run_id
         result.write(job_dir)  # before it is logged: the folder's and the store's results.json name the run
-        files = [job_dir / name for name in JOB_FILES if (job_dir / name).exists()]
+        files = [job_dir / name for name in (*JOB_FILES, *result.artifacts) if (job_dir / name).exists()]
         if found is not None:
             store.complete_job(run_id, result, files)
         else:

@@ -22,7 +22,7 @@ from sweepbp import metrics
 from sweepbp.config import ConfigError, RunConfig, config_yaml, redact_uri, to_run_config
 from sweepbp.metrics import NOISY_IQR_FRACTION, Shown
 from sweepbp.result import JobResult, Status, sweep_id_of
-from sweepbp.sweep.naming import SweepPlan, single_run_name
+from sweepbp.report.naming import SweepPlan, run_name
 from sweepbp.sweep.signals import Stopped, held, ignore_signals
 from sweepbp.sweep.worker import JobInterrupted, run_isolated
 from sweepbp.tracking import (
@@ -33,7 +33,7 @@ from sweepbp.tracking import (
     TAG_HASH,
     TAG_JOB,
     TAG_SWEEP,
-    SweepAbout,
+    StoreError,
     open_store,
     sweep_group,
 )
@@ -132,7 +132,7 @@ def _warn_if_noisy(result: JobResult, context: JobContext) -> None:
     figures = result.metrics
     if not figures.get("timing_noisy"):
         return
-    spread = figures["step_time_iqr_s"] / figures["step_time_s"]
+    spread = figures["timing_spread"]
     print(f"[sweepbp] warning: job {context.label}: timing_noisy: its step times spread by {spread:.0%} of their "
           f"median (interquartile range; over {NOISY_IQR_FRACTION:.0%} is noisy), machine load "
           f"{figures.get('load_1m_end', float('nan')):.1f} on {figures.get('cpus_end', float('nan')):.0f} CPUs: "
@@ -144,29 +144,17 @@ def _open_run(run: RunConfig, context: JobContext, store: Guarded | None, opened
         return None
     tags = {TAG_HASH: opened.config_hash, TAG_DIR: str(context.output_dir), **context.tags}
     plan = SweepPlan.from_env() if context.sweep_id is not None else None
-    about = sweep_about(plan)
+    about = plan.about() if plan is not None else None
     if context.sweep_id is not None:
         tags.update({TAG_SWEEP: context.sweep_id, TAG_JOB: str(context.number),
                      SWEEP_GROUP: sweep_group(about, context.sweep_id)})
 
     def open_run() -> str:
         parent = store.open_sweep(context.sweep_id, context.sweep_dir, about) if context.sweep_id is not None else None
-        return store.open_job(opened, job_name(opened, context, plan), parent, tags)
+        return store.open_job(opened, run_name(plan, list(context.overrides), context.number, opened.run_name),
+                              parent, tags)
 
     return _unless_down(open_run, run, context)
-
-
-def sweep_about(plan: SweepPlan | None) -> SweepAbout | None:
-    """The parent run's name, description and params, from the command line's plan (None without one)."""
-    return SweepAbout(plan.name, plan.command, plan.params()) if plan is not None else None
-
-
-def job_name(opened: JobResult, context: JobContext, plan: SweepPlan | None) -> str:
-    """A job's run name: its values of the swept keys in a sweep, its overrides in a single run, else a
-    description of its config (a rerun, a single run of the defaults)."""
-    if plan is not None:
-        return plan.job_name(list(context.overrides), context.number)
-    return single_run_name(list(context.overrides)) or opened.run_name
 
 
 def _finish(run: RunConfig, context: JobContext, store: Guarded | None, run_id: str | None,
@@ -261,7 +249,10 @@ def _skipped(run: RunConfig, context: JobContext, store: Guarded, digest: str) -
     """resume=true: reuse the recorded result of an identical finished job instead of running it again (None:
     there is none, or the store cannot say: the job runs)."""
     previous = _unless_down(lambda: store.find_finished(digest), run, context)
-    result = _unless_down(lambda: store.result_of(previous), run, context) if previous is not None else None
+    try:
+        result = _unless_down(lambda: store.result_of(previous), run, context) if previous is not None else None
+    except StoreError:  # its results.json is gone: the job runs again
+        return None
     if result is None:
         return None
     result.environment["resumed_from_run_id"] = previous

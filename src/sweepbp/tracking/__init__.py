@@ -78,7 +78,7 @@ class RecordedRun:
 
 @dataclass(frozen=True)
 class SweepAbout:
-    """What a sweep's parent run says of it, from its command line (sweep/naming.py)."""
+    """What a sweep's parent run says of it, from its command line (report/naming.py)."""
 
     name: str  # the run's name: what was swept and how many jobs (`lora.r=8,16 x memory=ckpt,none (4 jobs)`)
     command: str  # the command line, credentials hidden: the run's description

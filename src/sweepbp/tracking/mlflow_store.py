@@ -210,7 +210,10 @@ class MlflowStore:
         if data.get("name") not in DATA_FILES or not data.get("path"):
             return
         path = Path(str(data["path"])).expanduser().resolve()
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError:  # moved since the job ran (a sync later, elsewhere): the run goes without it, the store is fine
+            return
         digest = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         dataset = Dataset(path.name, digest, "local", json.dumps({"uri": str(path)}))
         inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
@@ -296,7 +299,12 @@ class MlflowStore:
         return None
 
     def result_of(self, run_id: str) -> JobResult:
-        return JobResult.from_json(self._artifact(run_id, "results.json").read_text())
+        try:
+            return JobResult.from_json(self._artifact(run_id, "results.json").read_text())
+        except MlflowException as err:  # no such artifact is an answer, not a failing store
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise StoreError(f"run {run_id!r} has no results.json") from None
 
     def sweep_jobs(self, sweep_id: str | None, known_runs: frozenset[str] = frozenset()) -> tuple[str, list[StoredJob]]:
         where = f"experiment {self.experiment or '(any)'}"
@@ -316,7 +324,7 @@ class MlflowStore:
         tags, run_id = run.data.tags, run.info.run_id
         try:
             result = self.result_of(run_id)
-        except (MlflowException, OSError):  # no artifact (a job still running, or an artifact store gone)
+        except (StoreError, MlflowException, OSError):  # no artifact (a job still running, or an artifact store gone)
             params = run.data.params
             result = JobResult(status=_status(tags), mode=tags.get(TAG_MODE, "measure"),
                                config=nested({k: v for k, v in params.items() if k not in GROUPS}),
@@ -333,7 +341,7 @@ class MlflowStore:
             raise StoreError(f"run {run_id!r}: {str(err).splitlines()[0]}") from None
         try:
             losses = self.result_of(run_id).losses
-        except MlflowException:
+        except (StoreError, MlflowException):
             losses = None
         return RecordedRun(text, {k: v for k, v in run.data.params.items() if k in GROUPS}, losses)
 

@@ -28,8 +28,8 @@ DESCRIPTION = """\
 sweepbp: fine-tuning jobs measured (or predicted) for their memory and speed. Each sweep is a parent run named
 after what it swept (`lora.r=8,16 x memory=ckpt,none (4 jobs)`); its jobs are named after their values of the
 swept keys (`memory=ckpt r=8`). The key metrics: `peak_memory_bytes` (exact peak of live tensors in one
-training step), `activation_bytes` (what the backward keeps), `tokens_per_s` (median throughput of the timed
-steps); `mode=predict` jobs record `predicted_peak_memory_bytes` instead. A sweep's parent run holds its
+training step), `activation_bytes` (what the backward keeps), `tokens_per_s` (throughput of the timed
+steps in real tokens); `mode=predict` jobs record `predicted_peak_memory_bytes` instead. A sweep's parent run holds its
 answer: `best_tokens_per_s`, `lowest_peak_memory_bytes`, `jobs_ok`, `jobs_oom`, and summary.md, summary.csv,
 tradeoff.png. Open the view sweepbp prints at the end of a sweep (`...&viewStateShareKey=sweepbp`) for these
 columns and charts; docs/report.md in the sweepbp repository says more."""

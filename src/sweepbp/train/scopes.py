@@ -88,9 +88,10 @@ def hf_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def state_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict) -> dict[int, str]:
+def state_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict | list) -> dict[int, str]:
     """Names of what exists before the step, by storage: weights and buffers by their path, optimizer state
-    as `<parameter>.<state>` (`...lora_A.default.weight.exp_avg`), the batch as `batch.<key>`."""
+    as `<parameter>.<state>` (`...lora_A.default.weight.exp_avg`), the batch as `batch.<key>` (a dataset's
+    micro-batches as `batch.<i>.<key>`)."""
     root = hf_model(model)
     names: dict[int, str] = {}
     for name, tensor in [*root.named_parameters(), *root.named_buffers()]:
@@ -101,9 +102,13 @@ def state_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     names.setdefault(storage_key(value), f"{by_param.get(param, NOWHERE)}.{key}")
-    for key, tensor in batch.items():
-        for part in tensors_of(tensor):
-            names.setdefault(storage_key(part), f"batch.{key}")
+    # a step's batch: one dict, or a dataset's micro-batches (a list of dicts) under accumulation
+    parts = batch if isinstance(batch, list) else [batch]
+    for index, part in enumerate(parts):
+        prefix = f"batch.{index}." if len(parts) > 1 else "batch."
+        for key, tensor in part.items():
+            for piece in tensors_of(tensor):
+                names.setdefault(storage_key(piece), f"{prefix}{key}")
     return names
 
 

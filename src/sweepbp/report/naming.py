@@ -14,9 +14,11 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from sweepbp.config import redact_uri
 from sweepbp.report.summary import short_keys
+from sweepbp.tracking import SweepAbout
+from sweepbp.tracking.redaction import redact_text
 
 PLAN_ENV = "SWEEPBP_SWEEP_PLAN"
 LONGEST = 240  # characters of a run name (MLflow's table shows about 40; the run page the whole name)
@@ -53,13 +55,12 @@ class SweepPlan:
         parsed = []
         for line in lines:
             override = parser.parse_override(line)
-            key, text = override.key_or_group, line.split("=", 1)[1] if "=" in line else ""
-            if key == "tracking.uri":
-                text = redact_uri(text)
+            # credentials hidden wherever a URI is, quoted or swept (the parent run shows the command line)
+            key, text = override.key_or_group, redact_text(line.split("=", 1)[1] if "=" in line else "")
             values: tuple[str, ...] = ()
             if override.is_sweep_override():
                 try:
-                    values = tuple(override.sweep_string_iterator())
+                    values = tuple(redact_text(v) for v in override.sweep_string_iterator())
                 except Exception:  # noqa: BLE001 (glob() and sweeps only Hydra expands: shown as typed)
                     values = (text,)
             parsed.append(Override(key, text, values))
@@ -86,6 +87,10 @@ class SweepPlan:
     def command(self) -> str:
         """The command line that made the sweep (credentials hidden)."""
         return " ".join(["python -m sweepbp -m", *(f"{o.key}={o.text}" for o in self.overrides)])
+
+    def about(self) -> SweepAbout:
+        """What the sweep's parent run says of it: its name, command line and params."""
+        return SweepAbout(self.name, self.command, self.params())
 
     def params(self) -> dict[str, str]:
         """The sweep's overrides as the parent run's params, under the jobs' param names (`lora.r` = `8,16`)."""
@@ -116,6 +121,37 @@ class SweepPlan:
             return None
         data = json.loads(text)
         return cls(tuple(Override(k, t, tuple(v)) for k, t, v in data["overrides"]), int(data["jobs"]))
+
+
+def run_name(plan: SweepPlan | None, job_overrides: list[str], number: int, fallback: str) -> str:
+    """A job's run name: its values of the swept keys in a sweep, its overrides in a single run, else `fallback`
+    (a description of its config: a rerun, a single run of the defaults)."""
+    if plan is not None:
+        return plan.job_name(job_overrides, number)
+    return single_run_name(job_overrides) or fallback
+
+
+def plan_of_folder(sweep_dir: Path) -> SweepPlan | None:
+    """The plan of a sweep that ran, from its folder: Hydra's multirun.yaml keeps the command line's overrides
+    (credentials scrubbed), the job folders count the jobs (`python -m sweepbp.report --sync`)."""
+    saved = sweep_dir / "multirun.yaml"
+    if not saved.is_file():
+        return None
+    from omegaconf import OmegaConf  # only for a sweep folder being synced
+
+    overrides = list(OmegaConf.load(saved).hydra.overrides.task)
+    jobs = sum(1 for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return SweepPlan.of(overrides, jobs)
+
+
+def job_overrides(job_dir: Path) -> list[str]:
+    """A job's own overrides, as Hydra saved them in its folder (.hydra/overrides.yaml)."""
+    saved = job_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    return [str(line) for line in OmegaConf.load(saved)]
 
 
 def single_run_name(overrides: list[str]) -> str | None:
