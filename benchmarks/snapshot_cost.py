@@ -11,11 +11,16 @@ Alternating in this one process, `--rounds` times each:
   `predict_time_s` (the trace, with the module hooks and the event log when on).
 Both also report `snapshot_time_s` (writing the pickle and the page) and the files' sizes. Prints medians
 and the with / without ratios; the peaks must be equal.
+
+Like a sweep's forked job (sweep/worker.py, train/warmup.py), the libraries' objects are frozen out of the
+garbage collector's generations, and each job starts collected: otherwise a full collection over them (half
+a second here) lands in whichever step happens to trigger it, more often in the one that allocates more.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import tempfile
@@ -43,6 +48,7 @@ def one_job(overrides: list[str], snapshot: bool, folder: Path) -> dict[str, flo
 
     run = compose([*overrides, f"snapshot={str(snapshot).lower()}"])
     ends = StepEnds()
+    gc.collect()  # the last job's garbage, as a fresh forked job has none
     result = run_job(run, progress=ends, output_dir=folder)
     if result.status != "ok":
         raise SystemExit(f"job {result.status}: {result.error}")
@@ -64,6 +70,10 @@ def main() -> None:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    import sweepbp.job  # noqa: F401  (imported before the freeze, as in the fork server)
+
+    gc.collect()
+    gc.freeze()
     print(f"# {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f} at the start")
     rows: dict[tuple[str, bool], list[dict[str, float]]] = {}
