@@ -9,7 +9,7 @@
 machine has no MLflow and no network), over model=llama3_8b (bf16), LoRA r=16 on all linear layers,
 batch.seq_len=2048, the requested memory strategies that exist in conf/memory/, and batch.size=1,4; then
 one short sweep per `--axes` entry at memory=ckpt, batch 1 (loss=fused, QLoRA without and with peft's
-fp32 cast by default).
+fp32 cast, full fine-tuning with 8-bit AdamW by default).
 The mode=predict jobs run first (seconds each, on CPU) and predict for CUDA (trainer.accelerator=gpu).
 It then writes DIR/results.json (every job's record) and DIR/h200.md (the tables and the comparison
 with the claims); `import` puts the records into an MLflow store afterwards, on any machine.
@@ -31,8 +31,10 @@ from sweepbp.config import GB  # noqa: E402  (decimal GB, as everywhere in sweep
 
 DEFAULT_MEMORY = "none,ckpt,selective,offload"
 # The other axes, each one more sweep at memory=ckpt batch.size=1 (predicted and measured): the fused loss,
-# QLoRA without and with peft's fp32 cast. `;` separates sweeps, spaces the overrides of one.
-DEFAULT_AXES = "loss=fused;quant=nf4 quant.prepare=false;quant=nf4"
+# QLoRA without and with peft's fp32 cast, full fine-tuning with 8-bit AdamW (bf16 weights and gradients, 2 bytes
+# of state a weight: about 48 GB for 8B, which an H200 holds). `;` separates sweeps, spaces the overrides of one.
+DEFAULT_AXES = "loss=fused;quant=nf4 quant.prepare=false;quant=nf4;method=full optim=adamw8bit"
+NEEDS_BNB = ("quant=", "optim=adamw8bit", "optim=paged_adamw8bit")  # axes that need bitsandbytes
 CLAIMS = """\
 - LoRA fine-tuning of an 8B model at batch size 1 needs ~16 GB for inference and ~22 GB for training;
 - training needs 2-4x the memory of inference;
@@ -61,7 +63,7 @@ def available_axes(requested: str) -> tuple[list[str], list[str]]:
     import importlib.util
 
     axes = [a.strip() for a in requested.split(";") if a.strip()]
-    missing = [a for a in axes if "quant=" in a and importlib.util.find_spec("bitsandbytes") is None]
+    missing = [a for a in axes if any(n in a for n in NEEDS_BNB) and importlib.util.find_spec("bitsandbytes") is None]
     return [a for a in axes if a not in missing], missing
 
 
@@ -141,6 +143,9 @@ def key(result: dict) -> tuple[str, int, str]:
     quant = config.get("quant", {})
     if quant.get("name", "none") != "none":
         variant.append(f"quant={quant['name']}" + ("" if quant.get("prepare", True) else " prepare=false"))
+    for group, default in (("method", "lora"), ("optim", "adamw")):
+        if config.get(group, {}).get("name", default) != default:
+            variant.append(f"{group}={config[group]['name']}")
     return config["memory"]["name"], int(config["batch"]["size"]), " ".join(variant)
 
 

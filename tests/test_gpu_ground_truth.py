@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, problems_of
 
 from sweepbp.cli.precheck import available_options
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from gpu_ground_truth import DEFAULT_MEMORY  # noqa: E402
+from gpu_ground_truth import DEFAULT_AXES, DEFAULT_MEMORY, axis_overrides, key  # noqa: E402
 
 SCRIPT = REPO / "benchmarks" / "gpu_ground_truth.py"
 
@@ -61,3 +61,17 @@ def test_cpu_smoke_runs_the_sweep_writes_the_tables_and_imports_into_mlflow(tmp_
     assert predicted and all(r.data.tags["sweepbp.env.predicted_device"] == "cpu" for r in predicted)
     assert all(r.data.metrics["predicted_peak_memory_bytes"] > 0 for r in jobs)
     assert sorted(r.data.params["memory.name"] for r in jobs) == sorted(r["config"]["memory"]["name"] for r in results)
+
+
+def test_every_default_axis_is_a_valid_gpu_job_and_labelled_in_the_tables():
+    """The H200 run's extra sweeps: each passes the pre-flight checks as the GPU machine would run it (CUDA
+    target, 8B; here the measured job's only problem is this machine's missing GPU), and its jobs get their
+    own label in the tables."""
+    for axis in DEFAULT_AXES.split(";"):
+        overrides = [o for o in axis_overrides(axis, smoke=False) if not o.startswith("mode=")]
+        assert problems_of(["mode=predict", *overrides]) == [], axis
+        measured = problems_of(["mode=measure", *overrides])
+        assert [p for p in measured if "without a CUDA GPU" not in p] == [], axis
+    full = {"memory": {"name": "ckpt"}, "batch": {"size": 1}, "loss": {"name": "standard"},
+            "quant": {"name": "none"}, "method": {"name": "full"}, "optim": {"name": "adamw8bit"}}
+    assert key({"config": full}) == ("ckpt", 1, "method=full optim=adamw8bit")

@@ -233,11 +233,20 @@ class _Predictor:
             process.start()
             child_end.close()
             self.rank = _Rank(process, parent_end, serves_more=True)
-            atexit.register(parent_end.close)  # the process sees the end of its input and leaves
+            atexit.register(_end_at_exit, self.rank)
         return self.rank
 
 
 _PREDICTOR = _Predictor()
+EXIT_WAIT_S = 5.0  # at the sweep's exit, how long the prediction process may take to end by itself
+
+
+def _end_at_exit(rank: _Rank) -> None:
+    """At the sweep process's exit: the prediction process sees the end of its input and leaves by itself.
+    Waited for (briefly), because multiprocessing then terminates what is left of its daemons with SIGTERM,
+    which would land in the middle of that exit."""
+    rank.receiver.close()
+    rank.process.join(timeout=EXIT_WAIT_S)
 
 
 def prefetch_predictions(runs: list[RunConfig]) -> None:
@@ -323,10 +332,13 @@ def _predictor_main(connection: Connection, sweep_end: Connection) -> None:
     code = 0
     try:
         PredictionServer(connection, run_job, Interrupted).serve()
+    except Interrupted:  # a stop after the last answer (the sweep process ending terminates its daemons)
+        pass
     except BaseException:  # a bug in sweepbp itself: the sweep records the job as lost (EOF) and starts anew
         traceback.print_exc()
         code = 1
     finally:
+        ignore_signals()  # nothing is left to answer: a stop from here on must not print a traceback
         connection.close()
         os._exit(code)
 
