@@ -53,8 +53,9 @@ class Metric:
 
 
 # `timing_noisy`: the step times' interquartile range above this fraction of their median (a dataset's: of its
-# steps' time per position, since its batches differ in size on purpose). Steps of one job do identical work, so on a quiet machine they spread by a few percent (benchmarks/timing_noise.py measures
-# a job alone and under load); a spread this large means something else took the CPU or GPU.
+# steps' time per position, since its batches differ in size on purpose). Steps of one job do identical work,
+# so on a quiet machine they spread by a few percent (benchmarks/timing_noise.py measures a job alone and
+# under load); a spread this large means something else took the CPU or GPU.
 NOISY_IQR_FRACTION = 0.25
 
 MEMORY, TIME, MACHINE, MODEL, DATA, PREDICTION, FORMULA, GPU, SWEEP = (

@@ -21,10 +21,15 @@ def spread(times: list[float]) -> float:
     return (q3 - q1) / statistics.median(times)
 
 
+def noise(times: list[float]) -> dict[str, float]:
+    """`timing_spread` and `timing_noisy` of times that should be equal: noisy when the spread makes their
+    median untrustworthy (metrics.NOISY_IQR_FRACTION)."""
+    times_spread = spread(times)
+    return {"timing_spread": times_spread, "timing_noisy": float(times_spread > NOISY_IQR_FRACTION)}
+
+
 def is_noisy(times: list[float]) -> bool:
-    """Whether the spread of times that should be equal makes their median untrustworthy
-    (metrics.NOISY_IQR_FRACTION)."""
-    return spread(times) > NOISY_IQR_FRACTION
+    return bool(noise(times)["timing_noisy"])
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:
@@ -60,8 +65,7 @@ class TimingSummary:
             "samples_per_s": throughput(samples_per_step, self.step_times),
             "timed_steps": len(self.step_times),
             "train_time_s": sum(self.step_times),
-            "timing_spread": spread(self.step_times),
-            "timing_noisy": float(is_noisy(self.step_times)),
+            **noise(self.step_times),
         }
 
 
@@ -74,5 +78,4 @@ def varied_throughput(step_times: list[float], counts: list[tuple[int, int, int]
     # a dataset's steps differ in size on purpose: the noise is judged on their time per position
     per_position = [t / c[1] for t, c in zip(step_times, counts)]
     return {"tokens_per_s": real / seconds, "padded_tokens_per_s": positions / seconds, "samples_per_s": rows / seconds,
-            "padding_fraction": 1.0 - real / positions, "timing_spread": spread(per_position),
-            "timing_noisy": float(is_noisy(per_position))}
+            "padding_fraction": 1.0 - real / positions, **noise(per_position)}

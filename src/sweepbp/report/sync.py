@@ -75,16 +75,16 @@ class _Sweep:
 
     def __init__(self, sweep_id: str, folder: Path, plan: SweepPlan | None):
         self.id, self.folder, self.plan = sweep_id, folder, plan
+        self.about = plan.about() if plan else None
         self.parent: str | None = None
 
     def parent_of(self, store: Store) -> str:
         if self.parent is None:
-            self.parent = store.open_sweep(self.id, self.folder, self.plan.about() if self.plan else None)
+            self.parent = store.open_sweep(self.id, self.folder, self.about)
         return self.parent
 
     def tags(self, number: str) -> dict[str, str]:
-        about = self.plan.about() if self.plan else None
-        return {TAG_SWEEP: self.id, TAG_JOB: number, SWEEP_GROUP: sweep_group(about, self.id)}
+        return {TAG_SWEEP: self.id, TAG_JOB: number, SWEEP_GROUP: sweep_group(self.about, self.id)}
 
 
 def _sync_job(store: Store, job_dir: Path, sweep: _Sweep | None, runs: list[JobRun]) -> str:
