@@ -209,8 +209,8 @@ def test_sigterm_during_a_prediction_records_it_killed_and_ends_the_prediction_p
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("multirun/*/*/0/results.json")) and time.monotonic() < deadline:
         time.sleep(0.1)  # job 0 recorded (so the store exists and can be read meanwhile)
-    while len(runs_of(tmp_path)[0]) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)  # job 1's run open: the sweep now waits for seed 1's prediction
+    while not _opened(runs_of(tmp_path)[0], 2) and time.monotonic() < deadline:
+        time.sleep(0.2)  # job 1's run opened with all its params: the sweep now waits for seed 1's prediction
     sweep.signal_group(signal.SIGTERM)  # what SLURM sends at a time limit: the sweep and its processes
 
     assert sweep.finish(60) == 143
@@ -221,6 +221,12 @@ def test_sigterm_during_a_prediction_records_it_killed_and_ends_the_prediction_p
     assert parents[0].info.status == "KILLED"
     first = json.loads((sweep_dirs(tmp_path)[0] / "0" / "results.json").read_text())
     assert first["environment"]["job_pid"] == str(job_pid)  # the same process served both predictions
+
+
+def _opened(jobs: list, count: int) -> bool:
+    """`count` job runs, the last with every param of the first: a stop before that would cut its opening
+    short (a store call is not held back, so such a run stays without params, as after kill -9)."""
+    return len(jobs) >= count and len(jobs[count - 1].data.params) == len(jobs[0].data.params)
 
 
 class Stopped(BaseException):
