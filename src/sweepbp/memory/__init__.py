@@ -1,7 +1,7 @@
 """Memory strategies: how activations are kept for the backward pass.
 
 Each strategy is one function in `STRATEGIES`, keyed by `memory.name`, that changes the model in place
-and returns what the training step needs to know. Adding a strategy = one schema in config.py, one YAML
+and returns what the training step needs to know. Adding a strategy = one schema in config/schema.py, one YAML
 in conf/memory/, one function here. The mechanisms live beside it: checkpointing of decoder layers in checkpoint.py,
 selective-checkpointing policies in selective.py, the offloading hooks in offload.py;
 docs/memory-strategies.md says when to pick which.
