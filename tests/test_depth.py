@@ -211,6 +211,7 @@ def test_sigterm_during_a_prediction_records_it_killed_and_ends_the_prediction_p
         time.sleep(0.1)  # job 0 recorded (so the store exists and can be read meanwhile)
     while not _opened(runs_of(tmp_path)[0], 2) and time.monotonic() < deadline:
         time.sleep(0.2)  # job 1's run opened with all its params: the sweep now waits for seed 1's prediction
+    time.sleep(1)  # and has returned from that store call (a stop inside one leaves the run as kill -9 would)
     sweep.signal_group(signal.SIGTERM)  # what SLURM sends at a time limit: the sweep and its processes
 
     assert sweep.finish(60) == 143
@@ -259,6 +260,9 @@ def test_the_prediction_process_predicts_each_job_once_and_answers_as_asked():
     elsewhere = compose([*FAST, "mode=predict", "tracking.experiment=other", "trainer.seed=0"])
     assert ask(elsewhere).config["tracking"]["experiment"] == "other"  # the announced job's prediction, restamped
     assert ask(runs[3]).environment["X"] == ""
+    deadline = time.monotonic() + 60
+    while 1 not in made and time.monotonic() < deadline:
+        time.sleep(0.05)  # announced job 1 predicted ahead (a request would otherwise jump the queue)
     assert ask(runs[1], {**environ, "X": "set"}).environment["X"] == "set"  # another environment: made again
     sweep_end.close()
     serving.join(10)
