@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -25,7 +27,9 @@ def hf_config(model: ModelConfig, depth: int | None = None):
                                f"{str(err).splitlines()[0]}"]) from None
     else:
         try:
-            config = AutoConfig.for_model(model.arch, **model.config)
+            # a copy: transformers writes into the nested dicts it is given (rope_theta into rope_scaling), and
+            # the job's config is what it records and hashes
+            config = AutoConfig.for_model(model.arch, **copy.deepcopy(model.config))
         except (ValueError, TypeError, KeyError) as err:
             raise ConfigError([f"model.config is not a valid {model.arch} config: {str(err).splitlines()[0]}"]) from None
     config.use_cache = False  # training: a KV cache only costs memory
