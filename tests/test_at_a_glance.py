@@ -106,3 +106,20 @@ def test_a_predict_sweep_says_what_to_pass_for_a_budget_and_shows_the_chosen_bat
     assert csv_text(summary).splitlines()[0].split(",")[3:5] == ["predicted_peak_memory_bytes", "auto_batch_size"]
     assert dict((n, v) for n, v, _ in headline(summary)) == {
         "jobs_total": 2, "jobs_ok": 2, "jobs_oom": 0, "lowest_predicted_peak_memory_bytes": 20e9}
+
+
+def test_a_single_prediction_prints_its_figures(tmp_path: Path, capsys):
+    """A single mode=predict run's terminal answer holds the predicted peak, not only its status."""
+    from types import SimpleNamespace
+
+    from conftest import FAST, compose
+
+    from sweepbp.job import run_job
+    from sweepbp.sweep.task import _print_outcome
+
+    result = run_job(compose([*FAST, "mode=predict", "tracking=none"]))
+    _print_outcome(result, SimpleNamespace(output_dir=tmp_path))
+    line = capsys.readouterr().err.splitlines()[0]
+    assert line.startswith("[sweepbp] status=ok ")
+    peak = f"predicted_peak_memory_bytes={result.metrics['predicted_peak_memory_bytes']:,.0f}"
+    assert peak in line and "predicted_activation_bytes=" in line

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from sweepbp import metrics
 from sweepbp.config import ConfigError, RunConfig, config_yaml, redact_uri, to_run_config
-from sweepbp.metrics import NOISY_IQR_FRACTION, Shown
+from sweepbp.metrics import NOISY_IQR_FRACTION, PREDICTED, Shown
 from sweepbp.result import JobResult, Status, sweep_id_of
 from sweepbp.report.naming import SweepPlan, run_name
 from sweepbp.sweep.signals import Stopped, held, ignore_signals
@@ -276,8 +276,10 @@ def _store(run: RunConfig) -> Guarded | None:
 
 
 def _print_outcome(result: JobResult, context: JobContext) -> None:
-    """One job's answer in the terminal: its status and the metrics the report's table shows, plus the loss."""
-    shown = [name for name in (*metrics.shown(Shown.TABLE), "loss") if name in result.metrics]
+    """One job's answer in the terminal: its status and the metrics the report's table shows, plus the loss; a
+    prediction's figures are their `predicted_` twins."""
+    shown = [next(c for c in (name, PREDICTED + name) if c in result.metrics)
+             for name in (*metrics.shown(Shown.TABLE), "loss") if {name, PREDICTED + name} & result.metrics.keys()]
     parts = [f"status={result.status}", *(f"{name}={_terminal(name, result.metrics[name])}" for name in shown)]
     if result.error:
         parts.append(f"error={result.error}")
