@@ -33,7 +33,8 @@ The peak is taken where the backward starts (all saved activations, the loss gra
 its gradient buffer's worth: 4A for weights, gradients, two AdamW moments), or under ckpt where a
 recomputed layer exceeds the loss transient (a fused loss makes that the usual case).
 
-Other memory strategies and loss=liger have no formula (the `formula_*` metrics are then absent).
+Other memory strategies, loss=liger, quantised weights (quant), DoRA and full fine-tuning (method) and
+optimizers other than AdamW have no formula (the `formula_*` metrics are then absent).
 """
 
 from __future__ import annotations
@@ -141,10 +142,13 @@ def loss_terms(loss, s: int, shape: Shape, tokens: int) -> tuple[int, int]:
 
 
 def estimate(cfg: SweepbpConfig, config, batch_size: int) -> Estimate | None:
-    """The formula for `cfg` at `batch_size`; `config` is the model's HF config. None for strategies
-    (and loss=liger) without a formula."""
+    """The formula for `cfg` at `batch_size`; `config` is the model's HF config. None for the options it does
+    not model: strategies other than none and ckpt, loss=liger, quantised weights, DoRA and full fine-tuning,
+    optimizers other than AdamW (a cross-check that is silently wrong is worse than none)."""
     name = cfg.memory.name
     if name not in ("none", "ckpt") or cfg.loss.name not in ("standard", "chunked", "fused"):
+        return None
+    if cfg.quant.name != "none" or cfg.method.name != "lora" or cfg.optim.name != "adamw":
         return None
     shape = Shape.of(config)
     s = DTYPE_BYTES[cfg.model.dtype]
