@@ -31,3 +31,38 @@ def test_the_last_line_shows_the_results_tokens_per_s(monkeypatch, capsys):
     tokens_per_s = TimingSummary(steps, steps, steps, steps).metrics(256, 2)["tokens_per_s"]
     assert tokens_per_s == 2560
     assert capsys.readouterr().err.strip().endswith(f"| {tokens_per_s:,.0f} tokens/s")
+
+
+def test_the_batch_auto_chose_is_said_before_the_steps(monkeypatch, capsys):
+    from conftest import FAST
+
+    from sweepbp.job import run_job
+
+    monkeypatch.setenv("CI", "1")  # quiet: the one line is said all the same
+    run = compose([*FAST, "tracking=none", "batch.size=auto", "budget_gb=0.01"])
+    result = run_job(run, progress=ProgressLine("0/1", run))
+    assert result.status == "ok", result.error
+    chosen = int(result.metrics["auto_batch_size"])
+    assert (f"[sweepbp] job 0/1 | batch.size=auto chose {chosen}, the largest predicted to fit budget_gb=0.01 on cpu"
+            in capsys.readouterr().err.splitlines())
+
+
+def test_auto_sized_to_more_than_this_machines_memory_is_a_note():
+    import os
+
+    import pytest
+
+    from sweepbp.cli.precheck import local_cuda_gpus, precheck
+    from sweepbp.config import register_schemas
+
+    if local_cuda_gpus() != 0:
+        pytest.skip("the note is for jobs measured on a CPU")
+    register_schemas()
+    host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    said: list[str] = []
+    problems, _ = precheck(["batch.size=auto", f"budget_gb={2 * host_gb:.0f}", "tracking=none"], notes=said)
+    assert problems == [] and len(said) == 1 and said[0].startswith(f"budget_gb={2 * host_gb:.0f} is more than this")
+    said.clear()
+    precheck(["batch.size=auto", f"budget_gb={2 * host_gb:.0f}", "mode=predict", "tracking=none"], notes=said)
+    precheck(["batch.size=auto", f"budget_gb={host_gb / 4:.0f}", "tracking=none"], notes=said)
+    assert said == []  # a prediction allocates nothing; a budget within the machine's memory is fine

@@ -79,6 +79,10 @@ def measure_job(run: RunConfig, result: JobResult, progress, start: float, outpu
     result.environment.update(device_environment(device, run.cfg.trainer.seed))
     run = resolve_batch_size(run, device.type, result.metrics)  # batch.size=auto
     cfg = run.cfg
+    if progress is not None and "auto_batch_size" in result.metrics:
+        progress.say(f"batch.size=auto chose {cfg.batch.size}" + (
+            f" x {cfg.batch.accumulate} accumulated" if cfg.batch.accumulate > 1 else "") +
+            f", the largest predicted to fit budget_gb={cfg.budget_gb:g} on {device.type}")
     add_prediction(cfg, device.type, result)  # before the real model exists: it costs no device memory
     cap_device_memory(device, cfg.budget_bytes)
     base = build_model(cfg.model, device, cfg.trainer.seed)

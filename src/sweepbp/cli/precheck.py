@@ -26,7 +26,7 @@ from sweepbp.cli.folders import folder_problems
 from sweepbp.cli.launchers import PRESETS, REMOTE_LAUNCHERS, launcher_options
 from sweepbp.cli.paths import config_dir, user_config_dir
 from sweepbp.cli.suggest import did_you_mean, similar_key
-from sweepbp.config import GROUPS, ConfigError, RunConfig, read_config_file, redact_uri, to_run_config
+from sweepbp.config import GB, GROUPS, ConfigError, RunConfig, read_config_file, redact_uri, to_run_config
 from sweepbp.tracking import NONE, backend
 
 # OmegaConf's type errors: "Value 'abc' of type 'str' could not be converted to Integer", "... is not a valid bool"
@@ -67,7 +67,7 @@ def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], N
         if run is not None:
             runs.append(run)
         if run is not None and notes is not None:
-            notes.extend(n for n in attention_notes(run) if n not in notes)
+            notes.extend(n for n in [*attention_notes(run), *budget_notes(run, here)] if n not in notes)
         if run is not None and not problems and on_first_valid is not None:
             on_first_valid(run, parsed.overrides)
             on_first_valid = None
@@ -162,6 +162,22 @@ def attention_notes(run: RunConfig) -> list[str]:
     return [f"model.attn_implementation=eager at batch.seq_len={cfg.batch.seq_len} keeps (batch, heads, seq, seq) "
             f"attention scores: about {scores / 1e9:.1f} GB per layer at batch.size={size} (mode=predict gives "
             "the whole step)"]
+
+
+def budget_notes(run: RunConfig, here: bool) -> list[str]:
+    """batch.size=auto sized to a budget above this machine's memory, measured here without a GPU: the job
+    would swap or be killed before it reports."""
+    cfg = run.cfg
+    if not here or cfg.mode != "measure" or cfg.batch.size != "auto" or cfg.budget_gb is None:
+        return []
+    if cfg.trainer.accelerator not in ("auto", "cpu") or local_cuda_gpus() != 0:
+        return []
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if cfg.budget_bytes is None or cfg.budget_bytes <= host:
+        return []
+    return [f"budget_gb={cfg.budget_gb:g} is more than this machine's memory ({host / GB:.1f} GB) and the jobs run "
+            "on its CPU: batch.size=auto will choose a batch that can swap or be killed; lower budget_gb, or use "
+            "mode=predict to size a GPU's batch"]
 
 
 def notes(overrides: list[str]) -> list[str]:

@@ -49,6 +49,11 @@ class ProgressLine:
         sys.stderr.write(("\r\033[K" if self.tty else "") + line + end)
         sys.stderr.flush()
 
+    def say(self, text: str) -> None:
+        """One line about the job before its steps (also when quiet): e.g. the batch size `auto` chose."""
+        sys.stderr.write(f"[sweepbp] job {self.label} | {text}\n")
+        sys.stderr.flush()
+
     def _rate(self) -> float:
         if self.varied:
             return sum(self.tokens) / sum(self.step_times)
