@@ -118,6 +118,19 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of a process group: what a sweep started in its own session leaves."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
 def store_uri(folder: Path) -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from sweeps import SMALL, alive, artifact_json, run_sweep, runs_of, start_sweep, sweep_dirs
+from sweeps import SMALL, alive, artifact_json, group_members, run_sweep, runs_of, start_sweep, sweep_dirs
 
 pytestmark = pytest.mark.slow
 START_S = 300  # the sweep's imports, job 0 and job 1's setup, on a loaded 2-core machine
@@ -75,7 +75,12 @@ def test_ctrl_c_records_the_job_as_killed_and_resume_records_each_config_once(tm
     reused = json.loads((sweep_dirs(tmp_path)[1] / "0" / "results.json").read_text())
     assert reused["status"] == "ok" and reused["environment"]["resumed_from_run_id"] == jobs[0].info.run_id
 
-    code, stderr = run_sweep([*args, "resume=true"], tmp_path)  # nothing left to run
+    idle = start_sweep([*args, "resume=true"], tmp_path, faulty=False)  # nothing left to run
+    code, stderr = idle.finish(STOP_S), idle.stderr
+    deadline = time.monotonic() + 2
+    while group_members(idle.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert group_members(idle.process.pid) == []  # its fork server, still importing, was stopped at the exit
 
     assert code == 0 and "3 job(s) not run again" in stderr, stderr
     assert "Downloading artifacts" not in stderr  # reading the three recorded results back draws no progress bars

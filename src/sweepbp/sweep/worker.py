@@ -70,6 +70,9 @@ def preload_modules(arch: str) -> list[str]:
     return [*PRELOAD, f"transformers.models.{arch}.modeling_{arch}", "sweepbp.train.warmup"]
 
 
+_stops_at_exit = False  # whether this process stops its fork server when it exits
+
+
 def start_workers(arch: str) -> None:
     """Start the pre-importing fork server now (idempotent, returns at once): its imports then overlap
     with whatever the sweep process does next. Jobs fork from it (see `run_isolated`).
@@ -77,6 +80,7 @@ def start_workers(arch: str) -> None:
     The fork server never runs a torch op or initialises CUDA (a forked child could not use CUDA
     otherwise); PYTORCH_NVML_BASED_CUDA_CHECK keeps Lightning's device queries off the CUDA driver.
     """
+    global _stops_at_exit
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     if start_method() == "fork":
         preload(arch)
@@ -88,10 +92,17 @@ def start_workers(arch: str) -> None:
         forkserver.ensure_running()
     finally:
         del os.environ[ARCH_VARIABLE]
+    if not _stops_at_exit:
+        # A sweep that ends at once (resume with nothing to run, a stop at start) would otherwise leave the server
+        # importing for seconds after it. Registered before the prediction process's `_end_at_exit`, so it runs
+        # after it (atexit is last in, first out): that process ends by itself first.
+        atexit.register(stop_workers)
+        _stops_at_exit = True
 
 
 def stop_workers() -> None:
-    """Stop a fork server this process started (the sweep was refused after it was started)."""
+    """Stop a fork server this process started (the sweep was refused after it was started, or has ended); the jobs
+    forked from it die with it (signals.die_with_parent)."""
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # 3.10-3.13: no public stop
     if pid is not None:
         _signal(pid, signal.SIGTERM)
