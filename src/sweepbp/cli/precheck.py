@@ -173,7 +173,7 @@ def budget_notes(run: RunConfig, here: bool) -> list[str]:
     if cfg.trainer.accelerator not in ("auto", "cpu") or local_cuda_gpus() != 0:
         return []
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if cfg.budget_bytes is None or cfg.budget_bytes <= host:
+    if cfg.budget_gb * GB <= host:
         return []
     return [f"budget_gb={cfg.budget_gb:g} is more than this machine's memory ({host / GB:.1f} GB) and the jobs run "
             "on its CPU: batch.size=auto will choose a batch that can swap or be killed; lower budget_gb, or use "
