@@ -123,3 +123,7 @@ def test_a_single_prediction_prints_its_figures(tmp_path: Path, capsys):
     assert line.startswith("[sweepbp] status=ok ")
     peak = f"predicted_peak_memory_bytes={result.metrics['predicted_peak_memory_bytes']:,.0f}"
     assert peak in line and "predicted_activation_bytes=" in line
+
+    result.environment["prediction_error"] = "RuntimeError: the trace failed"  # a measured job's lost prediction
+    _print_outcome(result, SimpleNamespace(output_dir=tmp_path))
+    assert "prediction_error=RuntimeError: the trace failed" in capsys.readouterr().err.splitlines()[0]

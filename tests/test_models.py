@@ -119,3 +119,28 @@ def test_eager_attention_at_a_long_sequence_is_a_note_with_the_size_of_its_score
     said.clear()
     precheck(["model=gemma2_9b", "batch.seq_len=1024", "mode=predict", "tracking=none"], notes=said)
     assert said == []
+
+
+def test_a_checkpoint_stored_in_another_dtype_than_model_dtype_is_a_note(tmp_path):
+    import torch
+    from conftest import FAST, compose
+
+    from sweepbp.cli.precheck import WEIGHT_BYTES, precheck
+    from sweepbp.config import register_schemas
+    from sweepbp.config.schema import DTYPES
+    from sweepbp.train.model import build_model
+
+    assert set(WEIGHT_BYTES) == set(DTYPES)
+    stored = build_model(compose([*FAST, "model.dtype=bfloat16"]).cfg.model, torch.device("cpu"), seed=0)
+    stored.save_pretrained(tmp_path / "ckpt")  # transformers writes the weights' dtype into config.json
+    register_schemas()
+    said: list[str] = []
+    problems, _ = precheck([*FAST, f"model.pretrained_path={tmp_path / 'ckpt'}", "tracking=none"], notes=said)
+    assert problems == []
+    assert said == ["model.pretrained_path's config.json says dtype bfloat16 but model.dtype=float32: the weights "
+                    "are built in float32 (4 bytes a weight instead of 2); add model.dtype=bfloat16 to train them "
+                    "as stored"]
+    said.clear()
+    precheck([*FAST, f"model.pretrained_path={tmp_path / 'ckpt'}", "model.dtype=bfloat16", "tracking=none"],
+             notes=said)
+    assert said == []

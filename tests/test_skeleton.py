@@ -58,6 +58,13 @@ def test_local_safetensors_checkpoint_round_trip(tmp_path):
         assert torch.equal(a, b), name
     result = run_job(loaded_run)
     assert result.status == "ok", result.error
+    # the measured run's prediction (on meta: shapes from the checkpoint's config.json) is exact too
+    assert "prediction_error" not in result.environment
+    assert result.metrics["predicted_peak_memory_bytes"] == result.metrics["peak_memory_bytes"]
+    predicted = run_job(compose([*FAST, f"model.pretrained_path={tmp_path / 'ckpt'}", "tracking=none",
+                                 "mode=predict"]))
+    assert predicted.status == "ok", predicted.error
+    assert predicted.metrics["predicted_peak_memory_bytes"] == result.metrics["peak_memory_bytes"]
 
 
 @pytest.mark.slow

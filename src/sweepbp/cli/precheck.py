@@ -67,7 +67,8 @@ def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], N
         if run is not None:
             runs.append(run)
         if run is not None and notes is not None:
-            notes.extend(n for n in [*attention_notes(run), *budget_notes(run, here)] if n not in notes)
+            notes.extend(n for n in [*attention_notes(run), *budget_notes(run, here), *dtype_notes(run)]
+                         if n not in notes)
         if run is not None and not problems and on_first_valid is not None:
             on_first_valid(run, parsed.overrides)
             on_first_valid = None
@@ -162,6 +163,26 @@ def attention_notes(run: RunConfig) -> list[str]:
     return [f"model.attn_implementation=eager at batch.seq_len={cfg.batch.seq_len} keeps (batch, heads, seq, seq) "
             f"attention scores: about {scores / 1e9:.1f} GB per layer at batch.size={size} (mode=predict gives "
             "the whole step)"]
+
+
+WEIGHT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the model.dtype options (config/schema.py DTYPES)
+
+
+def dtype_notes(run: RunConfig) -> list[str]:
+    """A local checkpoint or config file whose config.json names a dtype other than `model.dtype`: the job
+    builds the weights in model.dtype (float32 by default), which changes their memory and speed."""
+    model = run.cfg.model
+    key, path = (("model.pretrained_path", model.pretrained_path) if model.pretrained_path is not None
+                 else ("model.config_path", model.config_path))
+    if path is None:
+        return []
+    fields = read_config_file(path)
+    stored = fields.get("dtype") or fields.get("torch_dtype")  # transformers 5 writes dtype, 4.x torch_dtype
+    if stored not in WEIGHT_BYTES or stored == model.dtype:
+        return []
+    return [f"{key}'s config.json says dtype {stored} but model.dtype={model.dtype}: the weights are built in "
+            f"{model.dtype} ({WEIGHT_BYTES[model.dtype]} bytes a weight instead of {WEIGHT_BYTES[stored]}); add "
+            f"model.dtype={stored} to train them as stored"]
 
 
 def budget_notes(run: RunConfig, here: bool) -> list[str]:

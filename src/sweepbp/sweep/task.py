@@ -283,6 +283,8 @@ def _print_outcome(result: JobResult, context: JobContext) -> None:
     parts = [f"status={result.status}", *(f"{name}={_terminal(name, result.metrics[name])}" for name in shown)]
     if result.error:
         parts.append(f"error={result.error}")
+    if "prediction_error" in result.environment:  # a measured job's prediction failed: its record has no twins
+        parts.append(f"prediction_error={result.environment['prediction_error']}")
     print(f"[sweepbp] {' '.join(parts)}\n[sweepbp] results: {context.output_dir / 'results.json'}", file=sys.stderr)
 
 

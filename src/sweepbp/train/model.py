@@ -54,12 +54,14 @@ def with_depth(config, depth: int) -> None:
 
 def build_model(model: ModelConfig, device: torch.device, seed: int, depth: int | None = None) -> PreTrainedModel:
     """Build the model directly in its dtype on its device (no fp32 detour, no download); with `depth`, a
-    random-init twin of it with that many decoder layers."""
+    random-init twin of it with that many decoder layers. On `meta` (mode=predict's trace) a local checkpoint
+    is built from its config alone: the same modules and shapes, and no weights to read (transformers refuses
+    `from_pretrained` under a meta device)."""
     dtype = DTYPES[model.dtype]
     config = hf_config(model, depth)
     torch.manual_seed(seed)
     with torch.device(device):
-        if model.pretrained_path is not None and depth is None:
+        if model.pretrained_path is not None and depth is None and device.type != "meta":
             built = AutoModelForCausalLM.from_pretrained(
                 model.pretrained_path, config=config, dtype=dtype, attn_implementation=model.attn_implementation,
                 local_files_only=True, use_safetensors=True)
