@@ -198,6 +198,33 @@ def test_bad_memory_fields_are_one_line(overrides, message):
     assert len(problems) == 1 and message in problems[0], problems
 
 
+def test_a_field_of_the_swept_memory_options_is_handed_to_hydra_as_a_one_value_sweep():
+    from sweepbp.cli.main import fields_of_swept_groups
+    from sweepbp.report.naming import SweepPlan
+
+    args = ["memory=selective,ckpt", "memory.every=2", "lora.r=8", "+memory.extra=1", "batch.size=1,2"]
+    rewritten = fields_of_swept_groups(args)
+    assert rewritten == ["memory=selective,ckpt", "memory.every=choice(2)", "lora.r=8", "+memory.extra=1",
+                         "batch.size=1,2"]
+    # the sweep folder's plan (multirun.yaml keeps what Hydra was given) names it as the user typed it
+    assert [(o.key, o.text, o.values) for o in SweepPlan.of(rewritten, 4).overrides][1] == ("memory.every", "2", ())
+
+
+@pytest.mark.slow
+def test_a_sweep_over_memory_options_sets_a_field_they_share(tmp_path):
+    """`memory.every` exists in ckpt and selective, not in the default memory=none: Hydra's composition of the
+    sweep's base config (without the swept overrides) refused it before the fix."""
+    import json
+
+    from conftest import run_cli
+
+    done = run_cli(["-m", "memory=selective,ckpt", "memory.every=2", "mode=predict", "tracking=none"], cwd=tmp_path,
+                   check=True)
+    assert "sweep finished: 2 jobs (2 ok)" in done.stderr
+    jobs = sorted(tmp_path.glob("multirun/*/*/*/results.json"))
+    assert [json.loads(j.read_text())["metrics"]["checkpointed_layers"] for j in jobs] == [2.0, 2.0]  # of 4
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_offload_on_cuda_uses_pinned_host_memory_and_keeps_gradients():

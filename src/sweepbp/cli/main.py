@@ -16,7 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from sweepbp.cli.paths import config_dir
 from sweepbp.cli.precheck import MAX_PRECHECKED_JOBS, launcher_of, notes, precheck
 from sweepbp.cli.suggest import unknown_flags
-from sweepbp.config import RunConfig, register_schemas
+from sweepbp.config import GROUPS, RunConfig, register_schemas
 from sweepbp.report.naming import PLAN_ENV, SweepPlan
 from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
 from sweepbp.tracking.redaction import install_log_redaction
@@ -70,7 +70,8 @@ def _main(args: list[str]) -> None:
         from hydra_plugins.sweepbp_sweeper import PRECHECKED  # Hydra's sweeper: only for a sweep that runs
 
         os.environ[PRECHECKED] = "1"  # every job composed and validated: the sweeper need not do it again
-    sys.argv = [sys.argv[0], *credentials_to_environment(args)]
+    hydra_args = credentials_to_environment(args)
+    sys.argv = [sys.argv[0], *(fields_of_swept_groups(hydra_args) if parsed.multirun else hydra_args)]
     if _started_workers and len(runs) == jobs:
         from sweepbp.sweep.worker import prefetch_predictions  # as for start_workers: only for a sweep that runs
 
@@ -97,6 +98,25 @@ def credentials_to_environment(args: list[str]) -> list[str]:
     the redaction of everything shown or written (tracking/redaction.py)."""
     parser = OverridesParser.create()
     return [_without_credentials(arg, parser) if arg.lstrip("+").startswith("tracking.uri=") else arg for arg in args]
+
+
+def fields_of_swept_groups(args: list[str]) -> list[str]:
+    """`memory.every=2` beside `memory=selective,ckpt` becomes `memory.every=choice(2)`: Hydra composes a sweep's
+    base config with its swept overrides left out, so a field that only the swept options have (`every` is not
+    in the default memory=none) failed that composition before any job ran. As a one-value sweep it is left
+    out too, and every job still gets `memory.every=2` (pre-flight checked each job with it)."""
+    parser = OverridesParser.create()
+    parsed = {arg: parser.parse_override(arg) for arg in args if "=" in arg}
+    swept = {o.key_or_group for o in parsed.values() if o.is_sweep_override() and o.key_or_group in GROUPS}
+
+    def in_swept_group(arg: str) -> bool:
+        override = parsed.get(arg)
+        if override is None or arg.startswith(("+", "~")) or override.is_sweep_override():
+            return False
+        group, dot, _ = override.key_or_group.partition(".")
+        return bool(dot) and group in swept and arg.split("=", 1)[1] != ""
+
+    return [f"{arg.split('=', 1)[0]}=choice({arg.split('=', 1)[1]})" if in_swept_group(arg) else arg for arg in args]
 
 
 def _without_credentials(arg: str, parser: OverridesParser) -> str:

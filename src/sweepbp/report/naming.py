@@ -63,6 +63,8 @@ class SweepPlan:
                     values = tuple(redact_text(v) for v in override.sweep_string_iterator())
                 except Exception:  # noqa: BLE001 (glob() and sweeps only Hydra expands: shown as typed)
                     values = (text,)
+                if len(values) == 1 and values[0] != text:  # choice(2) varies nothing: fixed at 2 (cli/main.py)
+                    text, values = values[0], ()
             parsed.append(Override(key, text, values))
         return cls(tuple(parsed), jobs)
 
