@@ -77,6 +77,8 @@ BAD_INPUT = [
     (["tracking.uri=sqlite:////does/not/exist/mlflow.db"], "tracking.uri must be a reachable MLflow store",
      "/does/not/exist"),
     (["lora.r=[8"], "malformed override 'lora.r=[8'", "expected key=value"),
+    (["memory.every=2"], "memory.every must be a key of the config",
+     "(memory=none has no every; memory=ckpt, memory=selective, memory=ckpt_offload have it)"),
     (["hydra/launcher=nope"], "hydra/launcher must be one of basic, joblib, submitit_local, submitit_slurm", "nope"),
     (["hydra/launcher=submitit_slurm", "hydra.launcher.partiton=gpu"],
      "hydra.launcher.partiton must be a key of the config (list them: python -m sweepbp --cfg hydra)", "partiton=gpu"),

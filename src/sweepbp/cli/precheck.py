@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from sweepbp.cli.folders import folder_problems
 from sweepbp.cli.launchers import PRESETS, REMOTE_LAUNCHERS, launcher_options
 from sweepbp.cli.paths import config_dir, user_config_dir
-from sweepbp.cli.suggest import did_you_mean, similar_key
+from sweepbp.cli.suggest import did_you_mean, option_with_field, similar_key
 from sweepbp.config import GB, GROUPS, ConfigError, RunConfig, read_config_file, redact_uri, to_run_config
 from sweepbp.tracking import NONE, backend
 
@@ -317,8 +317,9 @@ def _hydra_message(err: Exception, overrides: list[str]) -> str:
         if reason.startswith("Key "):
             line = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), key)
             listing = "hydra" if key.startswith("hydra.") else "job"
-            return (f"{key} must be a key of the config (list them: python -m sweepbp --cfg {listing}), got {line!r}"
-                    f"{similar_key(key, getattr(cause, 'parent_node', None))}")
+            parent = getattr(cause, "parent_node", None)
+            hint = option_with_field(key, parent) or similar_key(key, parent)
+            return f"{key} must be a key of the config (list them: python -m sweepbp --cfg {listing}), got {line!r}{hint}"
         return f"{key}: {reason}"
     if "full_key" in text:
         key = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if "full_key" in ln), "")

@@ -24,6 +24,24 @@ def similar_key(key: str, parent) -> str:
     return f"; did you mean {(head + '.' if head else '') + close[0]!r}?" if close else ""
 
 
+def option_with_field(key: str, parent) -> str:
+    """For a key of a group whose chosen option lacks it (`memory.every` with memory=none): the options that
+    have it, since a field of another option is no typo."""
+    from dataclasses import fields
+
+    from sweepbp.config import NAMED_SCHEMAS
+
+    group, _, field = key.partition(".")
+    if group not in NAMED_SCHEMAS or parent is None or not hasattr(parent, "get"):
+        return ""
+    chosen = parent.get("name")
+    having = [name for name, schema in NAMED_SCHEMAS[group].items() if field in {f.name for f in fields(schema)}]
+    if not isinstance(chosen, str) or not having or chosen in having:
+        return ""
+    verb = "has" if len(having) == 1 else "have"
+    return f" ({group}={chosen} has no {field}; {', '.join(f'{group}={n}' for n in having)} {verb} it)"
+
+
 def unknown_flags(args: list[str]) -> list[str]:
     """A problem line for each flag Hydra's parser does not know (`--multirn`), with the closest it knows;
     argparse would print its usage and no suggestion."""
