@@ -36,11 +36,14 @@ def copy_of_the_tree(folder: Path) -> Path:
 
 
 def test_the_contracts_catch_what_they_are_for(tmp_path):
-    """The same tree with `import torch` added to a sweepbp.cli module, and with allocator calls written three
-    ways outside sweepbp.measure: each breaks a contract, and lint-imports names the line."""
+    """The same tree with `import torch` added to a sweepbp.cli module, `import lightning` to a module predict
+    imports, and allocator calls written three ways outside sweepbp.measure: each breaks a contract, and
+    lint-imports names the line."""
     tree = copy_of_the_tree(tmp_path)
     usage = tree / "sweepbp" / "cli" / "usage.py"
     usage.write_text(usage.read_text() + "\nimport torch  # noqa: E402,F401\n")
+    model = tree / "sweepbp" / "train" / "model.py"  # imported by predict: a prediction would import Lightning
+    model.write_text(model.read_text() + "\nimport lightning  # noqa: E402,F401\n")
     job = tree / "sweepbp" / "job.py"
     job.write_text(job.read_text() + "\n\ndef _peeks():\n    from torch import cuda\n    import torch.cuda as tc\n"
                    "    return torch.cuda.max_memory_allocated(), cuda.memory_reserved(), tc.empty_cache()\n")
@@ -48,6 +51,7 @@ def test_the_contracts_catch_what_they_are_for(tmp_path):
     assert done.returncode != 0
     assert "sweepbp.cli is not allowed to import torch" in done.stdout
     assert "sweepbp.cli.usage -> torch" in done.stdout
+    assert "sweepbp.predict is not allowed to import lightning" in done.stdout
     for call in ("torch.cuda.max_memory_allocated", "torch.cuda.memory_reserved", "torch.cuda.empty_cache"):
         assert f"uses {call}" in done.stdout, done.stdout[-3000:]
 

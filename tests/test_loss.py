@@ -22,7 +22,7 @@ from sweepbp.cli.precheck import available_options
 from sweepbp.job import run_job
 from sweepbp.predict.trace import predict
 from sweepbp.train.loss import chunked_cross_entropy, shifted_labels
-from sweepbp.train.module import train_step
+from sweepbp.train.step import train_step
 
 LOSS_RTOL = 1e-6
 GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-8

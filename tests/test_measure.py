@@ -90,7 +90,7 @@ def test_categories_add_up_and_checkpointing_saves_what_the_layer_count_predicts
 def test_gradient_hooks_exist_only_around_the_traced_step():
     """Adapter gradients are retagged as GRAD by post-accumulate hooks during the traced step; the timed
     steps run without them (no tracing hook while timing)."""
-    from sweepbp.train.module import counting_gradients
+    from sweepbp.train.step import counting_gradients
 
     model = torch.nn.Linear(4, 2)
     model.bias.requires_grad_(False)

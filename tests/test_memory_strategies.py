@@ -21,7 +21,7 @@ from sweepbp.measure.tracker import ACTIVATION, MemoryTracker
 from sweepbp.memory import AppliedMemory, assert_training_mode
 from sweepbp.memory.checkpoint import decoder_layers
 from sweepbp.memory.selective import MATMUL_OPS, POLICIES, adapter_rank
-from sweepbp.train.module import register_state, train_step
+from sweepbp.train.step import register_state, train_step
 
 RTOL, ATOL = 1e-5, 1e-6
 CPU = torch.device("cpu")

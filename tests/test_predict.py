@@ -7,6 +7,7 @@ import pytest
 from conftest import FAST, compose
 
 from sweepbp.cli.precheck import available_options
+from sweepbp.config import PRECISIONS
 from sweepbp.job import run_job
 from sweepbp.metrics import CATALOGUE
 from sweepbp.predict.autobatch import BatchSearch, largest_fitting
@@ -223,3 +224,38 @@ def test_auto_batch_is_the_largest_that_fits_the_real_tracker():
     above = run_job(compose([*FAST, "tracking=none", "batch.size=4", f"budget_gb={budget_gb}"]))
     assert above.status == "oom", "the real tracker must refuse batch 4 under the same budget"
 
+
+
+def _precision_behaviour(plugin) -> tuple:
+    """What a precision plugin does to a module and inside a training step."""
+    import copy
+
+    import torch
+
+    module = plugin.convert_module(copy.deepcopy(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))))
+    with plugin.train_step_context():
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        inside = (torch.get_default_dtype(), autocast)
+    return {p.dtype for p in module.parameters()}, inside, torch.get_default_dtype()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_the_trace_applies_the_precision_a_lightning_trainer_applies(precision):
+    """mode=predict does not import Lightning: its precision (predict/target.py) is checked against the plugin a
+    CPU Trainer picks for every trainer.precision; a CUDA target's trace differs only in the note on autocast."""
+    import lightning as L
+    import torch
+
+    from sweepbp.predict.target import precision_plugin
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    ours = _precision_behaviour(precision_plugin(precision, "cpu", []))
+    assert ours == _precision_behaviour(trainer.precision_plugin)
+    modelled: list[str] = []
+    for_cuda = _precision_behaviour(precision_plugin(precision, "cuda", modelled))
+    assert bool(modelled) == precision.endswith("-mixed")  # the trace's CPU autocast is noted
+    if precision == "16-mixed":  # on CUDA it autocasts to float16 (on CPU Lightning makes it bf16-mixed)
+        assert for_cuda[1] == (torch.float32, torch.float16)
+    else:
+        assert for_cuda == ours

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FAST, compose
+from conftest import FAST, REPO, compose
 
 HEAVY = ("torch", "lightning", "transformers", "peft", "mlflow", "matplotlib")
 
@@ -149,3 +149,20 @@ def test_worker_warm_up_stays_on_the_meta_device():
         warm("llama")
     assert devices.seen == {"meta"}
     assert not torch.cuda.is_initialized()
+
+
+def test_a_prediction_never_imports_lightning(tmp_path):
+    """A sweep of predictions only starts without Lightning (about 1.6-1.9 s of a 2-core machine's start): its
+    fork server does not preload it and the prediction itself never imports it (lint-imports checks the modules;
+    this checks a real prediction, in a fresh interpreter, and the fork server's preload list)."""
+    from sweepbp.sweep.worker import preload_modules
+
+    assert "lightning" not in preload_modules("llama", measured=False)
+    assert "lightning" in preload_modules("llama")
+    code = ("import sys; from conftest import FAST, compose; from sweepbp.job import run_job; "
+            "result = run_job(compose([*FAST, 'mode=predict', 'tracking=none', 'memory=ckpt'])); "
+            "print('PROBE', result.status, sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"),
+                                                                            os.environ.get("PYTHONPATH", "")])})
+    assert "PROBE ok []" in done.stdout, done.stdout + done.stderr

@@ -10,7 +10,6 @@ import time
 import traceback
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
@@ -36,7 +35,7 @@ from sweepbp.train.environment import device_environment, machine_load, pick_dev
 from sweepbp.train.flops import peak_flops
 from sweepbp.train.lora import adapted_layer_names, apply_method
 from sweepbp.train.model import build_model, parameter_counts
-from sweepbp.train.module import Diverged, LoraFinetune, inference_peak
+from sweepbp.train.step import Diverged, inference_peak
 from sweepbp.train.quant import quantize_model
 
 
@@ -75,6 +74,13 @@ def run_job(run: RunConfig, progress=None, output_dir: Path | None = None) -> Jo
 
 def measure_job(run: RunConfig, result: JobResult, progress, start: float, output_dir: Path | None = None) -> None:
     """mode=measure: predict, build, adapt, apply the memory strategy, fit; the measurements go into `result`."""
+    # Lightning only in a measured job (the fork server of a sweep with measured jobs has it imported already): a
+    # prediction never imports it, about 1.6-1.9 s of a fresh process's start on a 2-core machine
+    import lightning as L
+
+    from sweepbp.train.module import LoraFinetune
+
+    quiet_libraries()  # again: Lightning's import sets its loggers to INFO
     device = pick_device(run.cfg.trainer.accelerator)
     result.environment.update(device_environment(device, run.cfg.trainer.seed))
     run = resolve_batch_size(run, device.type, result.metrics)  # batch.size=auto

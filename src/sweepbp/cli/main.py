@@ -145,8 +145,15 @@ def _start_workers_early(run: RunConfig, overrides: list[str]) -> None:
         return  # the jobs run in other processes, which start their own worker
     from sweepbp.sweep.worker import start_workers  # multiprocessing and the rank merge: not for --help or errors
 
-    start_workers(run.cfg.model.arch)
+    start_workers(run.cfg.model.arch, measured=not predictions_only(run, overrides))
     _started_workers = True
+
+
+def predictions_only(run: RunConfig, overrides: list[str]) -> bool:
+    """Whether every job of a command line is a prediction: its first job is, and `mode` is not swept."""
+    parser = OverridesParser.create()
+    parsed = [parser.parse_override(o) for o in overrides if "=" in o]
+    return run.cfg.mode == "predict" and not any(o.key_or_group == "mode" and o.is_sweep_override() for o in parsed)
 
 
 def _stop_workers_if_started() -> None:

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from unittest import mock
 
 import torch
-from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 
 from sweepbp.measure.tracker import MemoryTracker
 
@@ -191,21 +191,45 @@ def _autocast(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
-def precision_plugin(precision: str, device: str, modelled: list[str]):
-    """The Lightning precision plugin a real job's Trainer uses (as its accelerator connector picks it).
+@dataclass(frozen=True)
+class StepPrecision:
+    """What the precision plugin of a real job's Lightning Trainer does for `trainer.precision` (as its accelerator
+    connector picks it), without importing Lightning: `convert_module` is what a fit applies to the module, and
+    `train_step_context` what surrounds every training step. tests/test_predict.py checks both against Lightning's
+    own plugins for every precision."""
 
-    Its `convert_module` and `train_step_context` are what a real fit applies to the module and around
-    every training step.
-    """
+    weights: torch.dtype | None = None  # the module's floating point dtype after conversion (None: unchanged)
+    default_dtype: torch.dtype | None = None  # torch's default dtype inside a step (true half, double precision)
+    autocast: torch.dtype | None = None  # CPU autocast's dtype inside a step (mixed precision)
+
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module if self.weights is None else module.to(dtype=self.weights)
+
+    @contextlib.contextmanager
+    def train_step_context(self) -> Iterator[None]:
+        if self.autocast is not None:
+            with torch.autocast("cpu", dtype=self.autocast, cache_enabled=False):
+                yield
+            return
+        default = torch.get_default_dtype()
+        if self.default_dtype is not None:
+            torch.set_default_dtype(self.default_dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(default)
+
+
+def precision_plugin(precision: str, device: str, modelled: list[str]) -> StepPrecision:
+    """The precision of a real job's Trainer, as the trace applies it (see StepPrecision)."""
     if precision in ("16-true", "bf16-true"):
-        return HalfPrecision(precision)  # type: ignore[arg-type]
+        half = torch.bfloat16 if precision == "bf16-true" else torch.float16
+        return StepPrecision(weights=half, default_dtype=half)
     if precision in ("32-true", "32"):
-        return Precision()
+        return StepPrecision()
     if precision == "64-true":
-        return DoublePrecision()
+        return StepPrecision(weights=torch.float64, default_dtype=torch.float64)
     if device == "cuda":
         modelled.append(f"precision: {precision} traced with CPU autocast (CUDA's cast lists differ slightly)")
-    # Lightning turns 16-mixed on CPU into bf16-mixed; the GradScaler of 16-mixed on CUDA keeps a few scalars.
-    flag = "bf16-mixed" if precision == "16-mixed" and device == "cpu" else precision
-    scaler = None if flag == "bf16-mixed" else torch.amp.GradScaler("cpu", enabled=False)
-    return MixedPrecision(flag, "cpu", scaler=scaler)  # type: ignore[arg-type]
+    # Lightning turns 16-mixed on CPU into bf16-mixed (16-mixed's GradScaler on CUDA keeps a few scalars, not traced)
+    return StepPrecision(autocast=torch.bfloat16 if precision == "bf16-mixed" or device == "cpu" else torch.float16)

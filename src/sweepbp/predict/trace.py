@@ -50,7 +50,7 @@ from sweepbp.train.data import largest_micro_batch
 from sweepbp.train.environment import pick_device
 from sweepbp.train.lora import adapted_layer_names, apply_method
 from sweepbp.train.model import build_model, hf_config, parameter_counts
-from sweepbp.train.module import counting_gradients, inference_peak, make_optimizer, step_tracker, train_step
+from sweepbp.train.step import counting_gradients, inference_peak, make_optimizer, step_tracker, train_step
 from sweepbp.train.quant import int8_kernels_of, quantize_model
 from sweepbp.train.scopes import naming_modules
 

@@ -10,16 +10,10 @@ import os
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.plugins.environments import LightningEnvironment
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from sweepbp.config import RunConfig
-
-
-def local_rank() -> int:
-    """This process's rank on its node (0 outside a multi-device job)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
+from sweepbp.train.environment import local_rank
 
 
 def data_seed(seed: int) -> int:
@@ -38,6 +32,10 @@ def trainer_arguments(run: RunConfig, device_type: str) -> dict:
     """Lightning Trainer arguments for the job's strategy (single device: Lightning's defaults)."""
     if run.cfg.world_size == 1:
         return {"strategy": "auto"}
+    # Lightning only where a Trainer is made: a prediction imports this module (local_rank), never Lightning
+    from lightning.pytorch.plugins.environments import LightningEnvironment
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
     strategy = run.cfg.strategy
     if strategy.name == "fsdp":
         # use_orig_params: LoRA mixes frozen and trainable parameters in one wrapped module.

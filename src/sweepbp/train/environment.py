@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from importlib.metadata import version
 
-import lightning
-import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: quiet_libraries runs after it)
 import peft
 import torch
 import transformers
 
-from sweepbp.train.distributed import local_rank
+
+def local_rank() -> int:
+    """This process's rank on its node (0 outside a multi-device job)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def pick_device(accelerator: str) -> torch.device:
@@ -28,7 +30,7 @@ def device_environment(device: torch.device, seed: int) -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        "lightning": lightning.__version__,
+        "lightning": version("lightning"),  # not imported: a prediction never imports Lightning
         "torch_threads": str(torch.get_num_threads()),
         "seed": str(seed),
     }
@@ -58,6 +60,8 @@ def _driver_version() -> str:
 
 
 def quiet_libraries() -> None:
+    """Only what a job must hear from its libraries. Lightning sets its loggers to INFO when it is imported: a
+    measured job calls this after importing it."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

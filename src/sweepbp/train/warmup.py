@@ -16,14 +16,15 @@ import gc
 import os
 
 ARCH_VARIABLE = "SWEEPBP_WARMUP_ARCH"  # set by worker.start_workers for the fork server's start only
+TRAINER_VARIABLE = "SWEEPBP_WARMUP_TRAINER"  # "0": the sweep's jobs are predictions only (no Lightning)
 TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
         "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 128}
 
 
-def warm(arch: str) -> None:
-    """Build, adapt and checkpoint a one-layer model of `arch` on the meta device, and construct a Trainer."""
+def warm(arch: str, trainer: bool = True) -> None:
+    """Build, adapt and checkpoint a one-layer model of `arch` on the meta device, and construct a Trainer
+    (unless the jobs are predictions only, which never import Lightning)."""
     # Imported here, in the fork server: the sweep process imports this module for ARCH_VARIABLE, never torch.
-    import lightning as L
     import torch
 
     from sweepbp.config import LoraConfig, ModelConfig
@@ -37,6 +38,11 @@ def warm(arch: str) -> None:
     with meta:  # peft creates its adapter layers outside build_model: keep them on meta too
         model = apply_lora(build_model(ModelConfig(arch=arch, config=dict(TINY)), meta, seed=0), LoraConfig())
     checkpoint_layers(model, every=1)
+    if not trainer:
+        return
+    import lightning as L
+
+    quiet_libraries()  # after Lightning's import, which sets its loggers to INFO
     L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False)
 
@@ -46,7 +52,7 @@ def _warm_from_environment() -> None:
     if not arch:
         return
     try:
-        warm(arch)
+        warm(arch, trainer=os.environ.get(TRAINER_VARIABLE) != "0")
     except Exception:  # an arch the tiny config does not fit: jobs only lose the head start
         pass
     # Everything the fork server holds now (the libraries' modules, their caches) lives as long as it
