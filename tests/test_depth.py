@@ -19,6 +19,7 @@ from conftest import FAST, compose
 from sweepbp.cli.precheck import available_options
 from test_predict import data_overrides
 from sweeps import SMALL, alive, run_sweep, runs_of, start_sweep, sweep_dirs
+from sweepbp.sweep.worker import PROCESSES_VARIABLE as PROCESSES
 
 import sweepbp.predict.autobatch as autobatch
 import sweepbp.predict.trace as trace
@@ -186,7 +187,7 @@ def test_a_measured_deep_model_equals_its_extrapolated_prediction():
 @pytest.mark.slow
 def test_a_predict_sweep_runs_its_jobs_in_one_process_with_every_record(tmp_path: Path):
     args = ["mode=predict", "memory=none,ckpt", "model.config.num_hidden_layers=12", *SMALL]
-    code, stderr = run_sweep(args, tmp_path)
+    code, stderr = run_sweep(args, tmp_path, {PROCESSES: "1"})  # as on a 2-CPU machine, on any machine
     assert code == 0, stderr
     assert "Traceback" not in stderr  # the prediction process ends by itself at the sweep's exit, unterminated
     folders = sorted(p for p in sweep_dirs(tmp_path)[0].iterdir() if p.is_dir() and p.name.isdigit())
@@ -202,9 +203,28 @@ def test_a_predict_sweep_runs_its_jobs_in_one_process_with_every_record(tmp_path
 
 
 @pytest.mark.slow
+def test_two_prediction_processes_deal_a_sweep_out_in_turn(tmp_path: Path):
+    """SWEEPBP_PREDICTION_PROCESSES=2 (the default on 3 CPUs): jobs 1 and 3 in one process, 2 and 4 in the
+    other, each record what the job predicts by itself."""
+    overrides = ["mode=predict", "memory=none,ckpt", "batch.size=1,2", *SMALL]
+    code, stderr = run_sweep(overrides, tmp_path, {PROCESSES: "2"})
+    assert code == 0, stderr
+    folders = sorted((p for p in sweep_dirs(tmp_path)[0].iterdir() if p.is_dir() and p.name.isdigit()),
+                     key=lambda p: int(p.name))
+    records = [json.loads((f / "results.json").read_text()) for f in folders]
+    pids = [r["environment"]["job_pid"] for r in records]
+    assert pids[0] == pids[2] != pids[1] == pids[3]
+    for record in records:
+        alone = run_job(compose([f"memory={record['choices']['memory']}", f"batch.size={record['config']['batch']['size']}",
+                                 "mode=predict", "tracking=none", *SMALL]))
+        assert record["metrics"]["predicted_peak_memory_bytes"] == alone.metrics["predicted_peak_memory_bytes"]
+
+
+@pytest.mark.slow
 def test_sigterm_during_a_prediction_records_it_killed_and_ends_the_prediction_process(tmp_path: Path):
     sweep = start_sweep(["mode=predict", "trainer.seed=0,1,2", *SMALL], tmp_path,
-                        {"SWEEPBP_FAULT_HANG_SEED": "1", "SWEEPBP_FAULT_MARK": str(tmp_path / "job.pid")})
+                        {"SWEEPBP_FAULT_HANG_SEED": "1", "SWEEPBP_FAULT_MARK": str(tmp_path / "job.pid"),
+                         PROCESSES: "1"})
     job_pid = int(sweep.wait_for_file(tmp_path / "job.pid", 300))  # predicting seed 1 (maybe ahead of the sweep)
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("multirun/*/*/0/results.json")) and time.monotonic() < deadline:

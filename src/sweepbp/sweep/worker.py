@@ -40,7 +40,7 @@ from pathlib import Path
 
 from sweepbp.config import RunConfig
 from sweepbp.result import JobResult, Status
-from sweepbp.sweep.predictor import PREFETCH, RUN, PredictionServer, use_environment
+from sweepbp.sweep.predictor import PREFETCH, RUN, PredictionServer, config_key, use_environment
 from sweepbp.sweep.progress import ProgressLine
 from sweepbp.sweep.ranks import free_port, merge_ranks, rank_environment
 from sweepbp.sweep.signals import STOP_SIGNALS, Stopped, die_with_parent, ignore_signals, raise_once, stopping
@@ -255,7 +255,44 @@ class _Predictor:
         return self.rank
 
 
-_PREDICTOR = _Predictor()
+class _Predictors:
+    """The sweep's prediction processes (`prediction_processes()` of them): the announced predictions are dealt
+    out in turn (job 1 to the first, job 2 to the second, ...), and a job's request goes to the process it was
+    announced to (an unannounced one to the first)."""
+
+    def __init__(self, size: int) -> None:
+        self.members = [_Predictor() for _ in range(size)]
+        self.routes: dict[str, int] = {}  # config_key -> the member it was announced to
+
+    def prefetch(self, runs: list[RunConfig]) -> None:
+        for index, member in enumerate(self.members):
+            share = runs[index::len(self.members)]
+            if share:
+                self.routes.update((config_key(run), index) for run in share)
+                member.prefetch(share)
+
+    def submit(self, run: RunConfig, output_dir: Path | None) -> _Rank:
+        return self.members[self.routes.get(config_key(run), 0)].submit(run, output_dir)
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+
+PROCESSES_VARIABLE = "SWEEPBP_PREDICTION_PROCESSES"
+
+
+def prediction_processes() -> int:
+    """How many prediction processes a sweep runs: one per CPU but one (left to the sweep process, which composes,
+    records and draws each job: about half a core per job), at least 1 and at most 4; or SWEEPBP_PREDICTION_PROCESSES.
+    On 2 CPUs that is 1: a second process made a 12-job map no faster (docs/performance.md)."""
+    wanted = os.environ.get(PROCESSES_VARIABLE, "")
+    if wanted.isdigit() and int(wanted) > 0:
+        return int(wanted)
+    return max(1, min(4, len(os.sched_getaffinity(0)) - 1))
+
+
+_PREDICTOR = _Predictors(prediction_processes())
 EXIT_WAIT_S = 5.0  # at the sweep's exit, how long the prediction process may take to end by itself
 
 
