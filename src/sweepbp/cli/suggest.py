@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import fields
 
 from hydra._internal.utils import get_args_parser
+
+from sweepbp.config import NAMED_SCHEMAS
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:
@@ -27,10 +30,6 @@ def similar_key(key: str, parent) -> str:
 def option_with_field(key: str, parent) -> str:
     """For a key of a group whose chosen option lacks it (`memory.every` with memory=none): the options that
     have it, since a field of another option is no typo."""
-    from dataclasses import fields
-
-    from sweepbp.config import NAMED_SCHEMAS
-
     group, _, field = key.partition(".")
     if group not in NAMED_SCHEMAS or parent is None or not hasattr(parent, "get"):
         return ""
