@@ -77,6 +77,8 @@ BAD_INPUT = [
     (["tracking.uri=sqlite:////does/not/exist/mlflow.db"], "tracking.uri must be a reachable MLflow store",
      "/does/not/exist"),
     (["lora.r=[8"], "malformed override 'lora.r=[8'", "expected key=value"),
+    (["mode=predict", "model.arch=qwen3_moe", "+model.config.num_experts=4"],
+     "mode must be measure for a mixture-of-experts model (model.config.num_experts=4)", "predict"),
     (["memory.every=2"], "memory.every must be a key of the config",
      "(memory=none has no every; memory=ckpt, memory=selective, memory=ckpt_offload have it)"),
     (["hydra/launcher=nope"], "hydra/launcher must be one of basic, joblib, submitit_local, submitit_slurm", "nope"),

@@ -107,3 +107,24 @@ def shape_problems(config: dict[str, Any]) -> list[str]:
         problems.append(f"model.config.num_key_value_heads must divide model.config.num_attention_heads={heads}, "
                         f"got {kv_heads}")
     return problems
+
+
+EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")  # HF configs' names
+
+
+def expert_problems(model: Any, mode: str) -> list[str]:
+    """mode=predict of a mixture-of-experts model: its meta trace cannot run the expert layers (peft's adapters
+    on expert weights open an autocast on the meta device; transformers' grouped matmul has a bf16-only meta
+    kernel), so it is refused here instead of failing in the job. `model` is a valid ModelConfig."""
+    if mode != "predict":
+        return []
+    path = model.pretrained_path or model.config_path
+    fields = read_config_file(path) if path is not None else model.config
+    source = f"{str(config_file(path))}: field " if path is not None else "model.config."
+    counts = [(key, fields[key]) for key in EXPERT_FIELDS if isinstance(fields.get(key), int) and fields[key] > 1]
+    if not counts:
+        return []
+    key, count = counts[0]
+    return [f"mode must be measure for a mixture-of-experts model ({source}{key}={count}), got 'predict': the trace "
+            "on meta tensors cannot run expert layers yet"]
+

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweepbp.config.model_source import config_file_problems, pretrained_problems, shape_problems
+from sweepbp.config.model_source import config_file_problems, expert_problems, pretrained_problems, shape_problems
 from sweepbp.config.schema import (
     ACCELERATORS,
     ADAPTER_DTYPES,
@@ -83,6 +83,8 @@ def validate(cfg: SweepbpConfig) -> list[str]:
         problems.append("model.config must hold the HF config fields of a random-init model, got {}")
     else:
         problems.extend(shape_problems(m.config))
+    if not problems:
+        problems.extend(expert_problems(m, cfg.mode))
     need(lo.r > 0, "lora.r", lo.r, "a positive integer")
     need(lo.alpha > 0, "lora.alpha", lo.alpha, "a positive number")
     need(0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "in [0, 1)")
