@@ -11,7 +11,7 @@ import torch
 from conftest import FAST, compose, problems_of
 
 from sweepbp.job import run_job
-from sweepbp.train.model import build_model
+from sweepbp.train.model import build_model, hf_config
 
 # Parameter counts published for each model (its safetensors total on the Hugging Face hub).
 PUBLISHED = {
@@ -90,6 +90,44 @@ def test_a_broken_config_json_is_one_line_naming_the_file_and_the_field(tmp_path
     assert problem.startswith(f"model.config_path '{file}' must hold a Hugging Face config with a string model_type")
     assert problems_of([f"model.config_path={tmp_path / 'none'}", "tracking=none"]) == [
         f"model.config_path must be a config.json file or a folder holding one, got '{tmp_path / 'none'}'"]
+    file.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 3}))
+    assert problems_of([f"model.config_path={file}", "tracking=none"]) == [  # the file's fields, not model.config's
+        f"{file}: field num_attention_heads must divide field hidden_size=64 (or set field head_dim), got 3"]
+
+
+def test_an_unknown_model_type_is_one_short_line(tmp_path):
+    from sweepbp.config import ConfigError
+
+    file = tmp_path / "config.json"
+    file.write_text(json.dumps({"model_type": "foobar", "hidden_size": 64}))
+    with pytest.raises(ConfigError) as raised:  # transformers lists every model type it knows (12 kB)
+        hf_config(compose([f"model.config_path={file}", "tracking=none"]).cfg.model)
+    assert raised.value.problems == [f"model.config_path '{file}' is not a valid config: Unrecognized model "
+                                     "identifier: foobar (not a model_type this transformers version knows)"]
+
+
+def test_a_model_read_from_a_file_records_the_files_shape(tmp_path):
+    """The preset's or the command line's model.config does not apply to a config.json model: the job's config
+    (params, results.json, checks) holds the file's fields, and pre-flight says the override has no effect."""
+    from sweepbp.cli.precheck import notes
+
+    file = tmp_path / "config.json"
+    shape = {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "max_position_embeddings": 64}
+    file.write_text(json.dumps(shape))
+    overrides = ["model=llama3_8b", f"model.config_path={file}", "model.config.num_hidden_layers=8", "tracking=none"]
+    model = compose(overrides).cfg.model
+    assert model.arch == "mistral" and model.config == {k: v for k, v in shape.items() if k != "model_type"}
+    assert notes(overrides) == ["model.config.num_hidden_layers=8 has no effect with model.config_path (its "
+                                "config.json is the shape; the job records that file's fields as model.arch and "
+                                "model.config.*)"]
+    # checks see the file's shape: its 100 token ids cannot hold data=text's bytes
+    text = tmp_path / "corpus.txt"
+    text.write_text("some text " * 50)
+    assert problems_of([f"model.config_path={file}", "data=text", f"data.path={text}", "batch.seq_len=32",
+                        "tracking=none"]) == [
+        "model.config.vocab_size must be at least 256 with data=text (its token ids are the text's bytes, 0-255), "
+        "got 100"]
 
 
 @pytest.mark.parametrize("overrides, message", [

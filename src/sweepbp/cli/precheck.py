@@ -202,11 +202,19 @@ def budget_notes(run: RunConfig, here: bool) -> list[str]:
 
 
 def notes(overrides: list[str]) -> list[str]:
-    """What a command line asks that has no effect (said, not refused): `lora.*` with method=full."""
-    if chosen_option(overrides, "method") != "full":
-        return []
-    ignored = [o for o in overrides if o.lstrip("+~").startswith("lora.") or o.lstrip("+").startswith("lora=")]
-    return [f"{o} has no effect with method=full (every weight trains; there is no adapter)" for o in ignored]
+    """What a command line asks that has no effect (said, not refused): `lora.*` with method=full, the shape of a
+    model read from a file (`model.config.*`, `model.arch` with model.config_path or model.pretrained_path)."""
+    said = []
+    if chosen_option(overrides, "method") == "full":
+        ignored = [o for o in overrides if o.lstrip("+~").startswith("lora.") or o.lstrip("+").startswith("lora=")]
+        said += [f"{o} has no effect with method=full (every weight trains; there is no adapter)" for o in ignored]
+    source = next((key for key in ("model.pretrained_path", "model.config_path")
+                   if any(o.lstrip("+").split("=", 1)[0] == key for o in overrides)), None)
+    if source is not None:
+        shape = [o for o in overrides if o.lstrip("+~").startswith(("model.config.", "model.arch="))]
+        said += [f"{o} has no effect with {source} (its config.json is the shape; the job records that file's "
+                 "fields as model.arch and model.config.*)" for o in shape]
+    return said
 
 
 def chosen_option(overrides: list[str], group: str) -> str | None:

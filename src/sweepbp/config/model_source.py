@@ -4,6 +4,7 @@ or the fields of a random-init `model.config`, each checked before any job start
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def config_file_problems(path: str) -> list[str]:
     except ConfigError as err:
         return err.problems
     file = str(config_file(path))
-    return [line.replace("model.config.", f"{file}: field ", 1) for line in shape_problems(fields)]
+    return [f"{file}: {line}" for line in shape_problems(fields, where="field ")]
 
 
 def pretrained_problems(path: str) -> list[str]:
@@ -86,15 +87,28 @@ def _safetensors_problem(file: Path) -> str | None:
     return None
 
 
-def shape_problems(config: dict[str, Any]) -> list[str]:
-    """What transformers would refuse, or build into a model that cannot train, in a random-init shape."""
+def shape_problems(config: dict[str, Any], where: str = "model.config.") -> list[str]:
+    """What transformers would refuse, or build into a model that cannot train, in a random-init shape; each key
+    named `where` + its name (a file's problems are named as its fields)."""
     problems = []
     for key in SHAPE_FIELDS:
         value = config.get(key)
         if key in config and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            problems.append(f"model.config.{key} must be a positive integer, got {value!r}")
+            problems.append(f"{where}{key} must be a positive integer, got {value!r}")
     if problems:
         return problems
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    hidden = config.get("hidden_size")
+    if heads and hidden and "head_dim" not in config and hidden % heads:
+        problems.append(f"{where}num_attention_heads must divide {where}hidden_size={hidden} "
+                        f"(or set {where}head_dim), got {heads}")
+    pad, vocab = config.get("pad_token_id"), config.get("vocab_size")
+    if isinstance(pad, int) and isinstance(vocab, int) and not 0 <= pad < vocab:
+        problems.append(f"{where}pad_token_id must be below {where}vocab_size={vocab}, got {pad}")
+    if heads and kv_heads and heads % kv_heads:
+        problems.append(f"{where}num_key_value_heads must divide {where}num_attention_heads={heads}, "
+                        f"got {kv_heads}")
+    return problems
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     hidden = config.get("hidden_size")
     if heads and hidden and "head_dim" not in config and hidden % heads:
@@ -107,6 +121,21 @@ def shape_problems(config: dict[str, Any]) -> list[str]:
         problems.append(f"model.config.num_key_value_heads must divide model.config.num_attention_heads={heads}, "
                         f"got {kv_heads}")
     return problems
+
+
+def with_file_shape(model: Any) -> Any:
+    """A model read from a file (`model.config_path`, `model.pretrained_path`) as it is built and recorded: `arch`
+    is the file's model_type and `config` its other fields, not the preset's or the command line's, which do not
+    apply to it (the job's params, results.json and checks then say what ran). Unchanged without a file, or with
+    one that cannot be read (validation names the problem)."""
+    path = model.pretrained_path or model.config_path
+    if path is None:
+        return model
+    try:
+        fields = read_config_file(path)
+    except ConfigError:
+        return model
+    return dataclasses.replace(model, arch=fields.pop("model_type"), config=fields)
 
 
 EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")  # HF configs' names

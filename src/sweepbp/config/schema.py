@@ -18,6 +18,7 @@ GROUPS = ("model", "quant", "method", "lora", "memory", "loss", "optim", "batch"
 ADAPTER_DTYPES = ("float32", "model")  # lora.adapter_dtype
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 DTYPES = ("float32", "bfloat16", "float16")
+BYTE_VOCAB = 256  # data=text and bytewise tokenization: the token ids are the UTF-8 bytes, 0-255
 ATTENTION = ("eager", "sdpa")
 MODES = ("measure", "predict")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")

@@ -12,11 +12,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweepbp.config.model_source import config_file_problems, expert_problems, pretrained_problems, shape_problems
+from sweepbp.config.model_source import (
+    config_file_problems,
+    expert_problems,
+    pretrained_problems,
+    shape_problems,
+    with_file_shape,
+)
 from sweepbp.config.schema import (
     ACCELERATORS,
     ADAPTER_DTYPES,
     ALL_LINEAR,
+    BYTE_VOCAB,
     ARCH_LINEAR_MODULES,
     ATTENTION,
     DATA_ORDERS,
@@ -48,6 +55,7 @@ def to_run_config(cfg: DictConfig, choices: dict[str, str]) -> RunConfig:
     except Exception as err:  # OmegaConf's own type errors (missing values, bad types)
         raise ConfigError([_omegaconf_message(err)]) from None
     assert isinstance(typed, SweepbpConfig)
+    typed.model = with_file_shape(typed.model)
     problems = validate(typed)
     if problems:
         raise ConfigError(problems)
@@ -131,6 +139,10 @@ def validate(cfg: SweepbpConfig) -> list[str]:
     problems.extend(_quant_problems(cfg))
     problems.extend(_method_problems(cfg))
     problems.extend(_data_problems(cfg.data))
+    vocab = cfg.model.config.get("vocab_size")  # the file's, for a model read from a file (with_file_shape)
+    if cfg.data.name == "text" and isinstance(vocab, int) and vocab < BYTE_VOCAB:
+        problems.append(f"model.config.vocab_size must be at least {BYTE_VOCAB} with data=text (its token ids are "
+                        f"the text's bytes, 0-255), got {vocab}")
     problems.extend(_strategy_problems(cfg.strategy, t))
     need(cfg.mode in MODES, "mode", cfg.mode, f"one of {', '.join(MODES)}")
     if cfg.budget_gb is not None:

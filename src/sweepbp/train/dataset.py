@@ -22,10 +22,9 @@ import tempfile
 import threading
 from dataclasses import dataclass
 
-from sweepbp.config import DatasetConfig
+from sweepbp.config.schema import BYTE_VOCAB, DatasetConfig
 from sweepbp.datafile import tokenizer_folder
 
-BYTE_VOCAB = 256
 BUILDERS = {"jsonl": "json", "parquet": "parquet"}  # data.name -> `datasets`' packaged builder
 
 

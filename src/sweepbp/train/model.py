@@ -17,25 +17,38 @@ def hf_config(model: ModelConfig, depth: int | None = None):
     """The Hugging Face config of a model option; its complaints become one-line errors. With `depth`, the same
     model with that many decoder layers (mode=predict's depth extrapolation traces shallow twins)."""
     if model.pretrained_path is not None:
-        config = AutoConfig.from_pretrained(model.pretrained_path, local_files_only=True)
+        try:
+            config = AutoConfig.from_pretrained(model.pretrained_path, local_files_only=True)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ConfigError([f"model.pretrained_path {model.pretrained_path!r} holds no valid config: "
+                               f"{_reason(err)}"]) from None
     elif model.config_path is not None:
         fields = read_config_file(model.config_path)
         try:
             config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         except (ValueError, TypeError, KeyError) as err:
             raise ConfigError([f"model.config_path {str(config_file(model.config_path))!r} is not a valid config: "
-                               f"{str(err).splitlines()[0]}"]) from None
+                               f"{_reason(err)}"]) from None
     else:
         try:
             # a copy: transformers writes into the nested dicts it is given (rope_theta into rope_scaling), and
             # the job's config is what it records and hashes
             config = AutoConfig.for_model(model.arch, **copy.deepcopy(model.config))
         except (ValueError, TypeError, KeyError) as err:
-            raise ConfigError([f"model.config is not a valid {model.arch} config: {str(err).splitlines()[0]}"]) from None
+            raise ConfigError([f"model.config is not a valid {model.arch} config: {_reason(err)}"]) from None
     config.use_cache = False  # training: a KV cache only costs memory
     if depth is not None:
         with_depth(config, depth)
     return config
+
+
+def _reason(err: Exception) -> str:
+    """transformers' complaint in a line: an unknown model_type's lists every known one (12 kB), cut there."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    known = first.find(". Should contain one of")
+    if known != -1:
+        return first[:known] + " (not a model_type this transformers version knows)"
+    return first if len(first) <= 300 else first[:300] + "..."
 
 
 def per_layer_lists(config) -> dict[str, list]:
