@@ -41,6 +41,8 @@ def test_frontier_budget_and_strategy_costs():
     ]
     # memory.every exists only under ckpt: implied by the option, not a swept key of its own
     assert swept_keys(records) == ["memory", "lora.r"]
+    records[0].config["resume"], records[1].config["resume"] = "False", "True"  # a resumed sweep: no axis of it
+    assert swept_keys(records) == ["memory", "lora.r"]
     summary = summarize(records, budgets_gb=[8, 5])
     assert [r.job for r in summary.frontier] == ["1", "0"]  # job 2 is beaten by job 0 on both axes
     assert fastest_within(records, 8e9, "peak_memory_bytes", "tokens_per_s").job == "1"
@@ -249,3 +251,21 @@ def test_an_unreachable_store_at_the_sweeps_end_keeps_the_folders_report(capsys)
     assert "jobs run elsewhere not added to the report" in err
     # the health check answered (one refused connection), not MLflow's client after its minutes of retries
     assert "Connection refused" in err and "Mlflow" not in err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--x", "activation_byte"], "--x must be a metric of the catalogue (docs/metrics.md), got 'activation_byte'; "
+                                 "did you mean 'activation_bytes'?"),
+    (["--y", "tokens_per_sec"], "--y must be a metric of the catalogue"),
+    (["--budget-gb", "24", "--budget-gb", "-1"], "--budget-gb must be a positive number of GB, got -1"),
+])
+def test_a_misspelt_axis_or_a_negative_budget_is_refused(args, message, capsys):
+    """Instead of an empty chart that lists every job as 'not on the chart' (a misspelt metric), or an answer for
+    a budget no job can meet."""
+    from sweepbp.report.command import parse_args
+
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(args)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+    assert parse_args(["--x", "predicted_peak_memory_bytes"]).x == "predicted_peak_memory_bytes"

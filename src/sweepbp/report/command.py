@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
+from sweepbp import metrics
 from sweepbp.config import TrackingConfig, redact_uri
 from sweepbp.report.files import folder_records, store_records, write_report
 from sweepbp.report.summary import summarize
@@ -45,7 +47,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-gb", type=float, action="append", default=[],
                         help="memory budget in GB (1e9 bytes) to mark and answer for; repeatable")
     parser.add_argument("--out", type=Path, help="output folder (default: the sweep folder, else ./report-<sweep id>)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, name in (("--x", args.x), ("--y", args.y)):
+        if not metrics.known(name):
+            close = difflib.get_close_matches(name, [m.name for m in metrics.CATALOGUE], n=1)
+            parser.error(f"{flag} must be a metric of the catalogue (docs/metrics.md), got {name!r}"
+                         + (f"; did you mean {close[0]!r}?" if close else ""))
+    if any(budget <= 0 for budget in args.budget_gb):
+        parser.error(f"--budget-gb must be a positive number of GB, got {min(args.budget_gb):g}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

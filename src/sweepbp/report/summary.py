@@ -155,6 +155,11 @@ def config_budgets(records: list[Record]) -> list[float]:
 
 
 # -- what the sweep varied ---------------------------------------------------------------------
+# How a job was run, not what it measured: resume=true on a later run of the same sweep leaves the reused
+# jobs with resume=False and the new ones with True, which is no axis of the sweep.
+NOT_SWEPT = {"resume"}
+
+
 def swept_keys(records: list[Record]) -> list[str]:
     """Keys whose value differs between jobs: group options (`memory`) and dotted config leaves.
 
@@ -163,7 +168,7 @@ def swept_keys(records: list[Record]) -> list[str]:
     """
     groups = sorted({g for r in records for g in r.choices})
     varied_groups = [g for g in groups if _varies(records, lambda r, g=g: r.choices.get(g, ""))]
-    leaves = sorted({k for r in records for k in r.config})
+    leaves = sorted({k for r in records for k in r.config} - NOT_SWEPT)
     keys = list(varied_groups)
     for leaf in leaves:
         if not _varies(records, lambda r, leaf=leaf: r.config.get(leaf, "")):
