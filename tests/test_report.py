@@ -269,3 +269,26 @@ def test_a_misspelt_axis_or_a_negative_budget_is_refused(args, message, capsys):
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
     assert parse_args(["--x", "predicted_peak_memory_bytes"]).x == "predicted_peak_memory_bytes"
+
+
+def test_a_sweep_that_measures_and_predicts_compares_predictions_by_their_predicted_figures():
+    """mode=measure,predict x memory=none,ckpt: the predictions' pair compares predicted peaks (it said 'no
+    metrics to compare'), and the ok predictions off the chart (whose axes are measured) say why."""
+    from sweepbp.report.tables import answers, markdown
+
+    def job(number: str, mode: str, memory: str, peak: float, **measured: float) -> Record:
+        config = {"memory.name": memory, "mode": mode, "budget_gb": "None"}
+        metrics = {"predicted_peak_memory_bytes": peak, "predicted_activation_bytes": peak / 2, **measured}
+        return Record(number, "ok", config, {"memory": memory, "model": "tiny"}, metrics)
+
+    records = [job("0", "predict", "none", 10e9), job("1", "predict", "ckpt", 6e9),
+               job("2", "measure", "none", 10e9, peak_memory_bytes=10e9, tokens_per_s=100.0, activation_bytes=5e9),
+               job("3", "measure", "ckpt", 6e9, peak_memory_bytes=6e9, tokens_per_s=80.0, activation_bytes=1e9)]
+    summary = summarize(records)
+    by_job = {e.record.job: e for e in summary.effects}
+    assert by_job["1"].names[1] == "predicted_peak_memory_bytes" and by_job["1"].memory_saving == pytest.approx(0.4)
+    assert by_job["3"].names[1] == "peak_memory_bytes" and by_job["3"].slowdown == pytest.approx(1.25)
+    text = "\n".join(answers(summary)) + markdown(summary)
+    assert "no metrics to compare" not in text
+    assert ("- job 0 (memory=none mode=predict): ok (its record has no peak_memory_bytes and no tokens_per_s; it is "
+            "a prediction, with predicted_ figures only)") in text

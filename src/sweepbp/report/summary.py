@@ -250,7 +250,6 @@ def axis_effects(records: list[Record], axis: Axis, throughput: str = "tokens_pe
                  peak: str = "peak_memory_bytes") -> list[Effect]:
     """Each ok job of an option other than the axis's baseline against the ok baseline job with the same
     other settings."""
-    throughput, peak, focus = (resolve_metric(records, m) for m in (throughput, peak, axis.focus))
     others = [k for k in swept_keys(records) if k != axis.group and not k.startswith(axis.group + ".")]
     baselines = {tuple(r.value(k) for k in others): r for r in records
                  if r.status == Status.OK and r.option(axis) == axis.baseline}
@@ -259,9 +258,11 @@ def axis_effects(records: list[Record], axis: Axis, throughput: str = "tokens_pe
         base = baselines.get(tuple(r.value(k) for k in others))
         if r.status != Status.OK or r.option(axis) == axis.baseline or base is None:
             continue
-        effects.append(Effect(axis, r, base, _ratio(base.metric(throughput), r.metric(throughput)),
-                              _saving(r.metric(peak), base.metric(peak)), _saving(r.metric(focus), base.metric(focus)),
-                              (throughput, peak, focus)))
+        pair = [r, base]  # a prediction beside a prediction in a sweep that also measured: their predicted_ twins
+        speed, memory, own = (resolve_metric(pair, m) for m in (throughput, peak, axis.focus))
+        effects.append(Effect(axis, r, base, _ratio(base.metric(speed), r.metric(speed)),
+                              _saving(r.metric(memory), base.metric(memory)), _saving(r.metric(own), base.metric(own)),
+                              (speed, memory, own)))
     return effects
 
 

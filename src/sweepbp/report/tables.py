@@ -87,9 +87,19 @@ def answers(summary: Summary) -> list[str]:
     failed = [r for r in summary.records if id(r) not in shown]
     if failed:
         lines += ["", "## Not on the chart", ""]
-        lines += [f"- job {r.job} ({describe(r, summary)}): {r.status}" + (f": {r.error}" if r.error else "")
-                  for r in failed]
+        lines += [f"- job {r.job} ({describe(r, summary)}): {r.status}" + (f": {r.error}" if r.error else
+                                                                             _why_off_chart(r, x, y)) for r in failed]
     return lines
+
+
+def _why_off_chart(record: Record, x: str, y: str) -> str:
+    """Why an ok job is not on the chart: it lacks an axis's metric (a prediction beside measured jobs has only
+    `predicted_` figures, and the axes are the measured ones)."""
+    if record.status != Status.OK:
+        return ""
+    missing = " and no ".join(m for m in (x, y) if record.metric(m) is None)
+    predicted = record.metric("peak_memory_bytes") is None and record.metric(PREDICTED + "peak_memory_bytes") is not None
+    return f" (its record has no {missing}" + ("; it is a prediction, with predicted_ figures only)" if predicted else ")")
 
 
 def _fits_line(summary: Summary, budget: float) -> str:
