@@ -73,14 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as err:
         records = folder_records(args.sweep_dir) if args.sweep_dir else []
         if not records:
-            print(f"sweepbp.report: error: {err} (store {redact_uri(uri)})", file=sys.stderr)
+            absent = args.sweep_dir is not None and not args.sweep_dir.exists()
+            missing = f"; no folder {str(args.sweep_dir)!r} here either" if absent else ""
+            print(f"sweepbp.report: error: {err} (store {redact_uri(uri)}){missing}", file=sys.stderr)
             return 1
         source = f"the results.json files of {args.sweep_dir} ({err})"  # e.g. a sweep run with tracking=none
     summary = summarize(records, args.x, args.y, args.budget_gb or None)
     out = args.out or (args.sweep_dir if args.sweep_dir and args.sweep_dir.is_dir() else Path(f"report-{sweep_id}"))
     files = write_report(summary, out)
     print(f"{table(summary)}\n\n" + "\n".join(answers(summary)))
-    print(f"\n[sweepbp] sweep {sweep_id}: {len(records)} runs from {source}; wrote "
+    print(f"\n[sweepbp] sweep {sweep_id}: {len(records)} run{'s' if len(records) != 1 else ''} from {source}; wrote "
           + ", ".join(str(f) for f in files), file=sys.stderr)
     return 0
 

@@ -225,7 +225,7 @@ def on_chart(records: list[Record], x: str, y: str) -> list[Record]:
 
 
 def pareto_front(records: list[Record], x: str, y: str) -> list[Record]:
-    """Jobs no other job beats on both axes (less x, more y), by increasing x."""
+    """Jobs no other job dominates (at most as much x and at least as much y, better in one), by increasing x."""
     front: list[Record] = []
     best = -math.inf
     for r in sorted(plotted(records, x, y), key=lambda r: (r.metric(x), -r.metric(y))):

@@ -64,6 +64,7 @@ def quiet_libraries() -> None:
     measured job calls this after importing it."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights: 100%" of every model.pretrained_path job
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
