@@ -178,3 +178,11 @@ def test_padding_positions_change_no_loss(data_files):
         rows = [model(input_ids=batch["input_ids"][i:i + 1, :n], labels=batch["labels"][i:i + 1, :n]).loss * (n - 1)
                 for i, n in enumerate(lengths)]
     assert padded.item() == pytest.approx((sum(rows) / (sum(lengths) - len(lengths))).item(), rel=1e-5)
+
+
+def test_pad_to_with_packing_is_a_note():
+    from sweepbp.cli.precheck import notes
+
+    assert notes(["data=jsonl", "data.packing=true", "data.pad_to=max_length"]) == [
+        "data.pad_to=max_length has no effect with data.packing=true (packed rows are full: nothing is padded)"]
+    assert notes(["data=jsonl", "data.packing=false", "data.pad_to=max_length"]) == []

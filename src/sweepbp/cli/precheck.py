@@ -202,12 +202,16 @@ def budget_notes(run: RunConfig, here: bool) -> list[str]:
 
 
 def notes(overrides: list[str]) -> list[str]:
-    """What a command line asks that has no effect (said, not refused): `lora.*` with method=full, the shape of a
-    model read from a file (`model.config.*`, `model.arch` with model.config_path or model.pretrained_path)."""
+    """What a command line asks that has no effect (said, not refused): `lora.*` with method=full, `data.pad_to`
+    with data.packing=true, the shape of a model read from a file (`model.config.*`, `model.arch` with
+    model.config_path or model.pretrained_path)."""
     said = []
     if chosen_option(overrides, "method") == "full":
         ignored = [o for o in overrides if o.lstrip("+~").startswith("lora.") or o.lstrip("+").startswith("lora=")]
         said += [f"{o} has no effect with method=full (every weight trains; there is no adapter)" for o in ignored]
+    if any(o.lstrip("+") in ("data.packing=true", "data.packing=True") for o in overrides):
+        said += [f"{o} has no effect with data.packing=true (packed rows are full: nothing is padded)"
+                 for o in overrides if o.lstrip("+~").startswith("data.pad_to=")]
     source = next((key for key in ("model.pretrained_path", "model.config_path")
                    if any(o.lstrip("+").split("=", 1)[0] == key for o in overrides)), None)
     if source is not None:
