@@ -292,3 +292,13 @@ def test_a_sweep_that_measures_and_predicts_compares_predictions_by_their_predic
     assert "no metrics to compare" not in text
     assert ("- job 0 (memory=none mode=predict): ok (its record has no peak_memory_bytes and no tokens_per_s; it is "
             "a prediction, with predicted_ figures only)") in text
+
+
+def test_a_rerun_without_a_store_here_creates_none(tmp_path, monkeypatch, capsys):
+    """Run from a folder without mlflow.db, a rerun says where it looked instead of creating an empty store."""
+    from sweepbp.rerun import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["0123456789abcdef"]) == 1
+    assert "sweepbp.rerun: error: no MLflow store at" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -30,6 +30,7 @@ from sweepbp.result import Status
 from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
 from sweepbp.sweep.task import JobContext, record_job
 from sweepbp.tracking import BACKENDS, NONE, RUN_ID, StoreError, backend, open_store
+from sweepbp.tracking.uris import sqlite_path
 
 
 def typed_config(text: str) -> DictConfig:
@@ -59,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     """Rerun one recorded run; exit 0 when it finished ok."""
     args = parse_args(argv)
     uri = backend(args.tracking).resolve(args.tracking_uri)
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():  # opening it would make an empty store here
+        print(f"sweepbp.rerun: error: no MLflow store at {database} (run from the sweep's folder, or give it with "
+              "--tracking-uri)", file=sys.stderr)
+        return 1
     try:
         recorded = open_store(TrackingConfig(name=args.tracking, uri=uri)).recorded_run(args.run_id)
     except StoreError as err:
