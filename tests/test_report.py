@@ -2,19 +2,23 @@
 server, and a recorded run rerun with an identical loss curve.
 
 One real sweep (module fixture) runs against a real `mlflow server` on 127.0.0.1: two ok jobs
-(memory=none,ckpt) and two that fail for real (data=text needs a vocabulary of 256 bytes; the
-model is given 128), so the summary is tested with failures among ok jobs.
+(memory=none,ckpt x trainer.seed=0) and two that fail in their second training step (trainer.seed=1, a fault
+tests/faulty_sweepbp.py injects: what pre-flight can refuse, it does), so the summary is tested with failures
+among ok jobs.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import FAST, http_get, run_cli
+from conftest import FAST, http_get
+from sweeps import FAULTY, cli_env
 
 from sweepbp.report.files import folder_records, write_report
 from sweepbp.report.summary import Record, fastest_within, summarize, swept_keys
@@ -95,13 +99,14 @@ def _api(base: str, path: str, body: dict | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def sweep(server, tmp_path_factory):
-    """A 4-job sweep recorded on the server: memory=none,ckpt x vocab_size=512 (ok), 128 (fails)."""
+    """A 4-job sweep recorded on the server: memory=none,ckpt x trainer.seed=0 (ok), 1 (fails)."""
     cwd = tmp_path_factory.mktemp("sweep")
     corpus = cwd / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 20)
-    done = run_cli(["-m", "memory=none,ckpt", "model.config.vocab_size=512,128", "data=text",
-                    f"data.path={corpus}", f"tracking.uri={server}", f"tracking.experiment={EXPERIMENT}", *FAST],
-                   cwd=cwd, env={"OMP_NUM_THREADS": "1"})
+    done = subprocess.run([sys.executable, str(FAULTY), "-m", "memory=none,ckpt", "trainer.seed=0,1", "data=text",
+                           f"data.path={corpus}", f"tracking.uri={server}", f"tracking.experiment={EXPERIMENT}", *FAST],
+                          cwd=cwd, env=cli_env({"OMP_NUM_THREADS": "1", "SWEEPBP_FAULT_FAIL_SEED": "1"}),
+                          capture_output=True, text=True, timeout=420)
     sweep_dir = next((cwd / "multirun").glob("*/*"))
     return done, sweep_dir
 
@@ -111,15 +116,15 @@ def test_sweep_with_failed_jobs_writes_summary_and_chart(sweep):
     done, sweep_dir = sweep
     assert done.returncode == 1, done.stderr[-3000:]  # failed jobs make the sweep exit non-zero, after all ran
     rows = (sweep_dir / "summary.csv").read_text().splitlines()
-    assert rows[0].startswith("job,memory,model.config.vocab_size,status,")
+    assert rows[0].startswith("job,memory,trainer.seed,status,")
     statuses = [row.split(",")[:4] for row in rows[1:]]
-    assert statuses == [["0", "none", "512", "ok"], ["1", "none", "128", "failed"],
-                        ["2", "ckpt", "512", "ok"], ["3", "ckpt", "128", "failed"]]
-    assert "vocab_size >= 256" in rows[2]  # the error travels into the summary
+    assert statuses == [["0", "none", "0", "ok"], ["1", "none", "1", "failed"],
+                        ["2", "ckpt", "0", "ok"], ["3", "ckpt", "1", "failed"]]
+    assert "injected fault" in rows[2]  # the error travels into the summary
     md = (sweep_dir / "summary.md").read_text()
-    assert "memory=ckpt vocab_size=512 (job 2) vs job 0" in md and "## Not on the chart" in md
+    assert "memory=ckpt seed=0 (job 2) vs job 0" in md and "## Not on the chart" in md
     assert (sweep_dir / "tradeoff.png").read_bytes().startswith(PNG)
-    assert "| 3 | ckpt | 128 | **failed** |" in done.stdout  # the table printed at the end of the sweep
+    assert "| 3 | ckpt | 1 | **failed** |" in done.stdout  # the table printed at the end of the sweep
     for job in ("0", "2"):
         assert (sweep_dir / job / "memory_timeline.png").read_bytes().startswith(PNG)
     records = {r.job: r for r in folder_records(sweep_dir)}
@@ -137,7 +142,7 @@ def test_report_rebuilds_identical_summary_from_the_store_alone(sweep, server, t
     assert (out / "summary.csv").read_text() == (sweep_dir / "summary.csv").read_text()
     assert (out / "tradeoff.png").read_bytes().startswith(PNG)
     assert "Within 0.01 GB: memory=" in (out / "summary.md").read_text()
-    assert "| 1 | none | 128 | **failed** |" in capsys.readouterr().out
+    assert "| 1 | none | 1 | **failed** |" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -152,7 +157,7 @@ def test_server_serves_runs_params_metrics_and_chart(sweep, server):
     assert parent["info"]["status"] == "FAILED"  # the sweep ended, with failures
     for run, t in children:
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
-        assert params["memory"] in ("none", "ckpt") and params["model.config.vocab_size"] in ("512", "128")
+        assert params["memory"] in ("none", "ckpt") and params["trainer.seed"] in ("0", "1")
         if t["sweepbp.status"] == "ok":
             metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
             assert metrics["peak_memory_bytes"] > 0 and metrics["tokens_per_s"] > 0
@@ -173,11 +178,10 @@ def test_the_sweep_and_its_jobs_are_named_and_the_end_says_where_to_look(sweep, 
     runs = _api(server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id], "max_results": 100})["runs"]
     parent = next(r for r in runs if {"key": "sweepbp.role", "value": "sweep"} in r["data"]["tags"])
     jobs = [r for r in runs if {"key": "mlflow.parentRunId", "value": parent["info"]["run_id"]} in r["data"]["tags"]]
-    assert parent["info"]["run_name"].startswith("memory=none,ckpt x model.config.vocab_size=512,128 (4 jobs); data=text")
-    assert {p["key"]: p["value"] for p in parent["data"]["params"]}["model.config.vocab_size"] == "512,128"
+    assert parent["info"]["run_name"].startswith("memory=none,ckpt x trainer.seed=0,1 (4 jobs); data=text")
+    assert {p["key"]: p["value"] for p in parent["data"]["params"]}["trainer.seed"] == "0,1"
     assert sorted(r["info"]["run_name"] for r in jobs) == [
-        "memory=ckpt vocab_size=128", "memory=ckpt vocab_size=512", "memory=none vocab_size=128",
-        "memory=none vocab_size=512"]
+        "memory=ckpt seed=0", "memory=ckpt seed=1", "memory=none seed=0", "memory=none seed=1"]
     datasets = [i["dataset"]["name"] for r in jobs for i in r.get("inputs", {}).get("dataset_inputs", [])]
     assert datasets == ["corpus.txt"] * 4  # data=text: the corpus is each job's logged dataset
     answer = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
