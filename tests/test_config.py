@@ -147,6 +147,9 @@ CLI_BAD_INPUT = [
                                                        "'http://***@127.0.0.1:1'"),
     (["memory=none", "memory.name=ckpt"], "memory.name must be none, the chosen option's own name"),
     (["model.config.num_hidden_layers=0"], "model.config.num_hidden_layers must be a positive integer, got 0"),
+    (["--cfg", "job", "data.packing=true"], "data.packing must be a key of the config (list them: python -m sweepbp "
+                                            "--cfg job), got 'data.packing=true' (data=synthetic has no packing; "
+                                            "data=jsonl, data=parquet have it)"),
     pytest.param(["strategy=fsdp", "trainer.devices=2"],
                  "strategy must be single or ddp on a machine without a CUDA GPU, got 'fsdp'", id="strategy=fsdp",
                  marks=pytest.mark.skipif(local_cuda_gpus() != 0, reason="this machine has a CUDA GPU")),

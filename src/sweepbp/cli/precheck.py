@@ -45,8 +45,8 @@ def precheck(args: list[str], on_first_valid: Callable[[RunConfig, list[str]], N
     pre-importing worker there, so the heavy imports overlap with checking the remaining jobs.
     """
     parsed = get_args_parser().parse_args(args)
-    if any(getattr(parsed, flag, None) for flag in INFO_FLAGS):
-        return [], 1
+    if any(getattr(parsed, flag, None) for flag in INFO_FLAGS):  # --cfg job shows a config: composing is checked
+        return _first_job_composition_problems(parsed.overrides), 1
     try:
         # With -cd/-cp/-cn Hydra reads configs this check does not see: leave Hydra's own settings to Hydra.
         own_config = any(getattr(parsed, flag, None) for flag in ("config_dir", "config_path", "config_name"))
@@ -118,8 +118,7 @@ def check_job(overrides: list[str], runs_here: bool = True) -> tuple[list[str], 
 def check_job_config(overrides: list[str]) -> tuple[list[str], RunConfig | None]:
     """Compose one job like Hydra will and validate its config (not its tracking store)."""
     try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="sweepbp"):
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        cfg = _composed(overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         return [_hydra_message(err, overrides)], None
     choices = dict(cfg.hydra.runtime.choices)
@@ -127,6 +126,27 @@ def check_job_config(overrides: list[str]) -> tuple[list[str], RunConfig | None]
         return [], to_run_config(_without_hydra(cfg), choices)
     except ConfigError as err:
         return err.problems, None
+
+
+def _composed(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="sweepbp"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def _first_job_composition_problems(overrides: list[str]) -> list[str]:
+    """What Hydra would print as a multi-line error for `--cfg job`, `--info` and the like, as one line: a key or
+    option that does not compose (a config that composes is shown even when it would not validate)."""
+    try:
+        combos = expand(overrides, multirun=True)
+    except ConfigError as err:
+        return err.problems
+    if not combos:
+        return []
+    try:
+        _composed(combos[0])
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        return [_hydra_message(err, combos[0])]
+    return []
 
 
 def tracking_problems(run: RunConfig) -> list[str]:
