@@ -175,6 +175,23 @@ def test_a_figure_that_is_not_affine_falls_back_to_the_full_trace(monkeypatch):
     assert fallback.record()["predict_full_reason"] == fallback.full_reason
 
 
+def test_layers_that_do_not_repeat_are_traced_whole_and_checked_once_per_model(monkeypatch):
+    """The whole-model check (check_layers_repeat) runs once per model and period in a process; its verdict,
+    a refusal too, holds for the next prediction of the same model (a sweep's predictions share one process)."""
+    cfg = compose([*FAST, "mode=predict", "tracking=none", "model.config.num_hidden_layers=13"]).cfg
+    checked: list[int] = []
+
+    def layer_3_differs(model, period):
+        checked.append(period)
+        raise NotAffine("decoder layer 3 differs from layer 0")
+
+    monkeypatch.setattr(trace, "check_layers_repeat", layer_3_differs)
+    first, second = predict(cfg, "cpu"), predict(replace(cfg, batch=replace(cfg.batch, size=1)), "cpu")
+    assert [p.method for p in (first, second)] == ["full", "full"]
+    assert first.full_reason == second.full_reason == "decoder layer 3 differs from layer 0"
+    assert checked == [1]
+
+
 def test_a_measured_deep_model_equals_its_extrapolated_prediction():
     result = run_job(compose([*FAST, "tracking=none", "model.config.num_hidden_layers=10", "memory=ckpt"]))
     assert result.status == "ok", result.error

@@ -152,7 +152,7 @@ def test_worker_warm_up_stays_on_the_meta_device():
 
 
 def test_a_prediction_never_imports_lightning(tmp_path):
-    """A sweep of predictions only starts without Lightning (about 1.6-1.9 s of a 2-core machine's start): its
+    """A sweep of predictions only starts without Lightning (about 1.2-1.9 s of a 2-core machine's start): its
     fork server does not preload it and the prediction itself never imports it (lint-imports checks the modules;
     this checks a real prediction, in a fresh interpreter, and the fork server's preload list)."""
     from sweepbp.sweep.worker import preload_modules

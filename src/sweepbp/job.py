@@ -75,7 +75,7 @@ def run_job(run: RunConfig, progress=None, output_dir: Path | None = None) -> Jo
 def measure_job(run: RunConfig, result: JobResult, progress, start: float, output_dir: Path | None = None) -> None:
     """mode=measure: predict, build, adapt, apply the memory strategy, fit; the measurements go into `result`."""
     # Lightning only in a measured job (the fork server of a sweep with measured jobs has it imported already): a
-    # prediction never imports it, about 1.6-1.9 s of a fresh process's start on a 2-core machine
+    # prediction never imports it, about 1.2-1.9 s of a fresh process's start on a 2-core machine
     import lightning as L
 
     from sweepbp.train.module import LoraFinetune

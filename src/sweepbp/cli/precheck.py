@@ -26,7 +26,7 @@ from sweepbp.cli.folders import folder_problems
 from sweepbp.cli.launchers import PRESETS, REMOTE_LAUNCHERS, launcher_options
 from sweepbp.cli.paths import config_dir, user_config_dir
 from sweepbp.cli.suggest import did_you_mean, option_with_field, similar_key
-from sweepbp.config import GB, GROUPS, ConfigError, RunConfig, read_config_file, redact_uri, to_run_config
+from sweepbp.config import GB, GROUPS, ConfigError, RunConfig, redact_uri, to_run_config
 from sweepbp.tracking import NONE, backend
 
 # OmegaConf's type errors: "Value 'abc' of type 'str' could not be converted to Integer", "... is not a valid bool"
@@ -173,8 +173,7 @@ def attention_notes(run: RunConfig) -> list[str]:
     model = cfg.model
     if model.attn_implementation != "eager" or cfg.batch.seq_len < EAGER_LONG:
         return []
-    fields = read_config_file(model.config_path) if model.config_path else model.config
-    heads = fields.get("num_attention_heads")
+    heads = model.config.get("num_attention_heads")  # a file's own, for a model read from one (with_file_shape)
     if not isinstance(heads, int):
         return []
     size = 1 if cfg.batch.size == "auto" else int(cfg.batch.size)
@@ -190,14 +189,13 @@ WEIGHT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the model.dtype op
 
 def dtype_notes(run: RunConfig) -> list[str]:
     """A local checkpoint or config file whose config.json names a dtype other than `model.dtype`: the job
-    builds the weights in model.dtype (float32 by default), which changes their memory and speed."""
+    builds the weights in model.dtype (float32 by default), which changes their memory and speed. The file's
+    fields are the run's model.config (with_file_shape)."""
     model = run.cfg.model
-    key, path = (("model.pretrained_path", model.pretrained_path) if model.pretrained_path is not None
-                 else ("model.config_path", model.config_path))
-    if path is None:
+    key = "model.pretrained_path" if model.pretrained_path is not None else "model.config_path"
+    if model.pretrained_path is None and model.config_path is None:
         return []
-    fields = read_config_file(path)
-    stored = fields.get("dtype") or fields.get("torch_dtype")  # transformers 5 writes dtype, 4.x torch_dtype
+    stored = model.config.get("dtype") or model.config.get("torch_dtype")  # transformers 5: dtype, 4.x: torch_dtype
     if stored not in WEIGHT_BYTES or stored == model.dtype:
         return []
     return [f"{key}'s config.json says dtype {stored} but model.dtype={model.dtype}: the weights are built in "
@@ -351,7 +349,8 @@ def _hydra_message(err: Exception, overrides: list[str]) -> str:
             listing = "hydra" if key.startswith("hydra.") else "job"
             parent = getattr(cause, "parent_node", None)
             hint = option_with_field(key, parent) or similar_key(key, parent)
-            return f"{key} must be a key of the config (list them: python -m sweepbp --cfg {listing}), got {line!r}{hint}"
+            return (f"{key} must be a key of the config (list them: python -m sweepbp --cfg {listing}), "
+                    f"got {line!r}{hint}")
         return f"{key}: {reason}"
     if "full_key" in text:
         key = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if "full_key" in ln), "")

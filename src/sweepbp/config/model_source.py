@@ -109,18 +109,6 @@ def shape_problems(config: dict[str, Any], where: str = "model.config.") -> list
         problems.append(f"{where}num_key_value_heads must divide {where}num_attention_heads={heads}, "
                         f"got {kv_heads}")
     return problems
-    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
-    hidden = config.get("hidden_size")
-    if heads and hidden and "head_dim" not in config and hidden % heads:
-        problems.append(f"model.config.num_attention_heads must divide model.config.hidden_size={hidden} "
-                        f"(or set model.config.head_dim), got {heads}")
-    pad, vocab = config.get("pad_token_id"), config.get("vocab_size")
-    if isinstance(pad, int) and isinstance(vocab, int) and not 0 <= pad < vocab:
-        problems.append(f"model.config.pad_token_id must be below model.config.vocab_size={vocab}, got {pad}")
-    if heads and kv_heads and heads % kv_heads:
-        problems.append(f"model.config.num_key_value_heads must divide model.config.num_attention_heads={heads}, "
-                        f"got {kv_heads}")
-    return problems
 
 
 def with_file_shape(model: Any) -> Any:
@@ -144,12 +132,13 @@ EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_nu
 def expert_problems(model: Any, mode: str) -> list[str]:
     """mode=predict of a mixture-of-experts model: its meta trace cannot run the expert layers (peft's adapters
     on expert weights open an autocast on the meta device; transformers' grouped matmul has a bf16-only meta
-    kernel), so it is refused here instead of failing in the job. `model` is a valid ModelConfig."""
+    kernel), so it is refused here instead of failing in the job. `model` is a valid ModelConfig whose `config`
+    holds a file's fields where it has one (`with_file_shape`)."""
     if mode != "predict":
         return []
     path = model.pretrained_path or model.config_path
-    fields = read_config_file(path) if path is not None else model.config
     source = f"{str(config_file(path))}: field " if path is not None else "model.config."
+    fields = model.config
     counts = [(key, fields[key]) for key in EXPERT_FIELDS if isinstance(fields.get(key), int) and fields[key] > 1]
     if not counts:
         return []

@@ -147,7 +147,7 @@ _REPEATS: dict[tuple[str, int], str] = {}  # (model config, period) -> "" or why
 
 def layers_repeat(cfg: SweepbpConfig, period: int) -> None:
     """`check_layers_repeat` on the whole model built on meta, once per model and period in a process: a sweep's
-    predictions (one long-lived process) mostly share their model (Llama-3.1-8B: about 0.06 s a build)."""
+    predictions (one long-lived process) mostly share their model, and each build costs the same again."""
     key = (json.dumps(dataclasses.asdict(cfg.model), sort_keys=True, default=str), period)
     if key not in _REPEATS:
         try:

@@ -54,7 +54,7 @@ GRACE_S = 60.0  # how long an interrupted child may take to hand back its partia
 PRELOAD = ("sweepbp", "torch", "transformers", "peft", "sweepbp.job", "sweepbp.sweep.progress",
            "peft.utils.transformers_weight_conversion")
 # what only a measured job imports: Lightning, its module, its Trainer warmed up (a sweep of predictions only
-# never imports them, which saves its fork server 1.6-1.9 s of imports on a 2-core machine)
+# never imports them, which saves its fork server 1.2-1.9 s of imports on a 2-core machine)
 MEASURED_PRELOAD = ("lightning", "sweepbp.train.module")
 
 
@@ -284,8 +284,8 @@ PROCESSES_VARIABLE = "SWEEPBP_PREDICTION_PROCESSES"
 
 def prediction_processes() -> int:
     """How many prediction processes a sweep runs: one per CPU but one (left to the sweep process, which composes,
-    records and draws each job: about half a core per job), at least 1 and at most 4; or SWEEPBP_PREDICTION_PROCESSES.
-    On 2 CPUs that is 1: a second process made a 12-job map no faster (docs/performance.md)."""
+    records and draws each job), at least 1 and at most 4; or SWEEPBP_PREDICTION_PROCESSES. On 2 CPUs that is 1:
+    a second process did not clearly speed up a 12-job map (docs/performance.md)."""
     wanted = os.environ.get(PROCESSES_VARIABLE, "")
     if wanted.isdigit() and int(wanted) > 0:
         return int(wanted)
