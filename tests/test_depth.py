@@ -22,6 +22,7 @@ from sweeps import SMALL, alive, run_sweep, runs_of, start_sweep, sweep_dirs
 from sweepbp.sweep.worker import PROCESSES_VARIABLE as PROCESSES
 
 import sweepbp.predict.autobatch as autobatch
+import sweepbp.predict.target as target
 import sweepbp.predict.trace as trace
 from sweepbp.job import run_job
 from sweepbp.result import JobResult, Status
@@ -83,6 +84,30 @@ def test_extrapolated_equals_the_full_trace_for_every_option(overrides):
     assert plan is not None and plan.depths[-1] < layers and plan.period == every
     device = "cpu" if "quant" in " ".join(overrides) else "cuda"
     same_prediction(extrapolated(cfg, device, 2, plan), trace_step(cfg, device, 2, False))
+
+
+@pytest.mark.parametrize("overrides", [["memory=none"], ["memory=ckpt", "optim=adafactor"], ["memory=offload"],
+                                       ["quant=nf4", "model.dtype=bfloat16"], ["method=full", "optim=sgd"]],
+                         ids=lambda o: " ".join(o))
+def test_remembered_layouts_and_skipped_updates_change_no_figure(overrides, monkeypatch):
+    """The meta trace's shortcuts (predict/target.py: output layouts remembered for the process, in-place updates of
+    meta tensors skipped) give the figures of the plain trace, with the memory cold and warm, for a CUDA target
+    (foreach AdamW) and a CPU one."""
+    if any(o.startswith("quant=nf4") for o in overrides):
+        pytest.importorskip("bitsandbytes", reason="the .[quant] extra (CI installs it)")
+    cfg = compose([*FAST, "mode=predict", "batch.seq_len=16", "model.config.num_hidden_layers=3", *overrides]).cfg
+    devices = ["cpu"] if "quant" in " ".join(overrides) else ["cuda", "cpu"]
+    for device in devices:
+        monkeypatch.setattr(target, "_LAYOUTS", {})
+        cold, warm = trace_step(cfg, device, 2, False), trace_step(cfg, device, 2, False)
+        assert target._LAYOUTS, "no layout was remembered"
+        with monkeypatch.context() as plain:
+            plain.setattr(target, "_layout_key", lambda *args: None)
+            plain.setattr(target, "_updates_meta_in_place", lambda *args: False)
+            reference = trace_step(cfg, device, 2, False)
+        for fast in (cold, warm):
+            same_prediction(fast, reference)
+            assert fast.report.phases == reference.report.phases  # each phase's figures, not only the step's peak
 
 
 @pytest.mark.parametrize("option", ["jsonl", "parquet"])

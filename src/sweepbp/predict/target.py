@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from sweepbp.measure.tracker import MemoryTracker
+from sweepbp.measure.tracker import MemoryTracker, storage_key, tensors_of
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -109,17 +110,16 @@ def _aligned_bias(bias: torch.Tensor, alignment: int = 8) -> torch.Tensor:
 
 
 class MetaTracker(MemoryTracker):
-    """The exact tracker for a meta trace, faster: ops repeat with the same shapes in every layer, and the
-    meta kernels of pointwise ops are Python (about a millisecond each). The output layout of a
-    functional pointwise op (fresh storage, no aliasing) is remembered by its inputs' layouts and remade
-    with `empty_strided`, the same storage the kernel would make; an in-place pointwise op returns its
-    input, as the kernel does. One dispatch mode, since each costs time per op. Inside `host_scope`
-    (an offload's host copies) buffers asked for on a real device stay on meta, booked as host memory.
+    """The exact tracker for a meta trace, faster: ops repeat with the same shapes in every layer, every trace
+    and every prediction of a process, and many meta kernels are Python (up to about a millisecond per call:
+    pointwise ops, reductions, `cat`; docs/performance.md). The output layout of a functional op that returns one
+    fresh tensor is a function of its inputs' layouts and arguments, so it is remembered (`_LAYOUTS`, for the
+    process) and remade with `empty_strided`: the same storage the kernel would make. An in-place pointwise op
+    returns its input, as the kernel does, and an in-place `_foreach_` op on meta tensors (AdamW's update on CUDA)
+    returns nothing and allocates nothing: its meta kernel only checks each tensor's shape, a Python call per
+    adapter tensor. One dispatch mode, since each costs time per op. Inside `host_scope` (an offload's host
+    copies) buffers asked for on a real device stay on meta, booked as host memory.
     """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._layouts: dict[tuple, tuple] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._op = func
@@ -128,40 +128,101 @@ class MetaTracker(MemoryTracker):
             # an offload's host buffer (inside host_scope): kept on meta, booked as host memory
             kwargs = {**kwargs, "device": torch.device("meta"), "pin_memory": False}
             return super().__torch_dispatch__(func, types, args, kwargs)
-        if func._schema.name.endswith("_") and torch.Tag.pointwise in func.tags and args[0].is_meta:
-            return args[0]  # an in-place pointwise op returns its own, already counted, input
-        key = _pointwise_key(func, args, kwargs)
-        if key is None:
+        if _updates_meta_in_place(func, args):
+            return args[0] if func._schema.returns else None  # its own, already counted, input (or nothing)
+        key = _layout_key(func, args, kwargs)
+        layout = _LAYOUTS.get(key, _UNKNOWN) if key is not None else None
+        if layout is None:  # not an op whose output is remembered
             return super().__torch_dispatch__(func, types, args, kwargs)
-        layout = self._layouts.get(key)
-        if layout is None:
+        if layout is _UNKNOWN:
             out = func(*args, **(kwargs or {}))
-            self._layouts[key] = (out.shape, out.stride(), out.dtype)
+            known = isinstance(out, torch.Tensor) and storage_key(out) in self._sizes  # a storage counted before
+            _LAYOUTS[key] = None if known else _remade_layout(out, (args, kwargs))
         else:
             out = torch.empty_strided(layout[0], layout[1], dtype=layout[2], device="meta")
         self._add(out, self._category_for_new())
         return out
 
 
-def _pointwise_key(func, args, kwargs) -> tuple | None:
-    """A cache key for a functional pointwise op on meta tensors returning one fresh tensor, else None."""
+class MetaUpdates(TorchDispatchMode):
+    """Outside a tracker (AdamW's warm-up step): in-place pointwise and `_foreach_` ops on meta tensors skipped as
+    `MetaTracker` skips them, everything else run as it is."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _updates_meta_in_place(func, args):
+            return args[0] if func._schema.returns else None
+        return func(*args, **(kwargs or {}))
+
+
+def _updates_meta_in_place(func, args) -> bool:
+    """An in-place pointwise op on a meta tensor, or an in-place `_foreach_` op on meta tensors: no allocation, no
+    value, only the meta kernel's shape checks (Python calls, one per tensor of a `_foreach_` list)."""
     schema = func._schema
-    if torch.Tag.pointwise not in func.tags or schema.is_mutable or len(schema.returns) != 1 \
-            or schema.returns[0].alias_info is not None:
+    if not (schema.name.endswith("_") and schema.is_mutable) or not args:
+        return False
+    if torch.Tag.pointwise in func.tags:
+        return isinstance(args[0], torch.Tensor) and args[0].is_meta
+    return schema.name.startswith("aten::_foreach_") and not schema.returns and _all_meta(args)
+
+
+_LAYOUTS: dict[tuple, tuple | None] = {}  # op and its inputs' layouts -> (shape, stride, dtype) of its output, or None
+_UNKNOWN = ()  # an op not yet seen with these inputs
+_SCALARS = (int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def _layout_key(func, args, kwargs) -> tuple | None:
+    """A cache key for a functional op on meta tensors returning one fresh tensor, else None."""
+    schema = func._schema
+    if schema.is_mutable or len(schema.returns) != 1 or schema.returns[0].alias_info is not None \
+            or str(schema.returns[0].type) != "Tensor":
         return None
-    key: list = [func]
-    for value in (*args, *(kwargs or {}).values()):
+    key: list = [func, torch.get_default_dtype()]  # the default dtype decides some promotions (int / int)
+    if not _append_layouts(key, args) or (kwargs and not _append_layouts(key, (tuple(kwargs), *kwargs.values()))):
+        return None
+    return tuple(key)
+
+
+def _append_layouts(key: list, values) -> bool:
+    """Add each value's layout (tensors) or value (scalars, lists of them) to `key`; False for anything else."""
+    for value in values:
         if isinstance(value, torch.Tensor):
             if not value.is_meta:
-                return None
-            key.append((value.shape, value.stride(), value.dtype))
-        elif isinstance(value, (int, float, bool, complex, str, type(None), torch.dtype)):
+                return False
+            key.append((value.shape, value.stride(), value.storage_offset(), value.dtype))
+        elif isinstance(value, (list, tuple)):
+            key.append(len(value))
+            if not _append_layouts(key, value):
+                return False
+        elif isinstance(value, _SCALARS):
             key.append((type(value), value))
         else:
-            return None
-    if kwargs:
-        key.append(tuple(kwargs))
-    return tuple(key)
+            return False
+    return True
+
+
+def _remade_layout(out, inputs) -> tuple | None:
+    """What `empty_strided` needs to remake `out` with the same storage, or None if it cannot (an output on another
+    device, one that does not fill its own storage from its start, or one that shares an input's storage although
+    its schema does not say so, as `_unsafe_view` does)."""
+    if not isinstance(out, torch.Tensor) or not out.is_meta or out.storage_offset() != 0:
+        return None
+    if storage_key(out) in {storage_key(t) for t in tensors_of(inputs)}:
+        return None
+    remade = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="meta")
+    if remade.untyped_storage().nbytes() != out.untyped_storage().nbytes():
+        return None
+    return (out.shape, out.stride(), out.dtype)
+
+
+def _all_meta(args) -> bool:
+    """Whether every tensor among `args` (and the lists in it) is a meta tensor."""
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            if not value.is_meta:
+                return False
+        elif isinstance(value, (list, tuple)) and not _all_meta(value):
+            return False
+    return True
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ from sweepbp.predict.depth import (
     extend_figures,
     extend_report,
 )
-from sweepbp.predict.target import MetaTracker, precision_plugin, target_kernels
+from sweepbp.predict.target import MetaTracker, MetaUpdates, precision_plugin, target_kernels
 from sweepbp.train.data import largest_micro_batch
 from sweepbp.train.environment import pick_device
 from sweepbp.train.lora import adapted_layer_names, apply_method
@@ -261,7 +261,8 @@ def warm_optimizer(optimizer: torch.optim.Optimizer) -> None:
             group["foreach"] = True
         for param in group["params"]:
             param.grad = torch.zeros_like(param)
-    optimizer.step()
+    with MetaUpdates():  # the update of meta weights does nothing but its shape checks: skipped
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     for group, foreach in zip(optimizer.param_groups, implementations):
         if "foreach" in group:
