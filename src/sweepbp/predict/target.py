@@ -129,15 +129,14 @@ class MetaTracker(MemoryTracker):
             kwargs = {**kwargs, "device": torch.device("meta"), "pin_memory": False}
             return super().__torch_dispatch__(func, types, args, kwargs)
         if _updates_meta_in_place(func, args):
-            return args[0] if func._schema.returns else None  # its own, already counted, input (or nothing)
+            return _updated(func, args)
         key = _layout_key(func, args, kwargs)
         layout = _LAYOUTS.get(key, _UNKNOWN) if key is not None else None
         if layout is None:  # not an op whose output is remembered
             return super().__torch_dispatch__(func, types, args, kwargs)
         if layout is _UNKNOWN:
             out = func(*args, **(kwargs or {}))
-            known = isinstance(out, torch.Tensor) and storage_key(out) in self._sizes  # a storage counted before
-            _LAYOUTS[key] = None if known else _remade_layout(out, (args, kwargs))
+            _LAYOUTS[key] = _remade_layout(out, (args, kwargs), counted=self._sizes)
         else:
             out = torch.empty_strided(layout[0], layout[1], dtype=layout[2], device="meta")
         self._add(out, self._category_for_new())
@@ -150,7 +149,7 @@ class MetaUpdates(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if _updates_meta_in_place(func, args):
-            return args[0] if func._schema.returns else None
+            return _updated(func, args)
         return func(*args, **(kwargs or {}))
 
 
@@ -163,6 +162,11 @@ def _updates_meta_in_place(func, args) -> bool:
     if torch.Tag.pointwise in func.tags:
         return isinstance(args[0], torch.Tensor) and args[0].is_meta
     return schema.name.startswith("aten::_foreach_") and not schema.returns and _all_meta(args)
+
+
+def _updated(func, args):
+    """What a skipped in-place update returns: its own, already counted, input (a `_foreach_` op: nothing)."""
+    return args[0] if func._schema.returns else None
 
 
 _LAYOUTS: dict[tuple, tuple | None] = {}  # op and its inputs' layouts -> (shape, stride, dtype) of its output, or None
@@ -200,13 +204,14 @@ def _append_layouts(key: list, values) -> bool:
     return True
 
 
-def _remade_layout(out, inputs) -> tuple | None:
+def _remade_layout(out, inputs, counted) -> tuple | None:
     """What `empty_strided` needs to remake `out` with the same storage, or None if it cannot (an output on another
-    device, one that does not fill its own storage from its start, or one that shares an input's storage although
-    its schema does not say so, as `_unsafe_view` does)."""
+    device, one that does not fill its own storage from its start, or one whose storage exists already: `counted`
+    by the tracker, or an input's although the schema does not say so, as `_unsafe_view`'s is)."""
     if not isinstance(out, torch.Tensor) or not out.is_meta or out.storage_offset() != 0:
         return None
-    if storage_key(out) in {storage_key(t) for t in tensors_of(inputs)}:
+    key = storage_key(out)
+    if key in counted or key in {storage_key(t) for t in tensors_of(inputs)}:
         return None
     remade = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="meta")
     if remade.untyped_storage().nbytes() != out.untyped_storage().nbytes():
