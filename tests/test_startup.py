@@ -166,3 +166,97 @@ def test_a_prediction_never_imports_lightning(tmp_path):
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"),
                                                                             os.environ.get("PYTHONPATH", "")])})
     assert "PROBE ok []" in done.stdout, done.stdout + done.stderr
+
+
+def _hydra_sweep(sweeper: str, folder, monkeypatch) -> tuple[list[str], int]:
+    """Each job's config (its own and Hydra's node, as YAML) from a real Hydra multirun with `sweeper`, and how
+    many times Hydra composed a job's config for it."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from sweepbp.cli.paths import config_dir
+    from sweepbp.config import register_schemas
+
+    compositions = []
+    original = ConfigLoaderImpl.load_sweep_config
+    monkeypatch.setattr(ConfigLoaderImpl, "load_sweep_config",
+                        lambda self, master_config, sweep_overrides: compositions.append(sweep_overrides)
+                        or original(self, master_config, sweep_overrides))
+    jobs = []
+
+    def task(cfg):
+        hydra = OmegaConf.to_container(HydraConfig.get())
+        # what differs: the sweeper chosen, and the command line that chose it
+        del hydra["sweeper"], hydra["runtime"]["choices"]["hydra/sweeper"], hydra["overrides"]["hydra"]
+        jobs.append(OmegaConf.to_yaml(cfg) + OmegaConf.to_yaml(hydra))
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    hydra = Hydra.create_main_hydra2(task_name="sweepbp", config_search_path=create_config_search_path(str(config_dir())))
+    try:
+        hydra.multirun(config_name="config", task_function=task,
+                       overrides=[f"hydra/sweeper={sweeper}", f"hydra.sweep.dir={folder}", "~hydra.callbacks.sweep_end",
+                                  "mode=predict", "tracking=none", "memory=none,ckpt", "lora.r=8,16,8"])
+    finally:
+        GlobalHydra.instance().clear()
+    return jobs, len(compositions)
+
+
+def test_the_sweeper_composes_each_job_once_as_hydra_would(tmp_path, monkeypatch):
+    """sweepbp's sweeper hands the basic launcher the compositions of its pre-launch check: each job is composed
+    once (Hydra's own sweeper: twice), into the same config (a repeated override list included)."""
+    ours, ours_composed = _hydra_sweep("sweepbp", tmp_path, monkeypatch)
+    hydras, hydras_composed = _hydra_sweep("basic", tmp_path, monkeypatch)
+    assert len(ours) == len(hydras) == 6
+    assert ours == hydras
+    assert (ours_composed, hydras_composed) == (6, 12)
+
+
+# A fork server started for jobs that never use bitsandbytes keeps it out; a job that needs it replaces the server.
+BITSANDBYTES_PROBE = """
+import json, multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from conftest import FAST, compose
+from sweepbp.sweep import worker
+
+def bitsandbytes_in_a_job():  # what a process forked from the fork server now finds
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("forkserver")) as pool:
+        return pool.submit(eval, "repr(__import__('sys').modules.get('bitsandbytes', 'not imported'))[:30]").result()
+
+worker.start_workers("llama", measured=False, bitsandbytes=False)
+seen = {"kept_out": bitsandbytes_in_a_job()}
+plain = compose([*FAST, "mode=predict", "tracking=none"])
+seen["plain"] = worker.run_isolated(plain, "1/2").status.value
+first_server = worker._server_pid()
+quantised = compose([*FAST, "mode=predict", "tracking=none", "quant=nf4"])
+result = worker.run_isolated(quantised, "2/2")
+seen.update(quantised=result.status.value, error=result.error, replaced=worker._server_pid() != first_server,
+            allowed=bitsandbytes_in_a_job())
+print("PROBE " + json.dumps(seen))
+"""
+
+
+def test_bitsandbytes_is_kept_out_of_a_server_whose_jobs_do_not_use_it():
+    """Kept out, peft and transformers see it as not installed (1.0-1.4 s less to import, docs/performance.md)
+    and a plain prediction runs; a quantised job then gets a new server that imports it."""
+    done = subprocess.run([sys.executable, "-c", BITSANDBYTES_PROBE], cwd=REPO / "tests", capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "CI": "1"})
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("PROBE ")), None)
+    assert line is not None, done.stdout + done.stderr
+    seen = json.loads(line[len("PROBE "):])
+    assert seen["kept_out"] == "None"
+    assert (seen["plain"], seen["quantised"], seen["replaced"]) == ("ok", "ok", True), seen
+    assert seen["allowed"].startswith("<module 'bitsandbytes'")
+
+
+def test_only_a_sweep_of_quant_or_optim_may_need_bitsandbytes_beyond_its_first_job():
+    from sweepbp.cli.main import sweeps_bitsandbytes_groups
+
+    assert sweeps_bitsandbytes_groups(["quant=none,nf4"])
+    assert sweeps_bitsandbytes_groups(["optim=adamw,adamw8bit", "memory=ckpt"])
+    assert not sweeps_bitsandbytes_groups(["quant=nf4", "memory=none,ckpt", "lora.r=8,16"])
+    assert not sweeps_bitsandbytes_groups(["mode=predict", "batch.size=1,2"])

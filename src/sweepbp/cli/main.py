@@ -69,9 +69,10 @@ def _main(args: list[str]) -> None:
     if 0 < jobs <= MAX_PRECHECKED_JOBS:
         from hydra_plugins.sweepbp_sweeper import PRECHECKED  # Hydra's sweeper: only for a sweep that runs
 
-        os.environ[PRECHECKED] = "1"  # every job composed and validated: the sweeper need not do it again
+        os.environ[PRECHECKED] = "1"  # every job composed and validated: the sweeper need not check them again
     hydra_args = credentials_to_environment(args)
     sys.argv = [sys.argv[0], *(fields_of_swept_groups(hydra_args) if parsed.multirun else hydra_args)]
+    _allow_bitsandbytes_if_used(runs)
     if _started_workers and len(runs) == jobs:
         from sweepbp.sweep.worker import prefetch_predictions  # as for start_workers: only for a sweep that runs
 
@@ -145,8 +146,26 @@ def _start_workers_early(run: RunConfig, overrides: list[str]) -> None:
         return  # the jobs run in other processes, which start their own worker
     from sweepbp.sweep.worker import start_workers  # multiprocessing and the rank merge: not for --help or errors
 
-    start_workers(run.cfg.model.arch, measured=not predictions_only(run, overrides))
+    start_workers(run.cfg.model.arch, measured=not predictions_only(run, overrides),
+                  bitsandbytes=run.cfg.uses_bitsandbytes or sweeps_bitsandbytes_groups(overrides))
     _started_workers = True
+
+
+def sweeps_bitsandbytes_groups(overrides: list[str]) -> bool:
+    """Whether a command line sweeps the groups whose options may need bitsandbytes (quant, optim): its first job
+    does not tell then whether another will."""
+    parser = OverridesParser.create()
+    parsed = [parser.parse_override(o) for o in overrides if "=" in o]
+    return any(o.is_sweep_override() and o.key_or_group.split(".")[0] in ("quant", "optim") for o in parsed)
+
+
+def _allow_bitsandbytes_if_used(runs: list[RunConfig]) -> None:
+    """A job of the sweep needs bitsandbytes, which the fork server started for its first job keeps out (an option
+    file the command line did not name chose it): the server is replaced before any job runs."""
+    if _started_workers and any(run.cfg.uses_bitsandbytes for run in runs):
+        from sweepbp.sweep.worker import allow_bitsandbytes
+
+        allow_bitsandbytes()
 
 
 def predictions_only(run: RunConfig, overrides: list[str]) -> bool:

@@ -26,7 +26,7 @@ from sweepbp.cli.folders import folder_problems
 from sweepbp.cli.launchers import PRESETS, REMOTE_LAUNCHERS, launcher_options
 from sweepbp.cli.paths import config_dir, user_config_dir
 from sweepbp.cli.suggest import did_you_mean, option_with_field, similar_key
-from sweepbp.config import GB, GROUPS, ConfigError, RunConfig, redact_uri, to_run_config
+from sweepbp.config import BNB_OPTIMIZERS, GB, GROUPS, ConfigError, RunConfig, redact_uri, to_run_config
 from sweepbp.tracking import NONE, backend
 
 # OmegaConf's type errors: "Value 'abc' of type 'str' could not be converted to Integer", "... is not a valid bool"
@@ -261,7 +261,7 @@ def package_problems(run: RunConfig) -> list[str]:
     if cfg.quant.name != "none" and importlib.util.find_spec("bitsandbytes") is None:
         return [f"quant must be none without bitsandbytes installed, got {cfg.quant.name!r} "
                 "(install the extra: pip install -e \".[quant]\")"]
-    if cfg.optim.name in ("adamw8bit", "paged_adamw8bit") and importlib.util.find_spec("bitsandbytes") is None:
+    if cfg.optim.name in BNB_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
         return [f"optim must be adamw, adafactor or sgd without bitsandbytes installed, got {cfg.optim.name!r} "
                 "(install the extra: pip install -e \".[quant]\")"]
     if cfg.mode == "measure" and cfg.loss.name == "liger" and importlib.util.find_spec("liger_kernel") is None:

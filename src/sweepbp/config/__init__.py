@@ -13,6 +13,7 @@ from sweepbp.config.schema import (
     ALL_LINEAR,
     ARCH_LINEAR_MODULES,
     ATTENTION,
+    BNB_OPTIMIZERS,
     DATA_ORDERS,
     DATASETS,
     DTYPES,
@@ -64,8 +65,8 @@ from sweepbp.config.validate import to_run_config, validate
 from sweepbp.config.values import config_as_dict, config_yaml, dotted_leaves, leaf_params, nested, redact_uri
 
 __all__ = [
-    "ACCELERATORS", "ADAPTER_DTYPES", "ALL_LINEAR", "ARCH_LINEAR_MODULES", "ATTENTION", "DATA_ORDERS", "DATASETS",
-    "DTYPES", "FUSED_LOSSES", "GB", "GROUPS", "HEAD_RESCALING_FIELDS", "LLAMA_LINEAR_MODULES", "MODES",
+    "ACCELERATORS", "ADAPTER_DTYPES", "ALL_LINEAR", "ARCH_LINEAR_MODULES", "ATTENTION", "BNB_OPTIMIZERS", "DATA_ORDERS",
+    "DATASETS", "DTYPES", "FUSED_LOSSES", "GB", "GROUPS", "HEAD_RESCALING_FIELDS", "LLAMA_LINEAR_MODULES", "MODES",
     "NAMED_SCHEMAS", "PAD_TO", "PRECISIONS", "SCHEMAS", "SELECTIVE_POLICIES", "SHAPE_FIELDS", "BatchConfig",
     "Bnb8bitOptimConfig", "ChunkedLossConfig", "CkptMemoryConfig", "CkptOffloadMemoryConfig", "ConfigError",
     "DataConfig", "DatasetConfig", "FsdpStrategyConfig", "FusedLossConfig", "Int8QuantConfig", "JsonlDataConfig",

@@ -26,6 +26,7 @@ SELECTIVE_POLICIES = ("save_matmuls", "save_attention")  # memory.policy of memo
 # Config fields of model families whose causal-LM head rescales the logits after the projection: the
 # fused losses compute the projection themselves and refuse them (Gemma's soft-capping they apply).
 HEAD_RESCALING_FIELDS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+BNB_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit")  # optim options of bitsandbytes (the `.[quant]` extra)
 FUSED_LOSSES = ("fused", "liger")  # loss options that project the hidden states themselves
 # Linear sub-modules of the decoder families sweepbp builds from a config, per `model.arch`, for a one-line
 # error when `lora.target_modules` names none of a shipped architecture's layers (Phi-3 fuses q/k/v and gate/up).
@@ -314,6 +315,11 @@ class SweepbpConfig:
     def world_size(self) -> int:
         """Processes of one job: trainer.devices for ddp and fsdp, else 1."""
         return self.trainer.devices if self.strategy.name in ("ddp", "fsdp") else 1
+
+    @property
+    def uses_bitsandbytes(self) -> bool:
+        """Whether the job needs bitsandbytes: quantised base weights or one of its 8-bit optimizers."""
+        return self.quant.name != "none" or self.optim.name in BNB_OPTIMIZERS
 
 
 # Groups whose `name` selects behaviour: each name and the schema its fields come from.
