@@ -244,3 +244,37 @@ def test_sweep_expands_to_the_cartesian_product():
 
 def test_shipped_config_dir_exists():
     assert (config_dir() / "config.yaml").is_file()
+
+
+SWEEPS_COMPOSED_ONCE = [  # a sweep, and how many distinct choices of groups Hydra composes for it
+    (["mode=predict", "memory=none,ckpt", "batch.size=1,auto", "batch.seq_len=64,128", "tracking=none"], 2),
+    (["model=llama3_8b,tiny", "lora.target_modules=[q_proj,v_proj]", "budget_gb=null,24", "trainer.lr=1e-4"], 2),
+    (["tracking.experiment='two words',${mode}", "model.config.num_hidden_layers=2,3", "hydra.sweep.dir=/tmp/s"], 1),
+    (["memory=none,selective", "memory.every=2"], 2),  # every exists in selective only: Hydra's own error for none
+    (["lora.r=8,0,abc", "batch.sizee=2,3"], 1),  # invalid, misspelt and mistyped values
+    (["+tracking.extra=1", "lora.r=4,8"], 0),  # not a plain field override: Hydra composes these jobs whole
+]
+
+
+@pytest.mark.parametrize(("args", "bases"), SWEEPS_COMPOSED_ONCE, ids=[" ".join(a) for a, _ in SWEEPS_COMPOSED_ONCE])
+def test_preflight_composes_each_choice_of_groups_once_into_hydras_config(args, bases):
+    """Pre-flight composes a sweep's distinct group choices with Hydra and applies each job's field overrides to a
+    copy: every job's config, group choices and problems equal those of Hydra composing the job whole."""
+    from omegaconf import OmegaConf
+
+    from sweepbp.cli.precheck import Compositions, _composed, check_job_config
+
+    register_schemas()
+    compositions = Compositions()
+    for combo in expand(args, multirun=True):
+        problems, run = check_job_config(combo, compositions)
+        assert (problems, run) == check_job_config(combo), combo
+        try:
+            whole = _composed(combo)
+        except Exception:  # noqa: BLE001 (the same problem line was compared above)
+            continue
+        ours = compositions.composed(combo)
+        job = [OmegaConf.to_yaml({k: v for k, v in cfg.items() if k != "hydra"}) for cfg in (ours, whole)]
+        assert job[0] == job[1]
+        assert ours.hydra.runtime.choices == whole.hydra.runtime.choices
+    assert len(compositions.bases) == bases
