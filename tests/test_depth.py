@@ -110,6 +110,40 @@ def test_remembered_layouts_and_skipped_updates_change_no_figure(overrides, monk
             assert fast.report.phases == reference.report.phases  # each phase's figures, not only the step's peak
 
 
+@pytest.mark.parametrize("overrides", [["memory=ckpt"], ["memory=offload", "method=dora"],
+                                       ["quant=nf4", "model.dtype=bfloat16"], ["quant=int8", "memory=selective"],
+                                       ["method=full", "optim=adamw8bit"]], ids=lambda o: " ".join(o))
+def test_a_twin_traced_from_a_kept_copy_equals_one_built_for_it(overrides, monkeypatch):
+    """A process builds each adapted twin once and traces deep copies of it (predict/trace.py; not of quantised
+    weights, which are built each time): the first copy and a later one give every figure and phase of a twin
+    built for the trace."""
+    if any(o.startswith(("quant=", "optim=adamw8bit")) for o in overrides):
+        pytest.importorskip("bitsandbytes", reason="the .[quant] extra (CI installs it)")
+    cfg = compose([*FAST, "mode=predict", "batch.seq_len=16", "model.config.num_hidden_layers=4", *overrides]).cfg
+    monkeypatch.setattr(trace, "_TWINS", trace.OrderedDict())
+    first, later = (trace_step(cfg, "cpu", 2, False, depth=3) for _ in range(2))
+    assert len(trace._TWINS) == (0 if cfg.quant.name != "none" else 1)
+    monkeypatch.setattr(trace, "adapted_model", trace.built_model)
+    built = trace_step(cfg, "cpu", 2, False, depth=3)
+    for copied in (first, later):
+        same_prediction(copied, built)
+        assert copied.report.phases == built.report.phases
+
+
+def test_a_trace_never_sees_what_an_earlier_one_did_to_its_twin(monkeypatch):
+    """Checkpointing wrappers and a bf16 conversion of one trace stay out of the next trace of the same twin."""
+    changing = compose([*FAST, "mode=predict", "memory=ckpt", "trainer.precision=bf16-true"]).cfg
+    plain = compose([*FAST, "mode=predict"]).cfg
+    monkeypatch.setattr(trace, "_TWINS", trace.OrderedDict())
+    trace_step(changing, "cuda", 2, False, depth=2)
+    after = trace_step(plain, "cuda", 2, False, depth=2)
+    assert len(trace._TWINS) == 1  # both traced copies of one twin
+    monkeypatch.setattr(trace, "adapted_model", trace.built_model)
+    built = trace_step(plain, "cuda", 2, False, depth=2)
+    same_prediction(after, built)
+    assert after.report.phases == built.report.phases
+
+
 @pytest.mark.parametrize("option", ["jsonl", "parquet"])
 def test_extrapolated_equals_the_full_trace_for_a_dataset(option, data_files):
     """A dataset's worst step (padded: a mask, repeated K/V; or a mask of ones), planned once for every twin."""

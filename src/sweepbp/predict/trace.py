@@ -23,9 +23,11 @@ every strategy and data option) is what catches a new one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from unittest import mock
@@ -200,10 +202,7 @@ def trace_step(cfg: SweepbpConfig, device: str, size: int, keep_timeline: bool, 
     `planned`: its batch, when the caller planned it (else planned here)."""
     modelled: list[str] = []
     meta = torch.device("meta")
-    with torch.device(meta):  # peft creates adapters on the default device before moving them
-        base = build_model(cfg.model, meta, cfg.trainer.seed, depth)
-        quantized = quantize_model(base, cfg.quant, meta)  # bitsandbytes' own quantisation, shapes only
-        model = apply_method(base, cfg.method, cfg.lora)
+    model, quantized = adapted_model(cfg, depth)
     meta_trace = not cfg.trainer.precision.endswith("-mixed")  # autocast needs a real device type: fake CPU
     # the strategy sees the trace's device: an offload moves what lives there to the host
     applied = apply_memory_strategy(model, cfg.memory, meta if meta_trace else torch.device("cpu"))
@@ -232,6 +231,35 @@ def trace_step(cfg: SweepbpConfig, device: str, size: int, keep_timeline: bool, 
                       quantized_layers=quantized, adapted_layers=adapted_layer_names(model), seconds=0.0,
                       modelled=sorted(set(modelled)), traced_depths=(layers,), depth=layers,
                       snapshot=tracker.log.snapshot() if tracker.log is not None else None)
+
+
+TWINS_KEPT = 8  # adapted twins a process keeps, the most recently used (a sweep's predictions share a few)
+_TWINS: OrderedDict[str, tuple[torch.nn.Module, int]] = OrderedDict()
+
+
+def adapted_model(cfg: SweepbpConfig, depth: int | None) -> tuple[torch.nn.Module, int]:
+    """The model a trace starts from, on meta: built (a twin of `depth` layers, when given), quantised (and how
+    many of its layers), adapted. A twin of unquantised weights is built once per process and handed out as a deep
+    copy, which costs 40% of building it (peft's adapter injection, mostly): the predictions of a sweep share their
+    model and twins, and a trace changes the model it runs (checkpointing wrappers, precision, gradients), so each
+    gets its own."""
+    key = json.dumps([dataclasses.asdict(part) for part in (cfg.model, cfg.quant, cfg.method, cfg.lora)]
+                     + [cfg.trainer.seed, depth], sort_keys=True, default=str)
+    if depth is None or cfg.quant.name != "none":  # the whole model is traced once; bitsandbytes' meta
+        return built_model(cfg, depth)                # parameters cannot be deep-copied
+    twin, quantized = _TWINS[key] = _TWINS.pop(key, None) or built_model(cfg, depth)  # now the most recent
+    while len(_TWINS) > TWINS_KEPT:
+        _TWINS.popitem(last=False)
+    return copy.deepcopy(twin), quantized
+
+
+def built_model(cfg: SweepbpConfig, depth: int | None) -> tuple[torch.nn.Module, int]:
+    """`adapted_model`, built anew."""
+    meta = torch.device("meta")
+    with torch.device(meta):  # peft creates adapters on the default device before moving them
+        base = build_model(cfg.model, meta, cfg.trainer.seed, depth)
+        quantized = quantize_model(base, cfg.quant, meta)  # bitsandbytes' own quantisation, shapes only
+        return apply_method(base, cfg.method, cfg.lora), quantized
 
 
 @contextlib.contextmanager
