@@ -114,14 +114,15 @@ def test_remembered_layouts_and_skipped_updates_change_no_figure(overrides, monk
                                        ["quant=nf4", "model.dtype=bfloat16"], ["quant=int8", "memory=selective"],
                                        ["method=full", "optim=adamw8bit"]], ids=lambda o: " ".join(o))
 def test_a_twin_traced_from_a_kept_copy_equals_one_built_for_it(overrides, monkeypatch):
-    """A process builds each adapted twin once and traces deep copies of it (predict/trace.py; not of quantised
-    weights, which are built each time): the first copy and a later one give every figure and phase of a twin
-    built for the trace."""
+    """A process keeps an adapted twin it builds a second time and traces deep copies of it (predict/trace.py; not
+    of quantised weights, which are built each time): the first copy and a later one give every figure and phase
+    of a twin built for the trace."""
     if any(o.startswith(("quant=", "optim=adamw8bit")) for o in overrides):
         pytest.importorskip("bitsandbytes", reason="the .[quant] extra (CI installs it)")
     cfg = compose([*FAST, "mode=predict", "batch.seq_len=16", "model.config.num_hidden_layers=4", *overrides]).cfg
     monkeypatch.setattr(trace, "_TWINS", trace.OrderedDict())
-    first, later = (trace_step(cfg, "cpu", 2, False, depth=3) for _ in range(2))
+    monkeypatch.setattr(trace, "_BUILT_ONCE", set())
+    _, first, later = (trace_step(cfg, "cpu", 2, False, depth=3) for _ in range(3))  # built, kept, copied
     assert len(trace._TWINS) == (0 if cfg.quant.name != "none" else 1)
     monkeypatch.setattr(trace, "adapted_model", trace.built_model)
     built = trace_step(cfg, "cpu", 2, False, depth=3)
@@ -135,6 +136,8 @@ def test_a_trace_never_sees_what_an_earlier_one_did_to_its_twin(monkeypatch):
     changing = compose([*FAST, "mode=predict", "memory=ckpt", "trainer.precision=bf16-true"]).cfg
     plain = compose([*FAST, "mode=predict"]).cfg
     monkeypatch.setattr(trace, "_TWINS", trace.OrderedDict())
+    monkeypatch.setattr(trace, "_BUILT_ONCE", set())
+    trace_step(plain, "cuda", 2, False, depth=2)  # built once: the next use keeps it
     trace_step(changing, "cuda", 2, False, depth=2)
     after = trace_step(plain, "cuda", 2, False, depth=2)
     assert len(trace._TWINS) == 1  # both traced copies of one twin

@@ -235,21 +235,25 @@ def trace_step(cfg: SweepbpConfig, device: str, size: int, keep_timeline: bool, 
 
 TWINS_KEPT = 8  # adapted twins a process keeps, the most recently used (a sweep's predictions share a few)
 _TWINS: OrderedDict[str, tuple[torch.nn.Module, int]] = OrderedDict()
+_BUILT_ONCE: set[str] = set()  # twins built once: kept from their second use on
 
 
 def adapted_model(cfg: SweepbpConfig, depth: int | None) -> tuple[torch.nn.Module, int]:
     """The model a trace starts from, on meta: built (a twin of `depth` layers, when given), quantised (and how
-    many of its layers), adapted. A twin of unquantised weights is built once per process and handed out as a deep
-    copy, which costs 40% of building it (peft's adapter injection, mostly): the predictions of a sweep share their
-    model and twins, and a trace changes the model it runs (checkpointing wrappers, precision, gradients), so each
-    gets its own."""
+    many of its layers), adapted. A twin of unquantised weights used a second time in a process is kept and handed
+    out as deep copies from then on, which cost 40% of building it (peft's adapter injection, mostly): the
+    predictions of a sweep share their model and twins, and a trace changes the model it runs (checkpointing
+    wrappers, precision, gradients), so each gets its own."""
     key = json.dumps([dataclasses.asdict(part) for part in (cfg.model, cfg.quant, cfg.method, cfg.lora)]
                      + [cfg.trainer.seed, depth], sort_keys=True, default=str)
     if depth is None or cfg.quant.name != "none":  # the whole model is traced once; bitsandbytes' meta
         return built_model(cfg, depth)                # parameters cannot be deep-copied
+    if key not in _TWINS and key not in _BUILT_ONCE:  # a lone prediction copies nothing
+        _BUILT_ONCE.add(key)
+        return built_model(cfg, depth)
     twin, quantized = _TWINS[key] = _TWINS.pop(key, None) or built_model(cfg, depth)  # now the most recent
     while len(_TWINS) > TWINS_KEPT:
-        _TWINS.popitem(last=False)
+        _BUILT_ONCE.discard(_TWINS.popitem(last=False)[0])
     return copy.deepcopy(twin), quantized
 
 
