@@ -241,7 +241,7 @@ _BUILT_ONCE: set[str] = set()  # twins built once: kept from their second use on
 def adapted_model(cfg: SweepbpConfig, depth: int | None) -> tuple[torch.nn.Module, int]:
     """The model a trace starts from, on meta: built (a twin of `depth` layers, when given), quantised (and how
     many of its layers), adapted. A twin of unquantised weights used a second time in a process is kept and handed
-    out as deep copies from then on, which cost 40% of building it (peft's adapter injection, mostly): the
+    out as deep copies from then on, which cost about half of building it (benchmarks/twin_copy.py): the
     predictions of a sweep share their model and twins, and a trace changes the model it runs (checkpointing
     wrappers, precision, gradients), so each gets its own."""
     key = json.dumps([dataclasses.asdict(part) for part in (cfg.model, cfg.quant, cfg.method, cfg.lora)]
