@@ -241,7 +241,7 @@ print("PROBE " + json.dumps(seen))
 
 
 def test_bitsandbytes_is_kept_out_of_a_server_whose_jobs_do_not_use_it():
-    """Kept out, peft and transformers see it as not installed (1.0-1.4 s less to import, docs/performance.md)
+    """Kept out, peft and transformers see it as not installed (1.0-1.6 s less to import, docs/performance.md)
     and a plain prediction runs; a quantised job then gets a new server that imports it."""
     done = subprocess.run([sys.executable, "-c", BITSANDBYTES_PROBE], cwd=REPO / "tests", capture_output=True,
                           text=True, timeout=300, env={**os.environ, "CI": "1"})

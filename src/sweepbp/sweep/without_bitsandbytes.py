@@ -1,6 +1,6 @@
 """Imported first by a fork server whose jobs never use bitsandbytes: keeps it out of them.
 
-peft (and transformers) import bitsandbytes whenever it is installed, which costs every fork server 1.0-1.4 s of
+peft (and transformers) import bitsandbytes whenever it is installed, which costs every fork server 1.0-1.6 s of
 imports on a 2-core machine (docs/performance.md), most of it torch's compiler stack, which bitsandbytes imports
 to define its CPU kernels. A None in `sys.modules` makes `importlib.util.find_spec` say it is not installed, which
 is how both libraries ask; nothing else changes for a job that uses neither quantised weights nor an 8-bit

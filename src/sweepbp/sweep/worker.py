@@ -96,8 +96,8 @@ def start_workers(arch: str, measured: bool = True, bitsandbytes: bool = True) -
     """Start the pre-importing fork server now (idempotent, returns at once): its imports then overlap
     with whatever the sweep process does next. Jobs fork from it (see `run_isolated`). `measured=False`: the
     sweep's jobs are all predictions, which need no Lightning (a measured job would then import it itself).
-    `bitsandbytes=False`: no job of the sweep uses it, and it is kept out of the server (1.0-1.4 s less to
-    import); a job that needs it calls `allow_bitsandbytes` first.
+    `bitsandbytes=False`: no job of the sweep uses it, and it is kept out of the server (1.0-1.6 s less to
+    import on a 2-core machine, docs/performance.md); a job that needs it calls `allow_bitsandbytes` first.
 
     The fork server never runs a torch op or initialises CUDA (a forked child could not use CUDA
     otherwise); PYTORCH_NVML_BASED_CUDA_CHECK keeps Lightning's device queries off the CUDA driver.
@@ -304,13 +304,11 @@ class _Predictors:
         for index, member in enumerate(self.members):
             share = runs[index::len(self.members)]
             if share:
-                if len(self.members) > 1:  # one process needs no routes (a key is 10-15 ms of the sweep's CPU)
-                    self.routes.update((config_key(run), index) for run in share)
+                self.routes.update((config_key(run), index) for run in share)
                 member.prefetch(share)
 
     def submit(self, run: RunConfig, output_dir: Path | None) -> _Rank:
-        index = self.routes.get(config_key(run), 0) if len(self.members) > 1 else 0
-        return self.members[index].submit(run, output_dir)
+        return self.members[self.routes.get(config_key(run), 0)].submit(run, output_dir)
 
     def stop(self) -> None:
         for member in self.members:
