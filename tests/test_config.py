@@ -253,6 +253,8 @@ SWEEPS_COMPOSED_ONCE = [  # a sweep, and how many distinct choices of groups Hyd
     (["memory=none,selective", "memory.every=2"], 2),  # every exists in selective only: Hydra's own error for none
     (["lora.r=8,0,abc", "batch.sizee=2,3"], 1),  # invalid, misspelt and mistyped values
     (["+tracking.extra=1", "lora.r=4,8"], 0),  # not a plain field override: Hydra composes these jobs whole
+    (["lora.alpha=8", "lora={alpha: 32}", "memory=none,ckpt"], 0),  # a dict for a group: a field override, in place
+    (["lora.r=0", "lora={r: 8}"], 0),  # valid as Hydra applies them, in their order
 ]
 
 
@@ -278,3 +280,17 @@ def test_preflight_composes_each_choice_of_groups_once_into_hydras_config(args, 
         assert job[0] == job[1]
         assert ours.hydra.runtime.choices == whole.hydra.runtime.choices
     assert len(compositions.bases) == bases
+
+
+def test_preflight_composes_whole_a_job_naming_a_group_of_the_users_conf(tmp_path, monkeypatch):
+    """A group of ./conf named like a top-level field (conf/mode/) is Hydra's to resolve: the job is composed
+    whole, and its problem is the one Hydra's composition gives."""
+    from sweepbp.cli.precheck import Compositions, check_job_config
+
+    (tmp_path / "conf" / "mode").mkdir(parents=True)
+    (tmp_path / "conf" / "mode" / "quick.yaml").write_text("trainer:\n  steps: 2\n")
+    monkeypatch.chdir(tmp_path)
+    register_schemas()
+    compositions = Compositions()
+    assert check_job_config(["mode=quick"], compositions) == check_job_config(["mode=quick"])
+    assert not compositions.bases

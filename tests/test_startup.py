@@ -243,6 +243,7 @@ print("PROBE " + json.dumps(seen))
 def test_bitsandbytes_is_kept_out_of_a_server_whose_jobs_do_not_use_it():
     """Kept out, peft and transformers see it as not installed (1.0-1.6 s less to import, docs/performance.md)
     and a plain prediction runs; a quantised job then gets a new server that imports it."""
+    pytest.importorskip("bitsandbytes", reason="the .[quant] extra (CI installs it)")
     done = subprocess.run([sys.executable, "-c", BITSANDBYTES_PROBE], cwd=REPO / "tests", capture_output=True,
                           text=True, timeout=300, env={**os.environ, "CI": "1"})
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("PROBE ")), None)
@@ -253,10 +254,12 @@ def test_bitsandbytes_is_kept_out_of_a_server_whose_jobs_do_not_use_it():
     assert seen["allowed"].startswith("<module 'bitsandbytes'")
 
 
-def test_only_a_sweep_of_quant_or_optim_may_need_bitsandbytes_beyond_its_first_job():
-    from sweepbp.cli.main import sweeps_bitsandbytes_groups
+def test_only_a_sweep_of_bitsandbytes_options_may_need_it_beyond_its_first_job():
+    from sweepbp.cli.main import sweeps_bitsandbytes_options
 
-    assert sweeps_bitsandbytes_groups(["quant=none,nf4"])
-    assert sweeps_bitsandbytes_groups(["optim=adamw,adamw8bit", "memory=ckpt"])
-    assert not sweeps_bitsandbytes_groups(["quant=nf4", "memory=none,ckpt", "lora.r=8,16"])
-    assert not sweeps_bitsandbytes_groups(["mode=predict", "batch.size=1,2"])
+    assert sweeps_bitsandbytes_options(["quant=none,nf4"])
+    assert sweeps_bitsandbytes_options(["optim=adamw,adamw8bit", "memory=ckpt"])
+    assert sweeps_bitsandbytes_options(["quant.compute_dtype=bfloat16,float32"])  # a field: decided per job
+    assert not sweeps_bitsandbytes_options(["optim=adamw,sgd,adafactor"])
+    assert not sweeps_bitsandbytes_options(["quant=nf4", "memory=none,ckpt", "lora.r=8,16"])
+    assert not sweeps_bitsandbytes_options(["mode=predict", "batch.size=1,2"])

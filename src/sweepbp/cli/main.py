@@ -12,11 +12,12 @@ import sys
 
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 
 from sweepbp.cli.paths import config_dir
 from sweepbp.cli.precheck import MAX_PRECHECKED_JOBS, launcher_of, notes, precheck
 from sweepbp.cli.suggest import unknown_flags
-from sweepbp.config import GROUPS, RunConfig, register_schemas
+from sweepbp.config import BNB_OPTIMIZERS, GROUPS, RunConfig, register_schemas
 from sweepbp.report.naming import PLAN_ENV, SweepPlan
 from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
 from sweepbp.tracking.redaction import install_log_redaction
@@ -146,17 +147,26 @@ def _start_workers_early(run: RunConfig, overrides: list[str]) -> None:
         return  # the jobs run in other processes, which start their own worker
     from sweepbp.sweep.worker import start_workers  # multiprocessing and the rank merge: not for --help or errors
 
-    start_workers(run.cfg.model.arch, measured=not predictions_only(run, overrides),
-                  bitsandbytes=run.cfg.uses_bitsandbytes or sweeps_bitsandbytes_groups(overrides))
+    measured = not predictions_only(run, overrides)
+    # a measured job imports bitsandbytes as the libraries do in any run (its host memory counts it)
+    start_workers(run.cfg.model.arch, measured=measured,
+                  bitsandbytes=measured or run.cfg.uses_bitsandbytes or sweeps_bitsandbytes_options(overrides))
     _started_workers = True
 
 
-def sweeps_bitsandbytes_groups(overrides: list[str]) -> bool:
-    """Whether a command line sweeps the groups whose options may need bitsandbytes (quant, optim): its first job
-    does not tell then whether another will."""
-    parser = OverridesParser.create()
-    parsed = [parser.parse_override(o) for o in overrides if "=" in o]
-    return any(o.is_sweep_override() and o.key_or_group.split(".")[0] in ("quant", "optim") for o in parsed)
+def sweeps_bitsandbytes_options(overrides: list[str]) -> bool:
+    """Whether a command line sweeps an option that needs bitsandbytes (a quant other than none, an 8-bit optimizer)
+    or a field of those groups: its first job does not tell then whether another will."""
+    for override in _parsed(overrides):
+        group = override.key_or_group.split(".")[0]
+        if not override.is_sweep_override() or group not in ("quant", "optim"):
+            continue
+        if "." in override.key_or_group:
+            return True
+        values = [str(value) for value in override.sweep_string_iterator()]
+        if any(value != "none" if group == "quant" else value in BNB_OPTIMIZERS for value in values):
+            return True
+    return False
 
 
 def _allow_bitsandbytes_if_used(runs: list[RunConfig]) -> None:
@@ -170,9 +180,14 @@ def _allow_bitsandbytes_if_used(runs: list[RunConfig]) -> None:
 
 def predictions_only(run: RunConfig, overrides: list[str]) -> bool:
     """Whether every job of a command line is a prediction: its first job is, and `mode` is not swept."""
+    return run.cfg.mode == "predict" and not any(o.key_or_group == "mode" and o.is_sweep_override()
+                                                 for o in _parsed(overrides))
+
+
+def _parsed(overrides: list[str]) -> list[Override]:
+    """The command line's `key=value` overrides, parsed (pre-flight has parsed them all already: they parse)."""
     parser = OverridesParser.create()
-    parsed = [parser.parse_override(o) for o in overrides if "=" in o]
-    return run.cfg.mode == "predict" and not any(o.key_or_group == "mode" and o.is_sweep_override() for o in parsed)
+    return [parser.parse_override(o) for o in overrides if "=" in o]
 
 
 def _stop_workers_if_started() -> None:

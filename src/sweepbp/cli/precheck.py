@@ -149,25 +149,32 @@ class Compositions:
     overrides of Hydra's own settings) once, and a job's plain field overrides (`batch.size=2`) are applied to a
     copy of it as Hydra applies a job's field overrides once its groups are composed, in their order, through
     Hydra's own `_apply_overrides_to_config` (one composition is 0.1-0.3 s, a copy and its overrides 5 ms). A job
-    with any other override (`+key=...`, `~key`, a group Hydra finds elsewhere), or whose overrides do not apply,
-    is composed by Hydra whole, so that an error is Hydra's own."""
+    with any other override (`+key=...`, `~key`, a dict for a group, a group of the user's ./conf), or whose
+    overrides do not apply, is composed by Hydra whole, so that an error is Hydra's own."""
 
     def __init__(self) -> None:
         self.parser = OverridesParser.create()
         self.bases: dict[tuple[str, ...], DictConfig] = {}
+        self.failed: set[tuple[str, ...]] = set()  # choices of groups that do not compose (their jobs: whole)
+        user = user_config_dir()
+        self.user_groups = {p.name for p in user.iterdir() if p.is_dir()} if user is not None else set()
 
     def composed(self, overrides: list[str]) -> DictConfig:
         split = self._split(overrides)
-        if split is None:
+        if split is None or split[0] in self.failed:
             return _composed(overrides)
         structural, fields = split
         try:
             if structural not in self.bases:
                 self.bases[structural] = _composed(list(structural))
-            cfg = copy.deepcopy(self.bases[structural])
+        except (HydraException, OmegaConfBaseException, ValueError):
+            self.failed.add(structural)
+            return _composed(overrides)  # Hydra's own error, for the job as given
+        cfg = copy.deepcopy(self.bases[structural])
+        try:
             ConfigLoaderImpl._apply_overrides_to_config(fields, cfg)
         except (HydraException, OmegaConfBaseException, ValueError):
-            return _composed(overrides)  # Hydra's own error, for the job as given
+            return _composed(overrides)
         return cfg
 
     def _split(self, overrides: list[str]) -> tuple[tuple[str, ...], list[Override]] | None:
@@ -181,8 +188,10 @@ class Compositions:
             except HydraException:
                 return None
             key = override.key_or_group
-            if override.package is not None or override.is_sweep_override():
+            if override.package is not None or override.is_sweep_override() or key in self.user_groups:
                 return None
+            if key in GROUPS and isinstance(override.value(), dict):  # `lora={r: 8}`: a field override to Hydra,
+                return None                                           # applied in its place among the others
             if override.is_hydra_override() or key in GROUPS:
                 structural.append(line)
             elif override.type == OverrideType.CHANGE and (key in TOP_FIELDS or key.split(".")[0] in GROUPS):

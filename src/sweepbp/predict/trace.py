@@ -244,16 +244,20 @@ def adapted_model(cfg: SweepbpConfig, depth: int | None) -> tuple[torch.nn.Modul
     out as deep copies from then on, which cost about half of building it (benchmarks/twin_copy.py): the
     predictions of a sweep share their model and twins, and a trace changes the model it runs (checkpointing
     wrappers, precision, gradients), so each gets its own."""
-    key = json.dumps([dataclasses.asdict(part) for part in (cfg.model, cfg.quant, cfg.method, cfg.lora)]
-                     + [cfg.trainer.seed, depth], sort_keys=True, default=str)
     if depth is None or cfg.quant.name != "none":  # the whole model is traced once; bitsandbytes' meta
         return built_model(cfg, depth)                # parameters cannot be deep-copied
-    if key not in _TWINS and key not in _BUILT_ONCE:  # a lone prediction copies nothing
+    key = json.dumps([dataclasses.asdict(part) for part in (cfg.model, cfg.quant, cfg.method, cfg.lora)]
+                     + [cfg.trainer.seed, depth], sort_keys=True, default=str)
+    if key in _TWINS:
+        _TWINS.move_to_end(key)  # the most recently used
+    elif key in _BUILT_ONCE:
+        _TWINS[key] = built_model(cfg, depth)
+        while len(_TWINS) > TWINS_KEPT:
+            _BUILT_ONCE.discard(_TWINS.popitem(last=False)[0])
+    else:  # a lone prediction copies nothing
         _BUILT_ONCE.add(key)
         return built_model(cfg, depth)
-    twin, quantized = _TWINS[key] = _TWINS.pop(key, None) or built_model(cfg, depth)  # now the most recent
-    while len(_TWINS) > TWINS_KEPT:
-        _BUILT_ONCE.discard(_TWINS.popitem(last=False)[0])
+    twin, quantized = _TWINS[key]
     return copy.deepcopy(twin), quantized
 
 

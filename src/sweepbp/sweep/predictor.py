@@ -46,8 +46,9 @@ def use_environment(environ: dict[str, str]) -> None:
 def config_key(run: RunConfig) -> str:
     """What makes two jobs the same prediction: the validated config and the options it came from, but where it
     is recorded (the command line moves a URI's credentials to the environment after announcing the jobs). The
-    config's repr: its values with their types, in their order (both jobs' configs are Hydra's compositions of the
-    same files and overrides); a fraction of a millisecond where its JSON took 10-15 ms."""
+    config's repr: its values with their types, in their order (pre-flight's config of a job and the launch's are
+    the same composition: tests/test_config.py compares them); a fraction of a millisecond where its JSON took
+    10-15 ms. Two configs that differ only in a dict's order would be predicted twice, never mixed up."""
     unrecorded = dataclasses.replace(run.cfg, tracking=None, resume=False)
     return repr((unrecorded, sorted((k, v) for k, v in run.choices.items() if k != "tracking")))
 

@@ -56,6 +56,8 @@ PRELOAD = ("sweepbp", "torch", "transformers", "peft", "sweepbp.job", "sweepbp.s
 # what only a measured job imports: Lightning, its module, its Trainer warmed up (a sweep of predictions only
 # never imports them, which saves its fork server 1.2-1.9 s of imports on a 2-core machine)
 MEASURED_PRELOAD = ("lightning", "sweepbp.train.module")
+# first in the preload of a fork server whose jobs are predictions that never use bitsandbytes: keeps it out
+WITHOUT_BITSANDBYTES = "sweepbp.sweep.without_bitsandbytes"
 
 
 def start_method() -> str:
@@ -75,7 +77,6 @@ def preload_modules(arch: str, measured: bool = True, bitsandbytes: bool = True)
             f"transformers.models.{arch}.modeling_{arch}", "sweepbp.train.warmup"]
 
 
-WITHOUT_BITSANDBYTES = "sweepbp.sweep.without_bitsandbytes"
 _stops_at_exit = False  # whether this process stops its fork server when it exits
 
 
@@ -96,8 +97,9 @@ def start_workers(arch: str, measured: bool = True, bitsandbytes: bool = True) -
     """Start the pre-importing fork server now (idempotent, returns at once): its imports then overlap
     with whatever the sweep process does next. Jobs fork from it (see `run_isolated`). `measured=False`: the
     sweep's jobs are all predictions, which need no Lightning (a measured job would then import it itself).
-    `bitsandbytes=False`: no job of the sweep uses it, and it is kept out of the server (1.0-1.6 s less to
-    import on a 2-core machine, docs/performance.md); a job that needs it calls `allow_bitsandbytes` first.
+    `bitsandbytes=False`: the sweep's jobs are predictions none of which uses it, and it is kept out of the server
+    (1.0-1.6 s less to import on a 2-core machine, docs/performance.md); a job that needs it, and any measured job
+    (whose host memory counts the libraries as a run of them would), calls `allow_bitsandbytes` first.
 
     The fork server never runs a torch op or initialises CUDA (a forked child could not use CUDA
     otherwise); PYTORCH_NVML_BASED_CUDA_CHECK keeps Lightning's device queries off the CUDA driver.
@@ -174,7 +176,7 @@ def run_isolated(run: RunConfig, label: str, output_dir: Path | None = None) -> 
     the long-lived prediction process, in its folder `output_dir` (where it writes files of its own,
     `JobResult.artifacts`). Ctrl-C/SIGTERM reach them and come back as `JobInterrupted`, which carries the
     partial result with status `killed`."""
-    if run.cfg.uses_bitsandbytes:
+    if run.cfg.uses_bitsandbytes or not _in_predictor(run):  # a measured job always imports it, as any run would
         allow_bitsandbytes()
     start_workers(run.cfg.model.arch, measured=not _in_predictor(run))
     ranks: list[_Rank] = []
@@ -269,6 +271,9 @@ class _Predictor:
 
     def stop(self) -> None:
         """The sweep is stopping: the process is told there is nothing more to predict, and forgotten."""
+        if self.starting is not None:  # the announcement being sent goes to the process about to be let go
+            self.starting.join()
+            self.starting = None
         if self.rank is not None:
             self.rank.receiver.close()
             self.rank = None
