@@ -156,8 +156,8 @@ class Compositions:
         self.parser = OverridesParser.create()
         self.bases: dict[tuple[str, ...], DictConfig] = {}
         self.failed: set[tuple[str, ...]] = set()  # choices of groups that do not compose (their jobs: whole)
-        user = user_config_dir()
-        self.user_groups = {p.name for p in user.iterdir() if p.is_dir()} if user is not None else set()
+        user = user_config_dir()  # groups of its own there (its options of sweepbp's groups compose as any)
+        self.user_groups = {p.name for p in user.iterdir() if p.is_dir()} - set(GROUPS) if user is not None else set()
 
     def composed(self, overrides: list[str]) -> DictConfig:
         split = self._split(overrides)
