@@ -17,7 +17,7 @@ from hydra.core.override_parser.types import Override
 from sweepbp.cli.paths import config_dir
 from sweepbp.cli.precheck import MAX_PRECHECKED_JOBS, launcher_of, notes, precheck
 from sweepbp.cli.suggest import unknown_flags
-from sweepbp.config import BNB_OPTIMIZERS, GROUPS, RunConfig, register_schemas
+from sweepbp.config import GROUPS, RunConfig, needs_bitsandbytes, register_schemas
 from sweepbp.report.naming import PLAN_ENV, SweepPlan
 from sweepbp.sweep.signals import stop_on_signals, stopped_exit_code
 from sweepbp.tracking.redaction import install_log_redaction
@@ -163,8 +163,7 @@ def sweeps_bitsandbytes_options(overrides: list[str]) -> bool:
             continue
         if "." in override.key_or_group:
             return True
-        values = [str(value) for value in override.sweep_string_iterator()]
-        if any(value != "none" if group == "quant" else value in BNB_OPTIMIZERS for value in values):
+        if any(needs_bitsandbytes(group, str(value)) for value in override.sweep_string_iterator()):
             return True
     return False
 

@@ -30,7 +30,16 @@ from sweepbp.cli.folders import folder_problems
 from sweepbp.cli.launchers import PRESETS, REMOTE_LAUNCHERS, launcher_options
 from sweepbp.cli.paths import config_dir, user_config_dir
 from sweepbp.cli.suggest import did_you_mean, option_with_field, similar_key
-from sweepbp.config import BNB_OPTIMIZERS, GB, GROUPS, ConfigError, RunConfig, SweepbpConfig, redact_uri, to_run_config
+from sweepbp.config import (
+    GB,
+    GROUPS,
+    ConfigError,
+    RunConfig,
+    SweepbpConfig,
+    needs_bitsandbytes,
+    redact_uri,
+    to_run_config,
+)
 from sweepbp.tracking import NONE, backend
 
 # OmegaConf's type errors: "Value 'abc' of type 'str' could not be converted to Integer", "... is not a valid bool"
@@ -326,10 +335,10 @@ def runs_here(overrides: list[str]) -> bool:
 def package_problems(run: RunConfig) -> list[str]:
     """Optional extras the job's options need that this machine has not installed (jobs run here)."""
     cfg = run.cfg
-    if cfg.quant.name != "none" and importlib.util.find_spec("bitsandbytes") is None:
+    if needs_bitsandbytes("quant", cfg.quant.name) and importlib.util.find_spec("bitsandbytes") is None:
         return [f"quant must be none without bitsandbytes installed, got {cfg.quant.name!r} "
                 "(install the extra: pip install -e \".[quant]\")"]
-    if cfg.optim.name in BNB_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+    if needs_bitsandbytes("optim", cfg.optim.name) and importlib.util.find_spec("bitsandbytes") is None:
         return [f"optim must be adamw, adafactor or sgd without bitsandbytes installed, got {cfg.optim.name!r} "
                 "(install the extra: pip install -e \".[quant]\")"]
     if cfg.mode == "measure" and cfg.loss.name == "liger" and importlib.util.find_spec("liger_kernel") is None:

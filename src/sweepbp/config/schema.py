@@ -319,7 +319,13 @@ class SweepbpConfig:
     @property
     def uses_bitsandbytes(self) -> bool:
         """Whether the job needs bitsandbytes: quantised base weights or one of its 8-bit optimizers."""
-        return self.quant.name != "none" or self.optim.name in BNB_OPTIMIZERS
+        return needs_bitsandbytes("quant", self.quant.name) or needs_bitsandbytes("optim", self.optim.name)
+
+
+def needs_bitsandbytes(group: str, option: str) -> bool:
+    """Whether an option of a group needs bitsandbytes (the `.[quant]` extra): a quant other than none, an 8-bit
+    optimizer."""
+    return (group == "quant" and option != "none") or (group == "optim" and option in BNB_OPTIMIZERS)
 
 
 # Groups whose `name` selects behaviour: each name and the schema its fields come from.

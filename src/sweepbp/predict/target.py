@@ -161,7 +161,8 @@ def _updates_meta_in_place(func, args) -> bool:
         return False
     if torch.Tag.pointwise in func.tags:
         return isinstance(args[0], torch.Tensor) and args[0].is_meta
-    return schema.name.startswith("aten::_foreach_") and not schema.returns and _all_meta(args)
+    return (schema.name.startswith("aten::_foreach_") and not schema.returns
+            and all(t.is_meta for t in tensors_of(args)))
 
 
 def _updated(func, args):
@@ -218,16 +219,6 @@ def _remade_layout(out, inputs, counted) -> tuple | None:
         return None
     return (out.shape, out.stride(), out.dtype)
 
-
-def _all_meta(args) -> bool:
-    """Whether every tensor among `args` (and the lists in it) is a meta tensor."""
-    for value in args:
-        if isinstance(value, torch.Tensor):
-            if not value.is_meta:
-                return False
-        elif isinstance(value, (list, tuple)) and not _all_meta(value):
-            return False
-    return True
 
 
 @contextlib.contextmanager

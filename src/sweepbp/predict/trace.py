@@ -150,7 +150,7 @@ _REPEATS: dict[tuple[str, int], str] = {}  # (model config, period) -> "" or why
 def layers_repeat(cfg: SweepbpConfig, period: int) -> None:
     """`check_layers_repeat` on the whole model built on meta, once per model and period in a process: a sweep's
     predictions (one long-lived process) mostly share their model, and each build costs the same again."""
-    key = (json.dumps(dataclasses.asdict(cfg.model), sort_keys=True, default=str), period)
+    key = (_cache_key(cfg.model), period)
     if key not in _REPEATS:
         try:
             with torch.device("meta"):
@@ -160,6 +160,12 @@ def layers_repeat(cfg: SweepbpConfig, period: int) -> None:
             _REPEATS[key] = str(why)
     if _REPEATS[key]:
         raise NotAffine(_REPEATS[key])
+
+
+def _cache_key(*parts) -> str:
+    """A key for a process-wide cache: configs (dataclasses) and plain values as sorted JSON."""
+    return json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True,
+                      default=str)
 
 
 def plan_depths(cfg: SweepbpConfig, cheaper_only: bool = True) -> DepthPlan | None:
@@ -246,8 +252,7 @@ def adapted_model(cfg: SweepbpConfig, depth: int | None) -> tuple[torch.nn.Modul
     wrappers, precision, gradients), so each gets its own."""
     if depth is None or cfg.quant.name != "none":  # the whole model is traced once; bitsandbytes' meta
         return built_model(cfg, depth)                # parameters cannot be deep-copied
-    key = json.dumps([dataclasses.asdict(part) for part in (cfg.model, cfg.quant, cfg.method, cfg.lora)]
-                     + [cfg.trainer.seed, depth], sort_keys=True, default=str)
+    key = _cache_key(cfg.model, cfg.method, cfg.lora, cfg.trainer.seed, depth)  # quant: none
     if key in _TWINS:
         _TWINS.move_to_end(key)  # the most recently used
     elif key in _BUILT_ONCE:
