@@ -343,7 +343,7 @@ def test_the_prediction_process_predicts_each_job_once_and_answers_as_asked():
         made.append(run.cfg.trainer.seed)
         return JobResult.of(run, Status.OK, environment={"X": os.environ.get("X", "")})
 
-    runs = [compose([*FAST, "mode=predict", "tracking=none", f"trainer.seed={seed}"]) for seed in range(4)]
+    runs = [compose([*FAST, "mode=predict", "tracking=none", f"trainer.seed={seed}"]) for seed in range(5)]
     sweep_end, process_end = mp.Pipe(duplex=True)
     serving = threading.Thread(target=PredictionServer(process_end, run_job, Stopped).serve, daemon=True)
     serving.start()
@@ -363,7 +363,14 @@ def test_the_prediction_process_predicts_each_job_once_and_answers_as_asked():
     while 1 not in made and time.monotonic() < deadline:
         time.sleep(0.05)  # announced job 1 predicted ahead (a request would otherwise jump the queue)
     assert ask(runs[1], {**environ, "X": "set"}).environment["X"] == "set"  # another environment: made again
+    # what the sweep's own libraries set after the announcement (MLflow when it opens the store, matplotlib when
+    # it draws the first chart) is no other environment: the prediction made ahead is the answer
+    while 4 not in made and time.monotonic() < deadline:
+        time.sleep(0.05)
+    libraries_set = {**environ, "_MLFLOW_TELEMETRY_SESSION_ID": "a1", "MLFLOW_TRACKING_URI": "sqlite:///m.db",
+                     "MPLCONFIGDIR": "/tmp/matplotlib-x2bzhks7"}
+    assert ask(runs[4], libraries_set).config["trainer"]["seed"] == 4
     sweep_end.close()
     serving.join(10)
     assert not serving.is_alive()
-    assert sorted(made) == [0, 1, 1, 2, 3]
+    assert sorted(made) == [0, 1, 1, 2, 3, 4]

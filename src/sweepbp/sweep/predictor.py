@@ -53,10 +53,18 @@ def config_key(run: RunConfig) -> str:
     return repr((unrecorded, sorted((k, v) for k, v in run.choices.items() if k != "tracking")))
 
 
+# Variables the sweep process's own libraries set after announcing the jobs, which no prediction reads: MLflow's
+# (its settings, and _MLFLOW_TELEMETRY_SESSION_ID, which it sets on import where telemetry is on) and
+# MPLCONFIGDIR (matplotlib sets it to a temporary folder when the home's config folder is not writable).
+SWEEP_SIDE_PREFIXES = ("MLFLOW_", "_MLFLOW_")
+SWEEP_SIDE_NAMES = frozenset({"MPLCONFIGDIR"})
+
+
 def job_environment(environ: dict[str, str]) -> dict[str, str]:
-    """What of the sweep's environment a prediction may depend on: not the tracking client's MLFLOW_ settings
-    (the sweep process sets some when it opens its store, after announcing the jobs)."""
-    return {k: v for k, v in environ.items() if not k.startswith("MLFLOW_")}
+    """What of the sweep's environment a prediction may depend on: all but what the sweep's own libraries set
+    for themselves. Were one of those compared, every prediction made ahead after it was set would be dropped and
+    made again on request."""
+    return {k: v for k, v in environ.items() if not k.startswith(SWEEP_SIDE_PREFIXES) and k not in SWEEP_SIDE_NAMES}
 
 
 def as_asked(answer: str, made_for: RunConfig, run: RunConfig) -> str:
