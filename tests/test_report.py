@@ -21,6 +21,7 @@ from conftest import FAST, http_get
 from sweeps import FAULTY, cli_env
 
 from sweepbp.report.files import folder_records, write_report
+from sweepbp.result import JobResult, Status
 from sweepbp.report.summary import Record, fastest_within, summarize, swept_keys
 from sweepbp.report.tables import answers, csv_text, table
 
@@ -87,6 +88,21 @@ def test_predicted_metrics_alone_make_a_report(tmp_path):
     md = (tmp_path / "summary.md").read_text()  # no throughput to rank by: what fits the budget, what does not
     assert "Within 24 GB (predicted peak memory): fits: memory=ckpt (20.00 GB); does not fit: memory=none (30.00 GB)" in md
     assert [f.name for f in files] == ["summary.csv", "summary.md", "tradeoff.png"]
+
+
+def test_results_json_holds_every_field_with_one_line_per_timeline_sample(tmp_path):
+    """results.json is json.dumps(indent=2) of the record but for the timeline, whose samples are a line each."""
+    sample = {"phase": "forward", "by_category": {"param": 64, "activation": 8}, "host": 0}
+    result = JobResult(status=Status.OK, mode="predict", config={"lora": {"r": 8}}, choices={"memory": "ckpt"},
+                       metrics={"predicted_peak_memory_bytes": 72.0}, timeline=[sample, {**sample, "phase": "backward"}],
+                       artifacts=["memory_snapshot.html"])
+    text = result.write(tmp_path).read_text()
+    assert JobResult.from_json(text) == result
+    assert f"    {json.dumps(sample)}," in text.splitlines()
+    untimed = JobResult(status=Status.FAILED, mode="measure", config={"lora": {"r": 8}}, choices={}, error="fault")
+    data = {f: getattr(untimed, f) for f in ("status", "mode", "config", "choices", "metrics", "losses", "environment",
+                                             "error", "timeline", "artifacts")}
+    assert untimed.to_json() == json.dumps({**data, "status": "failed"}, indent=2)
 
 
 # -- a real sweep against a real MLflow server (conftest.server) -----------------------------------------

@@ -90,12 +90,24 @@ class JobResult:
                 f"r={self.config['lora']['r']} b={self.config['batch']['size']}")
 
     def to_json(self, indent: int | None = 2) -> str:
-        """JSON text; indent=None is compact (several times faster for a long timeline: the pipe from a job)."""
+        """JSON text; indent=None is compact (the pipe from a job). Indented, each timeline sample is one line:
+        the file reads as a table of samples instead of a dozen lines per sample, and json's C encoder writes
+        them (its indenting encoder is Python: 21 ms instead of 5 ms for an 8B prediction's 1,347 samples)."""
         # A shallow dict: every field already holds JSON-ready values, and asdict's deep copy of the
         # timeline costs more than the encoding.
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["status"] = self.status.value
-        return json.dumps(data, indent=indent, default=str)
+        if indent is None:
+            return json.dumps(data, default=str)
+        pad = " " * indent
+        members = []
+        for name, value in data.items():
+            if name == "timeline" and value:
+                text = "[\n" + ",\n".join(pad * 2 + json.dumps(sample, default=str) for sample in value) + f"\n{pad}]"
+            else:  # as json.dumps(data, indent=indent) writes it: its lines shifted one level in
+                text = json.dumps(value, indent=indent, default=str).replace("\n", "\n" + pad)
+            members.append(f"{pad}{json.dumps(name)}: {text}")
+        return "{\n" + ",\n".join(members) + "\n}"
 
     @classmethod
     def from_json(cls, text: str) -> "JobResult":
