@@ -1,7 +1,7 @@
 """The target device of a prediction: the kernels it would choose, decided explicitly for the data-less trace.
 
 mode=predict traces on `meta` tensors (fake CPU tensors under autocast). Most of a LoRA step allocates
-the same tensors whatever the device; where the device decides, `TargetDevice` decides as the target:
+the same tensors whatever the device; where the device decides, this module decides as the target would:
 
 - Attention (`F.scaled_dot_product_attention`): `target_kernels` replaces it, for the trace, by `sdpa`,
   which calls the backend op the target's dispatcher would pick (as PyTorch's composite calls it), so
