@@ -27,8 +27,9 @@ def main() -> None:
         for memory in ("none", "ckpt"):
             for loss in ("standard", "chunked", "fused"):
                 cfg = compose([*overrides, f"memory={memory}", f"loss={loss}", "tracking=none"]).cfg
-                traced = predict(cfg, device).metrics()
-                formula = estimate(cfg, hf_config(cfg.model), int(cfg.batch.size)).metrics()
+                prediction = predict(cfg, device)
+                traced = prediction.metrics()
+                formula = estimate(cfg, hf_config(cfg.model), int(cfg.batch.size), prediction.adapted_layers).metrics()
                 cells = [f"{100 * (formula['formula_' + n] / traced['predicted_' + n] - 1):+.1f}%" for n in FIGURES]
                 print(f"| {label} {memory} {loss} | " + " | ".join(cells) + " |")
 

@@ -54,6 +54,28 @@ def test_a_shrunken_twin_of_each_architecture_trains_on_cpu_predicted_exactly(pr
     fused = preset == "phi3_mini"
     assert adapted == (["down_proj", "gate_up_proj", "o_proj", "qkv_proj"] if fused else
                        ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
+    assert ("formula_peak_memory_bytes" in result.metrics) == (not fused)  # the formula counts separate q, k, v
+
+
+# Other families than the presets', from a config.json (no Llama field names in GPT-2's)
+FAMILIES = {
+    "gpt2": {"n_embd": 64, "n_layer": 3, "n_head": 2, "vocab_size": 256, "n_positions": 256},
+    "gpt_neox": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 128,
+                 "vocab_size": 256},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_another_familys_config_json_is_measured_and_predicted_exactly_without_the_formula(family, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": family, **FAMILIES[family]}))
+    measured = run_job(compose([*FAST, "tracking=none", f"model.config_path={tmp_path}"]))
+    assert measured.status == "ok", measured.error
+    assert "prediction_error" not in measured.environment
+    assert measured.metrics["predicted_peak_memory_bytes"] == measured.metrics["peak_memory_bytes"]
+    assert not any(name.startswith("formula_") for name in measured.metrics)  # not Llama's seven linears
+    predicted = run_job(compose([*FAST, "tracking=none", f"model.config_path={tmp_path}", "mode=predict"]))
+    assert predicted.status == "ok", predicted.error
+    assert predicted.metrics["predicted_peak_memory_bytes"] == measured.metrics["peak_memory_bytes"]
 
 
 @pytest.fixture

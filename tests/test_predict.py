@@ -135,8 +135,11 @@ def test_the_formula_is_absent_for_what_it_does_not_model(option):
     """LoRA with AdamW on unquantised weights is all the closed form counts: for 8B nf4 it gave 20.1 GB against
     a traced 12.3 GB, for full fine-tuning 20.1 GB against 80.3 GB. No figure rather than a wrong one."""
     cfg = compose(["model=llama3_1_8b", "mode=predict", "tracking=none", option]).cfg
-    assert estimate(cfg, hf_config(cfg.model), 1) is None
-    assert estimate(compose(["model=llama3_1_8b", "mode=predict", "tracking=none"]).cfg, hf_config(cfg.model), 1)
+    linears = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert estimate(cfg, hf_config(cfg.model), 1, linears) is None
+    default = compose(["model=llama3_1_8b", "mode=predict", "tracking=none"]).cfg
+    assert estimate(default, hf_config(cfg.model), 1, linears)
+    assert estimate(default, hf_config(cfg.model), 1, ["qkv_proj", *linears]) is None  # a layer it does not count
 
 
 def test_predict_mode_over_budget_is_an_oom_result_with_its_figures():

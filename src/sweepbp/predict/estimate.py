@@ -33,16 +33,19 @@ The peak is taken where the backward starts (all saved activations, the loss gra
 its gradient buffer's worth: 4A for weights, gradients, two AdamW moments), or under ckpt where a
 recomputed layer exceeds the loss transient (a fused loss makes that the usual case).
 
-Other memory strategies, loss=liger, quantised weights (quant), DoRA and full fine-tuning (method) and
-optimizers other than AdamW have no formula (the `formula_*` metrics are then absent).
+Other memory strategies, loss=liger, quantised weights (quant), DoRA and full fine-tuning (method),
+optimizers other than AdamW, and models whose adapted layers are not these seven linears (GPT-2's Conv1D, a
+fused qkv_proj, GPT-NeoX's or Falcon's query_key_value, a config without Llama's field names) have no formula
+(the `formula_*` metrics are then absent).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sweepbp.config import ALL_LINEAR, SweepbpConfig
+from sweepbp.config import SweepbpConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
@@ -63,6 +66,7 @@ class Shape:
 
     @classmethod
     def of(cls, config) -> "Shape":
+        """The shape of a Llama-style config; AttributeError for a config without its field names."""
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -141,23 +145,29 @@ def loss_terms(loss, s: int, shape: Shape, tokens: int) -> tuple[int, int]:
     return max(forward, 3 * FP32 * entries), forward
 
 
-def estimate(cfg: SweepbpConfig, config, batch_size: int) -> Estimate | None:
-    """The formula for `cfg` at `batch_size`; `config` is the model's HF config. None for the options it does
-    not model: strategies other than none and ckpt, loss=liger, quantised weights, DoRA and full fine-tuning,
-    optimizers other than AdamW (a cross-check that is silently wrong is worse than none)."""
+def estimate(cfg: SweepbpConfig, config, batch_size: int, adapted_layers: Sequence[str]) -> Estimate | None:
+    """The formula for `cfg` at `batch_size`; `config` is the model's HF config, `adapted_layers` the short names
+    of the layers its adapter went into (the prediction's). None for what it does not model: strategies other than
+    none and ckpt, loss=liger, quantised weights, DoRA and full fine-tuning, optimizers other than AdamW, and
+    models other than Llama-style decoders (a cross-check that is silently wrong is worse than none)."""
     name = cfg.memory.name
     if name not in ("none", "ckpt") or cfg.loss.name not in ("standard", "chunked", "fused"):
         return None
     if cfg.quant.name != "none" or cfg.method.name != "lora" or cfg.optim.name != "adamw":
         return None
-    shape = Shape.of(config)
+    try:
+        shape = Shape.of(config)
+    except AttributeError:  # not a Llama-style config (GPT-2's n_embd, no intermediate_size)
+        return None
+    if not adapted_layers or not set(adapted_layers) <= set(shape.linears()):
+        return None  # other layers than the seven linears it counts (a fused qkv_proj, Conv1D, query_key_value)
     s = DTYPE_BYTES[cfg.model.dtype]
     if cfg.trainer.precision in ("bf16-true", "16-true"):
         s, a = 2, 2
     else:
         a = 4 if s == 2 else s  # peft upcasts 16-bit adapters to fp32
     tokens = batch_size * cfg.batch.seq_len
-    targets = set(shape.linears()) if cfg.lora.target_modules == [ALL_LINEAR] else set(cfg.lora.target_modules)
+    targets = set(adapted_layers)
     adapter = sum(cfg.lora.r * (n_in + n_out) for n, (n_in, n_out) in shape.linears().items() if n in targets)
     adapter_bytes = shape.layers * adapter * a
     weights = shape.parameters() * s

@@ -43,7 +43,7 @@ def prediction_errors(metrics: dict[str, float]) -> dict[str, float]:
 
 def record_prediction(cfg: SweepbpConfig, prediction: Prediction, result: JobResult) -> None:
     result.metrics.update(prediction.metrics())
-    formula = estimate(cfg, hf_config(cfg.model), prediction.batch_size)
+    formula = estimate(cfg, hf_config(cfg.model), prediction.batch_size, prediction.adapted_layers)
     if formula is not None:
         result.metrics.update(formula.metrics())
     if prediction.modelled:
