@@ -62,18 +62,23 @@ FAMILIES = {
     "gpt2": {"n_embd": 64, "n_layer": 3, "n_head": 2, "vocab_size": 256, "n_positions": 256},
     "gpt_neox": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 128,
                  "vocab_size": 256},
+    # multi-query: one K/V head that SDPA broadcasts (math on CPU), K and V split off with list indices; tied
+    "falcon": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2, "vocab_size": 256},
 }
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_another_familys_config_json_is_measured_and_predicted_exactly_without_the_formula(family, tmp_path):
+@pytest.mark.parametrize("family, precision", [*((f, "32-true") for f in sorted(FAMILIES)), ("falcon", "bf16-mixed")])
+def test_another_familys_config_json_is_measured_and_predicted_exactly_without_the_formula(family, precision,
+                                                                                             tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": family, **FAMILIES[family]}))
-    measured = run_job(compose([*FAST, "tracking=none", f"model.config_path={tmp_path}"]))
+    measured = run_job(compose([*FAST, "tracking=none", f"model.config_path={tmp_path}",
+                                f"trainer.precision={precision}"]))
     assert measured.status == "ok", measured.error
     assert "prediction_error" not in measured.environment
     assert measured.metrics["predicted_peak_memory_bytes"] == measured.metrics["peak_memory_bytes"]
     assert not any(name.startswith("formula_") for name in measured.metrics)  # not Llama's seven linears
-    predicted = run_job(compose([*FAST, "tracking=none", f"model.config_path={tmp_path}", "mode=predict"]))
+    predicted = run_job(compose([*FAST, "tracking=none", f"model.config_path={tmp_path}", "mode=predict",
+                                 f"trainer.precision={precision}"]))
     assert predicted.status == "ok", predicted.error
     assert predicted.metrics["predicted_peak_memory_bytes"] == measured.metrics["peak_memory_bytes"]
 

@@ -3,7 +3,11 @@ batch.size=auto finds the exact fitting boundary."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import FAST, compose
 
 from sweepbp.cli.precheck import available_options
@@ -12,6 +16,7 @@ from sweepbp.job import run_job
 from sweepbp.metrics import CATALOGUE
 from sweepbp.predict.autobatch import BatchSearch, largest_fitting
 from sweepbp.predict.estimate import estimate
+from sweepbp.predict.target import cpu_sdpa_backend
 from sweepbp.predict.trace import predict
 from sweepbp.train.model import hf_config
 
@@ -79,7 +84,9 @@ def test_measured_run_logs_an_exact_prediction_for_every_method_and_optimizer(gr
      "lora=attn", "batch.seq_len=33"],
     ["trainer.precision=bf16-mixed"],  # autocast: traced on fake CPU tensors instead of meta
     ["trainer.precision=bf16-mixed", "loss=fused", "memory=offload"],  # the fused loss under autocast, offloaded
-], ids=["eager-bf16true-every2-attn", "bf16-mixed", "bf16-mixed-fused-offload"])
+    # tied embeddings (Llama-3.2 1B/3B, Gemma) under autocast: the fake CPU copy of the model keeps the tie
+    ["trainer.precision=bf16-mixed", "++model.config.tie_word_embeddings=true"],
+], ids=["eager-bf16true-every2-attn", "bf16-mixed", "bf16-mixed-fused-offload", "bf16-mixed-tied"])
 def test_prediction_is_exact_beyond_the_defaults(overrides):
     result = run_job(compose([*FAST, "tracking=none", *overrides]))
     assert result.status == "ok", result.error
@@ -262,3 +269,36 @@ def test_the_trace_applies_the_precision_a_lightning_trainer_applies(precision):
         assert for_cuda[1] == (torch.float32, torch.float16)
     else:
         assert for_cuda == ours
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_cpu_attention_backend_is_the_one_the_cpu_dispatcher_picks():
+    """cpu_sdpa_backend against PyTorch's own choice on real CPU tensors, over batch and head broadcasting (Falcon's
+    multi-query attention passes one K/V head without enable_gqa: math), grouped heads, masks, dropout, dtypes."""
+    seq, dim, checked = 8, 8, 0
+    for k_batch, q_heads, kv_heads, gqa, mask, dropout, dtype in itertools.product(
+            [2, 1], [4], [1, 2, 4], [False, True], [None, "bool", "float"], [0.0, 0.1], [torch.float32, torch.bfloat16]):
+        query = torch.randn(2, q_heads, seq, dim, dtype=dtype)
+        key, value = (torch.randn(k_batch, kv_heads, seq, dim, dtype=dtype) for _ in range(2))
+        attn_mask = {None: None, "bool": torch.ones(2, 1, seq, seq, dtype=torch.bool),
+                     "float": torch.zeros(2, 1, seq, seq, dtype=dtype)}[mask]
+        with _Ops() as ops:
+            try:
+                torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
+                                                                 dropout_p=dropout, enable_gqa=gqa)
+            except RuntimeError:  # shapes SDPA refuses whatever the backend
+                continue
+        real = "flash" if any("flash" in name for name in ops.names) else "math"
+        assert cpu_sdpa_backend(query, key, value, attn_mask, dropout, False, gqa) == real, (
+            k_batch, q_heads, kv_heads, gqa, mask, dropout, dtype)
+        checked += 1
+    assert checked >= 80

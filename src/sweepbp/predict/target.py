@@ -5,8 +5,8 @@ the same tensors whatever the device; where the device decides, this module deci
 
 - Attention (`F.scaled_dot_product_attention`): `target_kernels` replaces it, for the trace, by `sdpa`,
   which calls the backend op the target's dispatcher would pick (as PyTorch's composite calls it), so
-  autograd saves what that kernel saves. CPU (sdp_utils_cpp.cpp): flash unless dropout > 0 or shapes forbid it, else
-  math. CUDA on sm80+ (A100, H100, H200, L4, RTX 4090; sdp_utils.cpp): flash for 16-bit inputs without
+  autograd saves what that kernel saves. CPU (sdp_utils_cpp.cpp): flash unless dropout > 0 or shapes forbid it (K/V heads
+  that only broadcast over the query's, without `enable_gqa`, among them), else math. CUDA on sm80+ (A100, H100, H200, L4, RTX 4090; sdp_utils.cpp): flash for 16-bit inputs without
   a mask: the output and an fp32 logsumexp (B, H, L) are saved; memory-efficient for fp32 or masked
   inputs without grouped KV heads (logsumexp padded to a multiple of 32 in L; a padded batch's mask, made
   additive, is saved too, copied with its last dimension padded to a multiple of 8 when its strides are
@@ -40,27 +40,44 @@ from sweepbp.measure.tracker import MemoryTracker, storage_key, tensors_of
 HALF = (torch.float16, torch.bfloat16)
 
 
+def heads_match(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool,
+                supports_gqa: bool) -> bool:
+    """PyTorch's check_batch_size_and_num_heads_dense (sdp_utils_cpp.h): one batch size; the same number of heads
+    in query, key and value, or, where the kernel supports grouped-query attention and the caller asks for it
+    (`enable_gqa`), key and value with as many heads as each other, dividing the query's. Key/value heads that
+    only broadcast (Falcon's multi-query attention calls SDPA with one K/V head and no `enable_gqa`) leave a
+    fused kernel out: the dispatcher takes math."""
+    if not query.shape[0] == key.shape[0] == value.shape[0]:
+        return False
+    q_heads, k_heads, v_heads = query.shape[-3], key.shape[-3], value.shape[-3]
+    if enable_gqa and supports_gqa:
+        return k_heads == v_heads and q_heads % k_heads == 0
+    return q_heads == k_heads == v_heads
+
+
 def cpu_sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-                     dropout_p: float, is_causal: bool) -> str:
+                     dropout_p: float, is_causal: bool, enable_gqa: bool = False) -> str:
     """The SDPA backend PyTorch's CPU dispatcher picks (use_flash_attention_cpp): flash, else math."""
     dense = query.dim() == key.dim() == value.dim() == 4
     same_dim = query.shape[-1] == key.shape[-1] == value.shape[-1]
     unit_stride = all(t.stride(-1) == 1 for t in (query, key, value))
     dtypes = (torch.float32, torch.float64, *HALF)
-    if dropout_p == 0.0 and dense and same_dim and unit_stride and query.dtype in dtypes:
+    if (dropout_p == 0.0 and dense and same_dim and unit_stride and query.dtype in dtypes
+            and heads_match(query, key, value, enable_gqa, supports_gqa=True)):
         return "flash"
     return "math"
 
 
 def cuda_sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-                      dropout_p: float, is_causal: bool) -> str:
+                      dropout_p: float, is_causal: bool, enable_gqa: bool = False) -> str:
     """The SDPA backend PyTorch's CUDA dispatcher picks on sm80+ (flash > efficient > math)."""
     d_q, d_k, d_v = query.shape[-1], key.shape[-1], value.shape[-1]
     square = query.shape[-2] == key.shape[-2]
-    if attn_mask is None and query.dtype in HALF and d_q == d_k == d_v <= 256 and (square or not is_causal):
+    if (attn_mask is None and query.dtype in HALF and d_q == d_k == d_v <= 256 and (square or not is_causal)
+            and heads_match(query, key, value, enable_gqa, supports_gqa=True)):
         return "flash"
     alignment = 8 if query.dtype in HALF else 4  # minimum GEMM alignment on sm80+
-    same_heads = query.shape[-3] == key.shape[-3] == value.shape[-3]  # its backward has no GQA (PyTorch 2.13)
+    same_heads = heads_match(query, key, value, enable_gqa, supports_gqa=False)  # its backward has no GQA (2.13)
     if (d_q == d_k and d_q % alignment == 0 and d_v % alignment == 0 and same_heads
             and query.dtype in (*HALF, torch.float32)):
         return "efficient"
@@ -72,7 +89,7 @@ def sdpa(device: str, query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     """`F.scaled_dot_product_attention` as `device` runs it: the chosen backend's own op, called as PyTorch's
     composite calls it (bool masks made additive first). Returns the output and the backend's name."""
     choose = cuda_sdpa_backend if device == "cuda" else cpu_sdpa_backend
-    backend = choose(query, key, value, attn_mask, dropout_p, is_causal)
+    backend = choose(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         zero = torch.scalar_tensor(0.0, dtype=query.dtype, device=attn_mask.device)
         attn_mask = torch.where(attn_mask.logical_not(), float("-inf"), zero)
@@ -123,6 +140,9 @@ class MetaTracker(MemoryTracker):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._op = func
+        if func in _INDEXING:  # an index given as a Python list reaches a meta op uncounted (see `_INDEXING`)
+            for index in tensors_of(args[1:]):
+                self._add(index, self._category_for_new())  # a storage counted already is skipped
         wanted = kwargs.get("device") if kwargs and self._host_depth else None
         if wanted is not None and torch.device(wanted).type != "meta":
             # an offload's host buffer (inside host_scope): kept on meta, booked as host memory
@@ -170,6 +190,11 @@ def _updated(func, args):
     return args[0] if func._schema.returns else None
 
 
+# Ops that take index tensors. `x[..., [-2], :]` (Falcon's multi-query split of the fused QKV) turns the list into
+# an index tensor on x's device: on a real device through `lift_fresh`, which the tracker counts, and on meta
+# without any dispatch. Indexing saves it for the backward, so it lives until then: counted when an op gets it.
+_INDEXING = frozenset({torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
+                       torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default})
 _LAYOUTS: dict[tuple, tuple | None] = {}  # op and its inputs' layouts -> (shape, stride, dtype) of its output, or None
 _UNKNOWN = ()  # an op not yet seen with these inputs
 _SCALARS = (int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
@@ -226,7 +251,8 @@ def target_kernels(device: str, modelled: list[str]) -> Iterator[None]:
     """While tracing: attention as the target runs it."""
     def attention(*args, **kwargs):
         args, kwargs = _autocast(args, kwargs)
-        out, backend = sdpa(device, *args, **kwargs)
+        with torch.autocast("cpu", enabled=False):  # as autocast's wrapper runs the op: its inner ops uncast
+            out, backend = sdpa(device, *args, **kwargs)
         modelled.append(f"attention: the {device} dispatcher's {backend} SDPA kernel")
         return out
 
@@ -236,7 +262,9 @@ def target_kernels(device: str, modelled: list[str]) -> Iterator[None]:
 
 def _autocast(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Autocast's cast of SDPA's inputs (SDPA is on its lower-precision list for CPU and CUDA): the backend
-    ops called instead are on no list, so the cast is applied here, as autocast would."""
+    ops called instead are on no list, so the cast is applied here, as autocast would. Autocast then runs the op
+    with itself switched off: the math backend's own ops (it computes 16-bit inputs in fp32, then matmuls) must
+    not be cast again (they were, by 32 KB in a 3-layer Falcon's step, whose multi-query heads take math)."""
     if not torch.is_autocast_enabled("cpu"):  # the trace's device type when autocast is on (fake CPU)
         return args, kwargs
     dtype = torch.get_autocast_dtype("cpu")
