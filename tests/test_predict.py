@@ -302,3 +302,11 @@ def test_the_cpu_attention_backend_is_the_one_the_cpu_dispatcher_picks():
             k_batch, q_heads, kv_heads, gqa, mask, dropout, dtype)
         checked += 1
     assert checked >= 80
+    query = key = value = torch.randn(2, 4, seq, dim)
+    for shape in [(2, 4, seq, seq), (1, 1, seq, seq), (2, 1, 1, seq), (seq, seq), (1, seq), (4, seq, seq)]:
+        for needs_grad in (False, True):
+            attn_mask = torch.zeros(shape, requires_grad=needs_grad)  # 3-D or a mask that trains: math
+            with _Ops() as ops:
+                torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+            real = "flash" if any("flash" in name for name in ops.names) else "math"
+            assert cpu_sdpa_backend(query, key, value, attn_mask, 0.0, False) == real, (shape, needs_grad)

@@ -63,9 +63,23 @@ def cpu_sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     unit_stride = all(t.stride(-1) == 1 for t in (query, key, value))
     dtypes = (torch.float32, torch.float64, *HALF)
     if (dropout_p == 0.0 and dense and same_dim and unit_stride and query.dtype in dtypes
-            and heads_match(query, key, value, enable_gqa, supports_gqa=True)):
+            and heads_match(query, key, value, enable_gqa, supports_gqa=True) and mask_fits(query, key, attn_mask)):
         return "flash"
     return "math"
+
+
+def mask_fits(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+    """PyTorch's check_attn_mask_shape (CPU flash): no mask, or one that needs no gradient, 2-D or 4-D, whose last
+    two dimensions are the query's and the key's lengths (or 1) and whose batch and head dimensions are 1 or
+    the query's."""
+    if attn_mask is None:
+        return True
+    if attn_mask.requires_grad or attn_mask.dim() not in (2, 4):
+        return False
+    if attn_mask.shape[-2] not in (query.shape[-2], 1) or attn_mask.shape[-1] not in (key.shape[-2], 1):
+        return False
+    return attn_mask.dim() == 2 or (attn_mask.shape[0] in (1, query.shape[0])
+                                    and attn_mask.shape[1] in (1, query.shape[1]))
 
 
 def cuda_sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -141,8 +155,9 @@ class MetaTracker(MemoryTracker):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._op = func
         if func in _INDEXING:  # an index given as a Python list reaches a meta op uncounted (see `_INDEXING`)
-            for index in tensors_of(args[1:]):
-                self._add(index, self._category_for_new())  # a storage counted already is skipped
+            for index in tensors_of(args[1]):  # the indices (not index_put's values)
+                if index.is_meta:  # only on meta is an index made without a dispatch
+                    self._add(index, self._category_for_new())  # a storage counted already is skipped
         wanted = kwargs.get("device") if kwargs and self._host_depth else None
         if wanted is not None and torch.device(wanted).type != "meta":
             # an offload's host buffer (inside host_scope): kept on meta, booked as host memory

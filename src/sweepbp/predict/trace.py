@@ -292,18 +292,19 @@ def no_data(meta: bool, model: torch.nn.Module, device: str) -> Iterator[tuple[s
 
 
 def to_empty_keeping_ties(model: torch.nn.Module, device: str) -> None:
-    """`model.to_empty(device=...)`, with each parameter that several modules share (tied input and output
-    embeddings: Llama-3.2 1B/3B, Gemma, small Qwen2.5, Falcon) still one parameter. `to_empty` makes a new one
+    """`model.to_empty(device=...)`, with each parameter or buffer that several modules share (tied input and
+    output embeddings: Llama-3.2 1B/3B, Gemma, small Qwen2.5, Falcon) still one tensor. `to_empty` makes a new one
     per module that holds it, which counted a tied embedding twice (525 MB more for Llama-3.2-1B in bf16)."""
-    holders: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    holders: dict[int, list[tuple[dict, str]]] = {}
     for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is not None:
-                holders.setdefault(id(param), []).append((module, name))
+        for tensors in (module._parameters, module._buffers):
+            for name, tensor in tensors.items():
+                if tensor is not None:
+                    holders.setdefault(id(tensor), []).append((tensors, name))
     model.to_empty(device=device)
     for (first, first_name), *others in holders.values():
-        for module, name in others:
-            module._parameters[name] = first._parameters[first_name]
+        for tensors, name in others:
+            tensors[name] = first[first_name]
 
 
 def warm_optimizer(optimizer: torch.optim.Optimizer) -> None:
