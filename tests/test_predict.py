@@ -79,6 +79,18 @@ def test_measured_run_logs_an_exact_prediction_for_every_method_and_optimizer(gr
     assert_prediction_exact(result.metrics)
 
 
+@pytest.mark.parametrize("optim", ["adafactor", "adamw8bit"])
+def test_an_optimizer_that_reads_a_scalar_is_predicted_exactly_under_autocast(optim):
+    """Adafactor reads each weight's RMS with .item(), bitsandbytes' 8-bit AdamW a scalar of its own: under
+    *-mixed precision the trace's tensors are fake CPU tensors, whose .item() has no value to give."""
+    if optim == "adamw8bit":
+        pytest.importorskip("bitsandbytes", reason="the .[quant] extra (CI installs it)")
+    result = run_job(compose([*FAST, "tracking=none", f"optim={optim}", "trainer.precision=bf16-mixed"]))
+    assert result.status == "ok", result.error
+    assert "prediction_error" not in result.environment, result.environment.get("prediction_error")
+    assert_prediction_exact(result.metrics)
+
+
 @pytest.mark.parametrize("overrides", [
     ["model.attn_implementation=eager", "trainer.precision=bf16-true", "memory=ckpt", "memory.every=2",
      "lora=attn", "batch.seq_len=33"],

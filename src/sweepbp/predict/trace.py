@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from unittest import mock
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from transformers import PreTrainedModel, masking_utils
 
 from sweepbp.config import ConfigError, SweepbpConfig
@@ -359,14 +359,14 @@ def unpadded_sequences() -> Iterator[None]:
 
 @contextlib.contextmanager
 def scalars_without_data() -> Iterator[None]:
-    """`Tensor.item()` of a meta tensor gives 1.0 instead of raising. Adafactor's relative step size reads each
+    """`Tensor.item()` of a meta tensor, or of a fake one (`*-mixed` precision's trace), gives 1.0 instead of raising. Adafactor's relative step size reads each
     weight's RMS (`p.norm().item()`) on the host: the value scales the update, it changes nothing that is
     allocated. Any other `.item()` a trace meets is caught the same way; the CPU equality test is what would
     show a branch that allocates differently by the value."""
     real = torch.Tensor.item
 
     def item(tensor: torch.Tensor):
-        return 1.0 if tensor.device.type == "meta" else real(tensor)
+        return 1.0 if tensor.device.type == "meta" or isinstance(tensor, FakeTensor) else real(tensor)
 
     with mock.patch.object(torch.Tensor, "item", item):
         yield
