@@ -57,7 +57,13 @@ def descendants(root: int, table: dict[int, Sample]) -> set[int]:
 
 
 def main() -> None:
-    folder = tempfile.mkdtemp(prefix="sweepbp-cpu-")
+    with tempfile.TemporaryDirectory(prefix="sweepbp-cpu-") as folder:
+        report(*sample(folder))
+
+
+def sample(folder: str) -> tuple[float, int, dict[int, float], dict[int, str], dict[int, dict[int, float]]]:
+    """Run the sweep in `folder`: its wall seconds, exit code, and each process's CPU seconds, command and CPU
+    seconds per second of the run."""
     start = time.perf_counter()
     sweep = subprocess.Popen([sys.executable, "-m", "sweepbp", *sys.argv[1:]], cwd=folder,
                              env={**os.environ, "CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -73,7 +79,12 @@ def main() -> None:
             per_second.setdefault(second, {}).setdefault(pid, 0.0)
             per_second[second][pid] += used
         time.sleep(PERIOD_S)
-    print(f"wall {time.perf_counter() - start:.2f} s, exit {sweep.returncode}; CPU seconds by process:")
+    return time.perf_counter() - start, sweep.returncode, total, names, per_second
+
+
+def report(wall: float, code: int, total: dict[int, float], names: dict[int, str],
+           per_second: dict[int, dict[int, float]]) -> None:
+    print(f"wall {wall:.2f} s, exit {code}; CPU seconds by process:")
     pids = sorted(total)
     for number, pid in enumerate(pids):
         print(f"  p{number} {total[pid]:6.2f}  {names[pid]}")

@@ -74,6 +74,6 @@ __all__ = [
     "LoraConfig", "LossConfig", "MemoryConfig", "MethodConfig", "ModelConfig", "Nf4QuantConfig",
     "OffloadMemoryConfig", "OptimConfig", "ParquetDataConfig", "QuantConfig", "RunConfig", "SelectiveMemoryConfig",
     "SgdOptimConfig", "StrategyConfig", "SweepbpConfig", "TrackingConfig", "TrainerConfig", "config_as_dict",
-    "config_file", "config_yaml", "dotted_leaves", "leaf_params", "needs_bitsandbytes", "nested", "read_config_file", "redact_uri",
-    "register_schemas", "schema_of", "to_run_config", "validate",
+    "config_file", "config_yaml", "dotted_leaves", "leaf_params", "needs_bitsandbytes", "nested", "read_config_file",
+    "redact_uri", "register_schemas", "schema_of", "to_run_config", "validate",
 ]

@@ -5,8 +5,10 @@ the same tensors whatever the device; where the device decides, this module deci
 
 - Attention (`F.scaled_dot_product_attention`): `target_kernels` replaces it, for the trace, by `sdpa`,
   which calls the backend op the target's dispatcher would pick (as PyTorch's composite calls it), so
-  autograd saves what that kernel saves. CPU (sdp_utils_cpp.cpp): flash unless dropout > 0 or shapes forbid it (K/V heads
-  that only broadcast over the query's, without `enable_gqa`, among them), else math. CUDA on sm80+ (A100, H100, H200, L4, RTX 4090; sdp_utils.cpp): flash for 16-bit inputs without
+  autograd saves what that kernel saves. CPU (sdp_utils_cpp.cpp): flash unless dropout > 0 or shapes forbid
+  it (K/V heads that only broadcast over the query's without `enable_gqa`, a mask of another shape or one that
+  needs a gradient, among them), else math. CUDA on sm80+ (A100, H100, H200, L4, RTX 4090; sdp_utils.cpp):
+  flash for 16-bit inputs without
   a mask: the output and an fp32 logsumexp (B, H, L) are saved; memory-efficient for fp32 or masked
   inputs without grouped KV heads (logsumexp padded to a multiple of 32 in L; a padded batch's mask, made
   additive, is saved too, copied with its last dimension padded to a multiple of 8 when its strides are
@@ -279,7 +281,8 @@ def _autocast(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Autocast's cast of SDPA's inputs (SDPA is on its lower-precision list for CPU and CUDA): the backend
     ops called instead are on no list, so the cast is applied here, as autocast would. Autocast then runs the op
     with itself switched off: the math backend's own ops (it computes 16-bit inputs in fp32, then matmuls) must
-    not be cast again (they were, by 32 KB in a 3-layer Falcon's step, whose multi-query heads take math)."""
+    not be cast again (they were: 98,304 bytes too few at a 3-layer Falcon's peak, whose multi-query heads take
+    math)."""
     if not torch.is_autocast_enabled("cpu"):  # the trace's device type when autocast is on (fake CPU)
         return args, kwargs
     dtype = torch.get_autocast_dtype("cpu")

@@ -359,8 +359,8 @@ def unpadded_sequences() -> Iterator[None]:
 
 @contextlib.contextmanager
 def scalars_without_data() -> Iterator[None]:
-    """`Tensor.item()` of a meta tensor, or of a fake one (`*-mixed` precision's trace), gives 1.0 instead of raising. Adafactor's relative step size reads each
-    weight's RMS (`p.norm().item()`) on the host: the value scales the update, it changes nothing that is
+    """`Tensor.item()` of a meta tensor, or of a fake one (`*-mixed` precision's trace), gives 1.0 instead of
+    raising. Adafactor's relative step size reads each weight's RMS (`p.norm().item()`) on the host: the value scales the update, it changes nothing that is
     allocated. Any other `.item()` a trace meets is caught the same way; the CPU equality test is what would
     show a branch that allocates differently by the value."""
     real = torch.Tensor.item

@@ -255,9 +255,7 @@ class _Predictor:
     def submit(self, run: RunConfig, output_dir: Path | None) -> _Rank:
         """Ask for one job's prediction (made in `output_dir`, for the files it writes); its result comes back on
         the returned rank's connection."""
-        if self.starting is not None:
-            self.starting.join()
-            self.starting = None
+        self._announced()
         message = (RUN, run, dict(os.environ), output_dir)
         try:
             rank = self._started()
@@ -271,12 +269,16 @@ class _Predictor:
 
     def stop(self) -> None:
         """The sweep is stopping: the process is told there is nothing more to predict, and forgotten."""
-        if self.starting is not None:  # the announcement being sent goes to the process about to be let go
-            self.starting.join()
-            self.starting = None
+        self._announced()  # the announcement being sent goes to the process about to be let go
         if self.rank is not None:
             self.rank.receiver.close()
             self.rank = None
+
+    def _announced(self) -> None:
+        """Wait until the announcement (`prefetch`) has been sent, if one is on its way."""
+        if self.starting is not None:
+            self.starting.join()
+            self.starting = None
 
     def _started(self) -> _Rank:
         if self.rank is not None and not self.rank.process.is_alive():  # it ended (a crash, a stop)
