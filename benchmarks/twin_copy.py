@@ -1,11 +1,11 @@
-"""What a kept twin saves a prediction: building and adapting its twins anew against deep-copying kept ones.
+"""What a kept twin saves a prediction: building and adapting its twins anew against copying kept ones.
 
     python benchmarks/twin_copy.py [--rounds N] [override ...]      # default: model=llama3_8b
 
 For the prediction's depth plan (Llama-3.1-8B: twins of 2, 3 and 4 layers), alternates `built_model` (build on
-meta, quantise, peft's adapter injection) for every twin with a deep copy of each twin built once
-(`adapted_model`'s kept twins, predict/trace.py), and prints the median seconds per prediction of each. Not a
-test: the figures depend on the machine.
+meta, quantise, peft's adapter injection) for every twin with a deep copy of each twin built once, by
+`copy.deepcopy` and by `module_copy` (what `adapted_model` hands out of its kept twins, predict/copying.py), and
+prints the median seconds per prediction of each. Not a test: the figures depend on the machine.
 """
 
 from __future__ import annotations
@@ -26,23 +26,23 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="sweepbp overrides on top of " + " ".join(DEFAULT))
     args = parser.parse_args()
     cfg = compose([*DEFAULT, *args.overrides]).cfg
+    from sweepbp.predict.copying import module_copy
     from sweepbp.predict.trace import built_model, plan_depths
 
     depths = plan_depths(cfg).depths
-    kept = [built_model(cfg, depth) for depth in depths]
-    built_s, copied_s = [], []
+    kept = [model for model, _ in (built_model(cfg, depth) for depth in depths)]
+    ways = {"built": lambda: [built_model(cfg, depth) for depth in depths],
+            "copy.deepcopy": lambda: [copy.deepcopy(model) for model in kept],
+            "module_copy": lambda: [module_copy(model) for model in kept]}
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(args.rounds):
-        start = time.perf_counter()
-        for depth in depths:
-            built_model(cfg, depth)
-        built_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for model, _ in kept:
-            copy.deepcopy(model)
-        copied_s.append(time.perf_counter() - start)
-    built, copied = statistics.median(built_s), statistics.median(copied_s)
-    print(f"twins of {', '.join(map(str, depths))} layers, median of {args.rounds} rounds: built {built:.3f} s, "
-          f"copied {copied:.3f} s per prediction ({copied / built:.2f})")
+        for name, way in ways.items():
+            start = time.perf_counter()
+            way()
+            seconds[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    print(f"twins of {', '.join(map(str, depths))} layers, median seconds per prediction of {args.rounds} rounds: "
+          + ", ".join(f"{name} {value:.3f} ({value / medians['built']:.2f} of built)" for name, value in medians.items()))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ not affine in depth the whole model is traced instead; predictions of a sweep sh
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing as mp
 import os
@@ -14,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FAST, compose
 
 from sweepbp.cli.precheck import available_options
@@ -27,6 +29,7 @@ import sweepbp.predict.trace as trace
 from sweepbp.job import run_job
 from sweepbp.result import JobResult, Status
 from sweepbp.sweep.predictor import PREFETCH, RUN, PredictionServer
+from sweepbp.predict.copying import module_copy
 from sweepbp.predict.depth import NotAffine, affine_at, depth_plan, pattern_period
 from sweepbp.predict.trace import extrapolated, plan_depths, predict, trace_step
 from sweepbp.train.model import hf_config
@@ -129,6 +132,78 @@ def test_a_twin_traced_from_a_kept_copy_equals_one_built_for_it(overrides, monke
     for copied in (first, later):
         same_prediction(copied, built)
         assert copied.report.phases == built.report.phases
+
+
+def structure(root, original_ids: set[int]) -> list:
+    """Everything reachable from `root` through object attributes and containers, in visiting order: each object's
+    type, whether it is an object of the original (a copy must share only what deepcopy shares), which earlier
+    object it is if seen before (ties), and for tensors their layout and flags."""
+    seen: dict[int, int] = {}
+    out: list = []
+
+    def visit(value):
+        if id(value) in seen:
+            out.append(("again", seen[id(value)]))
+            return
+        seen[id(value)] = len(seen)
+        entry = [type(value).__name__, id(value) in original_ids]
+        out.append(entry)
+        if isinstance(value, torch.Tensor):
+            entry += [tuple(value.shape), value.stride(), value.dtype, value.device.type, value.requires_grad]
+            visit(getattr(value, "__dict__", {}))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                out.append(("key", key if isinstance(key, (str, int)) else type(key).__name__))
+                visit(item)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for item in (sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value):
+                visit(item)
+        elif isinstance(value, (str, int, float, bool, type(None))):
+            entry.append(value)
+        elif hasattr(value, "__dict__") and not isinstance(value, type) and (
+                isinstance(value, torch.nn.Module) or not callable(value)):
+            visit(vars(value))
+
+    visit(root)
+    return out
+
+
+@pytest.mark.parametrize("overrides", [[], ["method=dora"], ["method=full"], ["model=llama3_2_1b"]],
+                         ids=lambda o: " ".join(o) or "lora")
+def test_module_copy_is_copy_deepcopy(overrides):
+    """The kept twins' copies (predict/copying.py) are `copy.deepcopy`'s: the same objects, ties and tensors, sharing
+    nothing with the twin that deepcopy does not share too. llama3_2_1b: tied input and output embeddings."""
+    cfg = compose([*FAST, "mode=predict", *overrides]).cfg
+    twin, _ = trace.built_model(cfg, 2)
+    original = {id(v) for v in _reachable(twin)}
+    deep, fast = copy.deepcopy(twin), module_copy(twin)
+    copied = structure(fast, original)
+    assert copied == structure(deep, original)
+    assert len(copied) > 1000 and not copied[0][1]  # every module, hook dict and tensor; the root is a new one
+    tensors = [entry for entry in copied if isinstance(entry, list) and entry[0] in ("Parameter", "Tensor")]
+    assert sum(not shared for _, shared, *_ in tensors) == len(
+        list(twin.parameters())) + len(list(twin.buffers()))  # each tensor copied once, ties kept
+
+
+def _reachable(root) -> list:
+    found: dict[int, object] = {}
+
+    def visit(value):
+        if id(value) in found or isinstance(value, (str, int, float, bool, type(None), type)) or (
+                callable(value) and not isinstance(value, torch.nn.Module)):
+            return
+        found[id(value)] = value
+        if isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                visit(item)
+        elif hasattr(value, "__dict__"):
+            visit(vars(value))
+
+    visit(root)
+    return list(found.values())
 
 
 def test_a_trace_never_sees_what_an_earlier_one_did_to_its_twin(monkeypatch):

@@ -23,7 +23,6 @@ every strategy and data option) is what catches a new one.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import time
@@ -40,6 +39,7 @@ from sweepbp.config import ConfigError, SweepbpConfig
 from sweepbp.measure.tracker import MemoryReport, MemoryTracker
 from sweepbp.memory import apply_memory_strategy, assert_training_mode
 from sweepbp.metrics import PREDICTED
+from sweepbp.predict.copying import module_copy
 from sweepbp.predict.data import TracedBatch, padded_rows, traced_batch
 from sweepbp.predict.depth import (
     DepthPlan,
@@ -247,7 +247,7 @@ _BUILT_ONCE: set[str] = set()  # twins built once: kept from their second use on
 def adapted_model(cfg: SweepbpConfig, depth: int | None) -> tuple[torch.nn.Module, int]:
     """The model a trace starts from, on meta: built (a twin of `depth` layers, when given), quantised (and how
     many of its layers), adapted. A twin of unquantised weights used a second time in a process is kept and handed
-    out as deep copies from then on, which cost about half of building it (benchmarks/twin_copy.py): the
+    out as deep copies from then on (`module_copy`), which cost about a fifth of building it (benchmarks/twin_copy.py): the
     predictions of a sweep share their model and twins, and a trace changes the model it runs (checkpointing
     wrappers, precision, gradients), so each gets its own."""
     if depth is None or cfg.quant.name != "none":  # the whole model is traced once; bitsandbytes' meta
@@ -263,7 +263,7 @@ def adapted_model(cfg: SweepbpConfig, depth: int | None) -> tuple[torch.nn.Modul
         _BUILT_ONCE.add(key)
         return built_model(cfg, depth)
     twin, quantized = _TWINS[key]
-    return copy.deepcopy(twin), quantized
+    return module_copy(twin), quantized
 
 
 def built_model(cfg: SweepbpConfig, depth: int | None) -> tuple[torch.nn.Module, int]:
