@@ -157,6 +157,13 @@ class MemoryTracker(TorchDispatchMode):
     memory snapshot (measure/snapshot.py).
     """
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """PyTorch wraps a mode's `__torch_dispatch__` so that Dynamo skips it if the code under the mode is compiled:
+        a few percent of a prediction, whose every op goes through it (twice in `MetaTracker`). Nothing under a
+        tracker is compiled (sweepbp compiles nothing; attention is eager or sdpa), so the wrapper is left out."""
+        return False
+
     def __init__(self, device_type: str | tuple[str, ...], budget_bytes: int | None = None,
                  keep_timeline: bool = False, log: SnapshotLog | None = None):
         super().__init__()
