@@ -93,8 +93,8 @@ def test_extrapolated_equals_the_full_trace_for_every_option(overrides):
                                        ["quant=nf4", "model.dtype=bfloat16"], ["method=full", "optim=sgd"]],
                          ids=lambda o: " ".join(o))
 def test_remembered_layouts_and_skipped_updates_change_no_figure(overrides, monkeypatch):
-    """The meta trace's shortcuts (predict/target.py: output layouts remembered for the process, in-place updates of
-    meta tensors skipped) give the figures of the plain trace, with the memory cold and warm, for a CUDA target
+    """The meta trace's shortcuts (predict/target.py: output layouts remembered for the process, one output or several,
+    in-place updates of meta tensors skipped) give the figures of the plain trace, with the memory cold and warm, for a CUDA target
     (foreach AdamW) and a CPU one."""
     if any(o.startswith("quant=nf4") for o in overrides):
         pytest.importorskip("bitsandbytes", reason="the .[quant] extra (CI installs it)")
@@ -104,6 +104,10 @@ def test_remembered_layouts_and_skipped_updates_change_no_figure(overrides, monk
         monkeypatch.setattr(target, "_LAYOUTS", {})
         cold, warm = trace_step(cfg, device, 2, False), trace_step(cfg, device, 2, False)
         assert target._LAYOUTS, "no layout was remembered"
+        several = {key[0] for key, layouts in target._LAYOUTS.items() if layouts is not None and len(layouts) > 1}
+        assert torch.ops.aten.nll_loss_forward.default in several  # the loss and its total weight: a tuple
+        if device == "cuda" and "optim=" not in " ".join(overrides):
+            assert torch.ops.aten._foreach_sqrt.default in several  # foreach AdamW: a list
         with monkeypatch.context() as plain:
             plain.setattr(target, "_layout_key", lambda *args: None)
             plain.setattr(target, "_updates_meta_in_place", lambda *args: False)

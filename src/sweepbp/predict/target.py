@@ -30,6 +30,7 @@ cuBLAS workspace), the CUDA caching allocator's rounding and fragmentation, the 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from unittest import mock
@@ -168,15 +169,21 @@ class MetaTracker(MemoryTracker):
         if _updates_meta_in_place(func, args):
             return _updated(func, args)
         key = _layout_key(func, args, kwargs)
-        layout = _LAYOUTS.get(key, _UNKNOWN) if key is not None else None
-        if layout is None:  # not an op whose output is remembered
+        layouts = _LAYOUTS.get(key, _UNKNOWN) if key is not None else None
+        if layouts is None:  # not an op whose outputs are remembered
             return super().__torch_dispatch__(func, types, args, kwargs)
-        if layout is _UNKNOWN:
+        kind = _fresh_outputs(func)
+        if layouts is _UNKNOWN:
             out = func(*args, **(kwargs or {}))
-            _LAYOUTS[key] = _remade_layout(out, (args, kwargs), counted=self._sizes)
+            outs = _outputs(out, kind)
+            _LAYOUTS[key] = _remade_layouts(outs, (args, kwargs), counted=self._sizes)
         else:
-            out = torch.empty_strided(layout[0], layout[1], dtype=layout[2], device="meta")
-        self._add(out, self._category_for_new())
+            outs = [torch.empty_strided(shape, stride, dtype=dtype, device="meta") for shape, stride, dtype in layouts]
+            out = outs[0] if kind == _ONE else tuple(outs) if kind == _TUPLE else outs
+        category = self._category_for_new()
+        for tensor in outs:  # in the order of the outputs, as the tracker counts any op's
+            if isinstance(tensor, torch.Tensor):  # not an undefined output (None) of a first call
+                self._add(tensor, category)
         return out
 
 
@@ -193,13 +200,27 @@ class MetaUpdates(TorchDispatchMode):
 def _updates_meta_in_place(func, args) -> bool:
     """An in-place pointwise op on a meta tensor, or an in-place `_foreach_` op on meta tensors: no allocation, no
     value, only the meta kernel's shape checks (Python calls, one per tensor of a `_foreach_` list)."""
-    schema = func._schema
-    if not (schema.name.endswith("_") and schema.is_mutable) or not args:
+    kind = _in_place_kind(func)
+    if kind is None or not args:
         return False
-    if torch.Tag.pointwise in func.tags:
+    if kind == _POINTWISE:
         return isinstance(args[0], torch.Tensor) and args[0].is_meta
-    return (schema.name.startswith("aten::_foreach_") and not schema.returns
-            and all(t.is_meta for t in tensors_of(args)))
+    return all(t.is_meta for t in tensors_of(args))
+
+
+_POINTWISE, _FOREACH = "pointwise", "foreach"
+
+
+@functools.cache
+def _in_place_kind(func) -> str | None:
+    """What of `_updates_meta_in_place` depends on the op alone, once per op (its schema's fields are C++ calls):
+    an in-place pointwise op, an in-place `_foreach_` op that returns nothing, or neither (None)."""
+    schema = func._schema
+    if not (schema.name.endswith("_") and schema.is_mutable):
+        return None
+    if torch.Tag.pointwise in func.tags:
+        return _POINTWISE
+    return _FOREACH if schema.name.startswith("aten::_foreach_") and not schema.returns else None
 
 
 def _updated(func, args):
@@ -212,21 +233,48 @@ def _updated(func, args):
 # without any dispatch. Indexing saves it for the backward, so it lives until then: counted when an op gets it.
 _INDEXING = frozenset({torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
                        torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default})
-_LAYOUTS: dict[tuple, tuple | None] = {}  # op and its inputs' layouts -> (shape, stride, dtype) of its output, or None
+_LAYOUTS: dict[tuple, tuple | None] = {}  # op and its inputs' layouts -> (shape, stride, dtype) of each output, or None
 _UNKNOWN = ()  # an op not yet seen with these inputs
 _SCALARS = (int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
 
 
 def _layout_key(func, args, kwargs) -> tuple | None:
-    """A cache key for a functional op on meta tensors returning one fresh tensor, else None."""
-    schema = func._schema
-    if schema.is_mutable or len(schema.returns) != 1 or schema.returns[0].alias_info is not None \
-            or str(schema.returns[0].type) != "Tensor":
+    """A cache key for a functional op on meta tensors returning fresh tensors only, else None."""
+    if _fresh_outputs(func) is None:
         return None
     key: list = [func, torch.get_default_dtype()]  # the default dtype decides some promotions (int / int)
     if not _append_layouts(key, args) or (kwargs and not _append_layouts(key, (tuple(kwargs), *kwargs.values()))):
         return None
     return tuple(key)
+
+
+_ONE, _TUPLE, _LIST = "one", "tuple", "list"  # what a remembered op returns: a tensor, a tuple of them, a list
+
+
+@functools.cache
+def _fresh_outputs(func) -> str | None:
+    """How a functional op returns tensors that alias no input, by its schema: one tensor (`mm`), a tuple of them
+    (`nll_loss_forward`'s loss and total weight), or one list of them (`_foreach_sqrt`, AdamW's on CUDA); None for
+    any other op (views, in-place ops, a non-tensor output such as flash attention's sizes). Once per op: its
+    schema's fields are C++ calls."""
+    schema = func._schema
+    returns = schema.returns
+    if schema.is_mutable or not returns or any(r.alias_info is not None for r in returns):
+        return None
+    types = [str(r.type) for r in returns]
+    if types == ["Tensor"]:
+        return _ONE
+    if types == ["List[Tensor]"]:
+        return _LIST
+    return _TUPLE if all(t == "Tensor" for t in types) else None
+
+
+def _outputs(out, kind: str) -> list:
+    """An op's output tensors as a list, in order (an op of `kind` may still return something else: undefined
+    outputs come back as None, which `_remade_layouts` refuses)."""
+    if kind == _ONE:
+        return [out]
+    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 def _append_layouts(key: list, values) -> bool:
@@ -247,20 +295,25 @@ def _append_layouts(key: list, values) -> bool:
     return True
 
 
-def _remade_layout(out, inputs, counted) -> tuple | None:
-    """What `empty_strided` needs to remake `out` with the same storage, or None if it cannot (an output on another
-    device, one that does not fill its own storage from its start, or one whose storage exists already: `counted`
-    by the tracker, or an input's although the schema does not say so, as `_unsafe_view`'s is)."""
-    if not isinstance(out, torch.Tensor) or not out.is_meta or out.storage_offset() != 0:
-        return None
-    key = storage_key(out)
-    if key in counted or key in {storage_key(t) for t in tensors_of(inputs)}:
-        return None
-    remade = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="meta")
-    if remade.untyped_storage().nbytes() != out.untyped_storage().nbytes():
-        return None
-    return (out.shape, out.stride(), out.dtype)
-
+def _remade_layouts(outs: list, inputs, counted) -> tuple | None:
+    """What `empty_strided` needs to remake each of the outputs `outs` with the same storage, or None if it cannot
+    (an output that is not a tensor, on another device, one that does not fill its own storage from its start, or
+    one whose storage exists already: `counted` by the tracker, another output's, or an input's although the schema
+    does not say so, as `_unsafe_view`'s is)."""
+    taken = {storage_key(t) for t in tensors_of(inputs)}
+    layouts = []
+    for out in outs:
+        if not isinstance(out, torch.Tensor) or not out.is_meta or out.storage_offset() != 0:
+            return None
+        key = storage_key(out)
+        if key in counted or key in taken:
+            return None
+        taken.add(key)
+        remade = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="meta")
+        if remade.untyped_storage().nbytes() != out.untyped_storage().nbytes():
+            return None
+        layouts.append((out.shape, out.stride(), out.dtype))
+    return tuple(layouts)
 
 
 @contextlib.contextmanager
