@@ -107,9 +107,9 @@ def sdpa(device: str, query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     composite calls it (bool masks made additive first). Returns the output and the backend's name."""
     choose = cuda_sdpa_backend if device == "cuda" else cpu_sdpa_backend
     backend = choose(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        zero = torch.scalar_tensor(0.0, dtype=query.dtype, device=attn_mask.device)
-        attn_mask = torch.where(attn_mask.logical_not(), float("-inf"), zero)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:  # as convert_boolean_attn_mask (attention.cpp)
+        attn_mask = torch.where(attn_mask, 0.0, torch.scalar_tensor(float("-inf"), dtype=query.dtype,
+                                                                    device=attn_mask.device))
     aten = torch.ops.aten
     if backend == "flash" and device == "cpu":
         out = aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
