@@ -18,7 +18,7 @@ from sweepbp.metrics import CATALOGUE
 from sweepbp.predict.autobatch import BatchSearch, largest_fitting
 from sweepbp.predict.estimate import estimate
 from sweepbp.measure.tracker import MemoryTracker
-from sweepbp.predict.target import cpu_sdpa_backend, sdpa
+from sweepbp.predict.target import CpuMetaTracker, cpu_sdpa_backend, sdpa
 from sweepbp.predict.trace import predict
 from sweepbp.train.model import hf_config
 
@@ -314,6 +314,29 @@ def test_attention_as_the_trace_runs_it_allocates_what_pytorchs_sdpa_does():
             runs.append((ops.names, [sum(sample.by_category.values()) for sample in tracker.timeline]))
         assert runs[0] == runs[1], (kv_heads, mask, dtype)
         assert runs[0][1], "nothing was allocated"
+
+
+def test_a_cpu_targets_layer_norm_saves_what_the_cpu_kernel_makes():
+    """CpuMetaTracker's `native_layer_norm` on meta tensors gives the outputs of the real CPU kernel: mean and rstd
+    in the input's dtype, fp32 when the weight or bias has another (the meta kernel's are fp32 always, as CUDA's)."""
+    for dtype, params in itertools.product([torch.float32, torch.bfloat16, torch.float16],
+                                           [None, torch.float32, torch.bfloat16, torch.float16]):
+        def run(device):
+            weight = None if params is None else torch.ones(8, dtype=params, device=device)
+            bias = None if params is None else torch.zeros(8, dtype=params, device=device)
+            given = torch.ones(2, 3, 8, dtype=dtype, device=device)
+            try:
+                return torch.ops.aten.native_layer_norm(given, [8], weight, bias, 1e-5)
+            except RuntimeError:  # a combination the CPU kernel refuses
+                return None
+
+        real = run("cpu")
+        if real is None:
+            continue
+        with CpuMetaTracker("meta"):
+            traced = run("meta")
+        assert [(t.shape, t.stride(), t.dtype) for t in traced] == [(t.shape, t.stride(), t.dtype) for t in real], (
+            dtype, params)
 
 
 def test_the_cpu_attention_backend_is_the_one_the_cpu_dispatcher_picks():

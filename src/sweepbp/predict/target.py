@@ -155,6 +155,8 @@ class MetaTracker(MemoryTracker):
     copies) buffers asked for on a real device stay on meta, booked as host memory.
     """
 
+    cpu_kernels = False  # CpuMetaTracker: the target's kernels are CPU ones where their outputs differ from meta's
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._op = func
         if func in _INDEXING:  # an index given as a Python list reaches a meta op uncounted (see `_INDEXING`)
@@ -168,6 +170,8 @@ class MetaTracker(MemoryTracker):
             return super().__torch_dispatch__(func, types, args, kwargs)
         if _updates_meta_in_place(func, args):
             return _updated(func, args)
+        if func is _LAYER_NORM and self.cpu_kernels:
+            return self._layer_norm_as_on_cpu(func, args, kwargs)
         key = _layout_key(func, args, kwargs)
         layouts = _LAYOUTS.get(key, _UNKNOWN) if key is not None else None
         if layouts is None:  # not an op whose outputs are remembered
@@ -185,6 +189,31 @@ class MetaTracker(MemoryTracker):
             if isinstance(tensor, torch.Tensor):  # not an undefined output (None) of a first call
                 self._add(tensor, category)
         return out
+
+
+    def _layer_norm_as_on_cpu(self, func, args, kwargs):
+        """`native_layer_norm` as the CPU kernel makes it: its saved mean and rstd in the input's dtype unless the
+        weight or bias has another (then fp32; ATen's cpu/mixed_data_type.h), where the meta kernel makes them fp32
+        always, as CUDA does. A bf16-true LayerNorm model (GPT-2, OPT, Phi, ...) kept 2 bytes per row and norm too
+        many otherwise."""
+        out, mean, rstd = func(*args, **(kwargs or {}))
+        bound = func._schema.arguments
+        values = {a.name: v for a, v in zip(bound, args)} | (kwargs or {})
+        given = values["input"]
+        mixed = any(p is not None and p.dtype != given.dtype for p in (values.get("weight"), values.get("bias")))
+        dtype = torch.float32 if mixed else given.dtype
+        mean, rstd = (torch.empty_strided(t.shape, t.stride(), dtype=dtype, device="meta") for t in (mean, rstd))
+        category = self._category_for_new()
+        for tensor in (out, mean, rstd):
+            self._add(tensor, category)
+        return out, mean, rstd
+
+
+class CpuMetaTracker(MetaTracker):
+    """`MetaTracker` for a CPU target: the ops whose CPU kernel makes other outputs than the meta kernel (which
+    follows CUDA's) are remade as the CPU makes them (`_layer_norm_as_on_cpu`)."""
+
+    cpu_kernels = True
 
 
 class MetaUpdates(TorchDispatchMode):
@@ -231,6 +260,7 @@ def _updated(func, args):
 # Ops that take index tensors. `x[..., [-2], :]` (Falcon's multi-query split of the fused QKV) turns the list into
 # an index tensor on x's device: on a real device through `lift_fresh`, which the tracker counts, and on meta
 # without any dispatch. Indexing saves it for the backward, so it lives until then: counted when an op gets it.
+_LAYER_NORM = torch.ops.aten.native_layer_norm.default
 _INDEXING = frozenset({torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
                        torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default})
 _LAYOUTS: dict[tuple, tuple | None] = {}  # op and its inputs' layouts -> (shape, stride, dtype) of each output, or None

@@ -49,7 +49,7 @@ from sweepbp.predict.depth import (
     extend_figures,
     extend_report,
 )
-from sweepbp.predict.target import MetaTracker, MetaUpdates, precision_plugin, target_kernels
+from sweepbp.predict.target import CpuMetaTracker, MetaTracker, MetaUpdates, precision_plugin, target_kernels
 from sweepbp.train.data import largest_micro_batch
 from sweepbp.train.environment import pick_device
 from sweepbp.train.lora import adapted_layer_names, apply_method
@@ -219,7 +219,7 @@ def trace_step(cfg: SweepbpConfig, device: str, size: int, keep_timeline: bool, 
         planned = planned or traced_batch(cfg, size, model.config.vocab_size)
         batch = planned.tensors(cfg, counted[0])
         parameters = parameter_counts(model, cfg.batch.seq_len)
-        kind = MetaTracker if meta_trace else MemoryTracker
+        kind = (CpuMetaTracker if device == "cpu" else MetaTracker) if meta_trace else MemoryTracker
         inference = inference_peak(model, largest_micro_batch(batch), cfg.loss, counted, kind=kind)
         plugin = precision_plugin(cfg.trainer.precision, device, modelled)
         model = plugin.convert_module(model)  # Lightning converts at fit, after the inference measurement
