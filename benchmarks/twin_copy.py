@@ -41,8 +41,9 @@ def main() -> None:
             way()
             seconds[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
+    shown = [f"{name} {value:.3f} ({value / medians['built']:.2f} of built)" for name, value in medians.items()]
     print(f"twins of {', '.join(map(str, depths))} layers, median seconds per prediction of {args.rounds} rounds: "
-          + ", ".join(f"{name} {value:.3f} ({value / medians['built']:.2f} of built)" for name, value in medians.items()))
+          + ", ".join(shown))
 
 
 if __name__ == "__main__":

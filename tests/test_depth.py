@@ -93,9 +93,9 @@ def test_extrapolated_equals_the_full_trace_for_every_option(overrides):
                                        ["quant=nf4", "model.dtype=bfloat16"], ["method=full", "optim=sgd"]],
                          ids=lambda o: " ".join(o))
 def test_remembered_layouts_and_skipped_updates_change_no_figure(overrides, monkeypatch):
-    """The meta trace's shortcuts (predict/target.py: output layouts remembered for the process, one output or several,
-    in-place updates of meta tensors skipped) give the figures of the plain trace, with the memory cold and warm, for a CUDA target
-    (foreach AdamW) and a CPU one."""
+    """The meta trace's shortcuts (predict/target.py: output layouts remembered for the process, one output or
+    several, in-place updates of meta tensors skipped) give the figures of the plain trace, with the memory cold and
+    warm, for a CUDA target (foreach AdamW) and a CPU one."""
     if any(o.startswith("quant=nf4") for o in overrides):
         pytest.importorskip("bitsandbytes", reason="the .[quant] extra (CI installs it)")
     cfg = compose([*FAST, "mode=predict", "batch.seq_len=16", "model.config.num_hidden_layers=3", *overrides]).cfg
@@ -141,8 +141,9 @@ def test_a_twin_traced_from_a_kept_copy_equals_one_built_for_it(overrides, monke
 def structure(root, original_ids: set[int]) -> list:
     """Everything reachable from `root` through object attributes and containers, in visiting order: each object's
     type, whether it is an object of the original (a copy must share only what deepcopy shares), which earlier
-    object it is if seen before (ties), and for tensors their layout and flags."""
+    object it is if seen before (ties), and for tensors their layout, flags and which storage they share."""
     seen: dict[int, int] = {}
+    storages: dict[int, int] = {}  # which tensors share a storage (a view of a parameter), in visiting order
     out: list = []
 
     def visit(value):
@@ -153,7 +154,8 @@ def structure(root, original_ids: set[int]) -> list:
         entry = [type(value).__name__, id(value) in original_ids]
         out.append(entry)
         if isinstance(value, torch.Tensor):
-            entry += [tuple(value.shape), value.stride(), value.dtype, value.device.type, value.requires_grad]
+            storage = storages.setdefault(value.untyped_storage()._cdata, len(storages))
+            entry += [tuple(value.shape), value.stride(), value.dtype, value.device.type, value.requires_grad, storage]
             visit(getattr(value, "__dict__", {}))
         elif isinstance(value, dict):
             for key, item in value.items():

@@ -14,10 +14,10 @@ from conftest import FAST, compose
 from sweepbp.cli.precheck import available_options
 from sweepbp.config import PRECISIONS
 from sweepbp.job import run_job
+from sweepbp.measure.tracker import MemoryTracker
 from sweepbp.metrics import CATALOGUE
 from sweepbp.predict.autobatch import BatchSearch, largest_fitting
 from sweepbp.predict.estimate import estimate
-from sweepbp.measure.tracker import MemoryTracker
 from sweepbp.predict.target import CpuMetaTracker, cpu_sdpa_backend, sdpa
 from sweepbp.predict.trace import predict
 from sweepbp.train.model import hf_config
@@ -321,11 +321,13 @@ def test_a_cpu_targets_layer_norm_saves_what_the_cpu_kernel_makes():
     in the input's dtype, fp32 when the weight or bias has another (the meta kernel's are fp32 always, as CUDA's)."""
     for dtype, params in itertools.product([torch.float32, torch.bfloat16, torch.float16],
                                            [None, torch.float32, torch.bfloat16, torch.float16]):
-        def run(device):
+        def run(device, by_name=False):
             weight = None if params is None else torch.ones(8, dtype=params, device=device)
             bias = None if params is None else torch.zeros(8, dtype=params, device=device)
             given = torch.ones(2, 3, 8, dtype=dtype, device=device)
             try:
+                if by_name:
+                    return torch.ops.aten.native_layer_norm(given, [8], weight=weight, bias=bias, eps=1e-5)
                 return torch.ops.aten.native_layer_norm(given, [8], weight, bias, 1e-5)
             except RuntimeError:  # a combination the CPU kernel refuses
                 return None
@@ -333,10 +335,11 @@ def test_a_cpu_targets_layer_norm_saves_what_the_cpu_kernel_makes():
         real = run("cpu")
         if real is None:
             continue
-        with CpuMetaTracker("meta"):
-            traced = run("meta")
-        assert [(t.shape, t.stride(), t.dtype) for t in traced] == [(t.shape, t.stride(), t.dtype) for t in real], (
-            dtype, params)
+        for by_name in (False, True):
+            with CpuMetaTracker("meta"):
+                traced = run("meta", by_name)
+            assert [(t.shape, t.stride(), t.dtype) for t in traced] == [
+                (t.shape, t.stride(), t.dtype) for t in real], (dtype, params, by_name)
 
 
 def test_the_cpu_attention_backend_is_the_one_the_cpu_dispatcher_picks():

@@ -2,16 +2,18 @@
 
 A predict sweep traces a deep copy of a kept twin three times per prediction (predict/trace.py). `copy.deepcopy`
 reduces every module and every one of its dozen hook `OrderedDict`s through `__reduce_ex__` and rebuilds it with
-`copy._reconstruct`: a fifth of a Llama-3.1-8B prediction's time (docs/performance.md). A module's deep copy is
+`copy._reconstruct`: a sixth of a Llama-3.1-8B prediction's time (docs/performance.md). A module's deep copy is
 its class's new instance given deep copies of its `__getstate__` (its `__dict__` but the compiled call); plain
-dicts, `OrderedDict`s and lists are copied item by item, sets of strings as they are. That is what `copy.deepcopy` does for them, with
-the same memo: anything else (tensors and parameters, a model's config, peft's variant objects, a module class
-with a copy protocol of its own) goes to `copy.deepcopy` itself, so the copy is the deep copy.
+dicts, `OrderedDict`s (without attributes of their own) and lists are copied item by item, sets of atomic values
+(strings, numbers) as they are. That is what `copy.deepcopy` does for them, with the same memo: anything else
+(tensors and parameters, a model's config, peft's variant objects, a module class with a copy protocol of its own,
+a module with its own `__deepcopy__`) goes to `copy.deepcopy` itself, so the copy is the deep copy.
 """
 
 from __future__ import annotations
 
 import copy
+import copyreg
 import functools
 from collections import OrderedDict
 from typing import Any
@@ -24,7 +26,7 @@ _MODULE_PROTOCOL = (torch.nn.Module.__getstate__, torch.nn.Module.__setstate__, 
 
 
 def module_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of `module`, equal to `copy.deepcopy(module)` (tests/test_predict.py compares them)."""
+    """A deep copy of `module`, equal to `copy.deepcopy(module)` (tests/test_depth.py compares them)."""
     return _copy(module, {})
 
 
@@ -35,7 +37,7 @@ def _copy(value: Any, memo: dict[int, Any]) -> Any:
     done = memo.get(id(value), memo)
     if done is not memo:
         return done
-    if kind is dict or kind is OrderedDict:
+    if kind is dict or (kind is OrderedDict and not vars(value)):  # an OrderedDict's own attributes: deepcopy's
         new = kind()
         memo[id(value)] = new
         for key, item in value.items():
@@ -50,7 +52,7 @@ def _copy(value: Any, memo: dict[int, Any]) -> Any:
         new = set(value)
         memo[id(value)] = new
         return new
-    if isinstance(value, torch.nn.Module) and _plain_module(kind):
+    if isinstance(value, torch.nn.Module) and _plain_module(kind) and "__deepcopy__" not in value.__dict__:
         return _module(value, memo)
     return copy.deepcopy(value, memo)
 
@@ -58,10 +60,10 @@ def _copy(value: Any, memo: dict[int, Any]) -> Any:
 @functools.cache
 def _plain_module(kind: type) -> bool:
     """A module class whose deep copy is torch's own: `Module.__getstate__`, `Module.__setstate__`, no `__deepcopy__`,
-    `__copy__`, `__reduce_ex__`, `__reduce__` or `__new__` of its own."""
+    `__copy__`, `__reduce_ex__`, `__reduce__` or `__new__` of its own, no reducer registered with `copyreg`."""
     protocol = (kind.__getstate__, kind.__setstate__, kind.__reduce_ex__, kind.__reduce__)
     return (protocol == _MODULE_PROTOCOL and not hasattr(kind, "__deepcopy__") and not hasattr(kind, "__copy__")
-            and kind.__new__ is object.__new__)
+            and kind.__new__ is object.__new__ and kind not in copyreg.dispatch_table)
 
 
 def _module(module: torch.nn.Module, memo: dict[int, Any]) -> torch.nn.Module:

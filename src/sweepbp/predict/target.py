@@ -170,7 +170,7 @@ class MetaTracker(MemoryTracker):
             return super().__torch_dispatch__(func, types, args, kwargs)
         if _updates_meta_in_place(func, args):
             return _updated(func, args)
-        if func is _LAYER_NORM and self.cpu_kernels:
+        if func is _LAYER_NORM and self.cpu_kernels and args[0].is_meta:
             return self._layer_norm_as_on_cpu(func, args, kwargs)
         key = _layout_key(func, args, kwargs)
         layouts = _LAYOUTS.get(key, _UNKNOWN) if key is not None else None
@@ -190,17 +190,15 @@ class MetaTracker(MemoryTracker):
                 self._add(tensor, category)
         return out
 
-
     def _layer_norm_as_on_cpu(self, func, args, kwargs):
         """`native_layer_norm` as the CPU kernel makes it: its saved mean and rstd in the input's dtype unless the
         weight or bias has another (then fp32; ATen's cpu/mixed_data_type.h), where the meta kernel makes them fp32
         always, as CUDA does. A bf16-true LayerNorm model (GPT-2, OPT, Phi, ...) kept 2 bytes per row and norm too
         many otherwise."""
         out, mean, rstd = func(*args, **(kwargs or {}))
-        bound = func._schema.arguments
-        values = {a.name: v for a, v in zip(bound, args)} | (kwargs or {})
-        given = values["input"]
-        mixed = any(p is not None and p.dtype != given.dtype for p in (values.get("weight"), values.get("bias")))
+        given = args[0]  # native_layer_norm(input, normalized_shape, weight, bias, eps)
+        params = [args[i] if len(args) > i else (kwargs or {}).get(name) for i, name in ((2, "weight"), (3, "bias"))]
+        mixed = any(p is not None and p.dtype != given.dtype for p in params)
         dtype = torch.float32 if mixed else given.dtype
         mean, rstd = (torch.empty_strided(t.shape, t.stride(), dtype=dtype, device="meta") for t in (mean, rstd))
         category = self._category_for_new()
@@ -209,9 +207,13 @@ class MetaTracker(MemoryTracker):
         return out, mean, rstd
 
 
+_LAYER_NORM = torch.ops.aten.native_layer_norm.default  # remade for a CPU target (CpuMetaTracker)
+
+
 class CpuMetaTracker(MetaTracker):
-    """`MetaTracker` for a CPU target: the ops whose CPU kernel makes other outputs than the meta kernel (which
-    follows CUDA's) are remade as the CPU makes them (`_layer_norm_as_on_cpu`)."""
+    """`MetaTracker` for a CPU target: LayerNorm, whose CPU kernel makes other outputs than the meta kernel (which
+    follows CUDA's), is remade as the CPU makes it (`_layer_norm_as_on_cpu`). Batch norm differs the same way and is
+    not remade: the language models sweepbp builds have none."""
 
     cpu_kernels = True
 
@@ -260,11 +262,10 @@ def _updated(func, args):
 # Ops that take index tensors. `x[..., [-2], :]` (Falcon's multi-query split of the fused QKV) turns the list into
 # an index tensor on x's device: on a real device through `lift_fresh`, which the tracker counts, and on meta
 # without any dispatch. Indexing saves it for the backward, so it lives until then: counted when an op gets it.
-_LAYER_NORM = torch.ops.aten.native_layer_norm.default
 _INDEXING = frozenset({torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
                        torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default})
 _LAYOUTS: dict[tuple, tuple | None] = {}  # op and its inputs' layouts -> (shape, stride, dtype) of each output, or None
-_UNKNOWN = ()  # an op not yet seen with these inputs
+_UNKNOWN = object()  # an op not yet seen with these inputs (not a result: an op of no outputs remembers ())
 _SCALARS = (int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
 
 

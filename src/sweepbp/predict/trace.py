@@ -247,9 +247,9 @@ _BUILT_ONCE: set[str] = set()  # twins built once: kept from their second use on
 def adapted_model(cfg: SweepbpConfig, depth: int | None) -> tuple[torch.nn.Module, int]:
     """The model a trace starts from, on meta: built (a twin of `depth` layers, when given), quantised (and how
     many of its layers), adapted. A twin of unquantised weights used a second time in a process is kept and handed
-    out as deep copies from then on (`module_copy`), which cost about a fifth of building it (benchmarks/twin_copy.py): the
-    predictions of a sweep share their model and twins, and a trace changes the model it runs (checkpointing
-    wrappers, precision, gradients), so each gets its own."""
+    out as deep copies from then on (`module_copy`), which cost about a fifth of building it
+    (benchmarks/twin_copy.py): the predictions of a sweep share their model and twins, and a trace changes the model
+    it runs (checkpointing wrappers, precision, gradients), so each gets its own."""
     if depth is None or cfg.quant.name != "none":  # the whole model is traced once; bitsandbytes' meta
         return built_model(cfg, depth)                # parameters cannot be deep-copied
     key = _cache_key(cfg.model, cfg.method, cfg.lora, cfg.trainer.seed, depth)  # quant: none
