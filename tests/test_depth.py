@@ -138,10 +138,12 @@ def test_a_twin_traced_from_a_kept_copy_equals_one_built_for_it(overrides, monke
         assert copied.report.phases == built.report.phases
 
 
-def structure(root, original_ids: set[int]) -> list:
+def structure(root, original_ids: frozenset[int] = frozenset()) -> tuple[list, list]:
     """Everything reachable from `root` through object attributes and containers, in visiting order: each object's
     type, whether it is an object of the original (a copy must share only what deepcopy shares), which earlier
-    object it is if seen before (ties), and for tensors their layout, flags and which storage they share."""
+    object it is if seen before (ties), and for tensors their layout, flags and which storage they share; and the
+    objects visited (kept alive by the caller, so that their ids stay theirs)."""
+    visited: list = []
     seen: dict[int, int] = {}
     storages: dict[int, int] = {}  # which tensors share a storage (a view of a parameter), in visiting order
     out: list = []
@@ -151,6 +153,7 @@ def structure(root, original_ids: set[int]) -> list:
             out.append(("again", seen[id(value)]))
             return
         seen[id(value)] = len(seen)
+        visited.append(value)
         entry = [type(value).__name__, id(value) in original_ids]
         out.append(entry)
         if isinstance(value, torch.Tensor):
@@ -171,7 +174,7 @@ def structure(root, original_ids: set[int]) -> list:
             visit(vars(value))
 
     visit(root)
-    return out
+    return out, visited
 
 
 @pytest.mark.parametrize("overrides", [[], ["method=dora"], ["method=full"], ["model=llama3_2_1b"]],
@@ -181,35 +184,15 @@ def test_module_copy_is_copy_deepcopy(overrides):
     nothing with the twin that deepcopy does not share too. llama3_2_1b: tied input and output embeddings."""
     cfg = compose([*FAST, "mode=predict", *overrides]).cfg
     twin, _ = trace.built_model(cfg, 2)
-    original = {id(v) for v in _reachable(twin)}
+    _, originals = structure(twin)
+    original = frozenset(id(v) for v in originals)
     deep, fast = copy.deepcopy(twin), module_copy(twin)
-    copied = structure(fast, original)
-    assert copied == structure(deep, original)
+    copied, _ = structure(fast, original)
+    assert copied == structure(deep, original)[0]
     assert len(copied) > 1000 and not copied[0][1]  # every module, hook dict and tensor; the root is a new one
     tensors = [entry for entry in copied if isinstance(entry, list) and entry[0] in ("Parameter", "Tensor")]
     assert sum(not shared for _, shared, *_ in tensors) == len(
         list(twin.parameters())) + len(list(twin.buffers()))  # each tensor copied once, ties kept
-
-
-def _reachable(root) -> list:
-    found: dict[int, object] = {}
-
-    def visit(value):
-        if id(value) in found or isinstance(value, (str, int, float, bool, type(None), type)) or (
-                callable(value) and not isinstance(value, torch.nn.Module)):
-            return
-        found[id(value)] = value
-        if isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            for item in value:
-                visit(item)
-        elif hasattr(value, "__dict__"):
-            visit(vars(value))
-
-    visit(root)
-    return list(found.values())
 
 
 def test_a_trace_never_sees_what_an_earlier_one_did_to_its_twin(monkeypatch):

@@ -172,11 +172,11 @@ class MetaTracker(MemoryTracker):
             return _updated(func, args)
         if func is _LAYER_NORM and self.cpu_kernels and args[0].is_meta:
             return self._layer_norm_as_on_cpu(func, args, kwargs)
-        key = _layout_key(func, args, kwargs)
+        kind = _fresh_outputs(func)
+        key = _layout_key(func, args, kwargs) if kind is not None else None
         layouts = _LAYOUTS.get(key, _UNKNOWN) if key is not None else None
         if layouts is None:  # not an op whose outputs are remembered
             return super().__torch_dispatch__(func, types, args, kwargs)
-        kind = _fresh_outputs(func)
         if layouts is _UNKNOWN:
             out = func(*args, **(kwargs or {}))
             outs = _outputs(out, kind)
@@ -184,11 +184,15 @@ class MetaTracker(MemoryTracker):
         else:
             outs = [torch.empty_strided(shape, stride, dtype=dtype, device="meta") for shape, stride, dtype in layouts]
             out = outs[0] if kind == _ONE else tuple(outs) if kind == _TUPLE else outs
-        category = self._category_for_new()
-        for tensor in outs:  # in the order of the outputs, as the tracker counts any op's
-            if isinstance(tensor, torch.Tensor):  # not an undefined output (None) of a first call
-                self._add(tensor, category)
+        self._count(outs)
         return out
+
+    def _count(self, outs) -> None:
+        """Count an op's new outputs in their order, as the tracker counts any op's (not an undefined output, None)."""
+        category = self._category_for_new()
+        for tensor in outs:
+            if isinstance(tensor, torch.Tensor):
+                self._add(tensor, category)
 
     def _layer_norm_as_on_cpu(self, func, args, kwargs):
         """`native_layer_norm` as the CPU kernel makes it: its saved mean and rstd in the input's dtype unless the
@@ -201,9 +205,7 @@ class MetaTracker(MemoryTracker):
         mixed = any(p is not None and p.dtype != given.dtype for p in params)
         dtype = torch.float32 if mixed else given.dtype
         mean, rstd = (torch.empty_strided(t.shape, t.stride(), dtype=dtype, device="meta") for t in (mean, rstd))
-        category = self._category_for_new()
-        for tensor in (out, mean, rstd):
-            self._add(tensor, category)
+        self._count((out, mean, rstd))
         return out, mean, rstd
 
 
@@ -270,9 +272,8 @@ _SCALARS = (int, float, bool, complex, str, type(None), torch.dtype, torch.devic
 
 
 def _layout_key(func, args, kwargs) -> tuple | None:
-    """A cache key for a functional op on meta tensors returning fresh tensors only, else None."""
-    if _fresh_outputs(func) is None:
-        return None
+    """A cache key for a functional op returning fresh tensors only (`_fresh_outputs`), on meta tensors and plain
+    arguments; else None."""
     key: list = [func, torch.get_default_dtype()]  # the default dtype decides some promotions (int / int)
     if not _append_layouts(key, args) or (kwargs and not _append_layouts(key, (tuple(kwargs), *kwargs.values()))):
         return None
